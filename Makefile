@@ -1,0 +1,31 @@
+# Two commands: `make run` (set up + the built-in default job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision are pinned here (not in pyproject) to the builds that install offline on the
+# project's CI machines; the package itself accepts any torch >= 2.2.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup run test lint clean
+
+$(BIN)/qkd: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/qkd
+
+run: setup
+	$(BIN)/qkd run
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist

@@ -1,0 +1,185 @@
+"""The ``qkd`` command line: run, resume, train a float model, evaluate, inspect configs.
+
+Configs are a preset name or YAML path followed by ``key=value`` overrides, e.g.
+``qkd run cifar10-resnet20-w4a4 quant.weight_bits=2 epochs=40``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qkd.config import RunConfig, dump_config, list_presets, load_config
+from qkd.errors import QKDError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="Quantization-aware Knowledge Distillation: low-bit students from float models.",
+)
+
+ConfigArgs = Annotated[
+    list[str] | None,
+    typer.Argument(help="A preset name or YAML file (optional), then key=value overrides.", show_default=False),
+]
+Out = Annotated[Path, typer.Option(help="Parent folder of run folders.")]
+Name = Annotated[str | None, typer.Option(help="Run folder name (default: data-model-method-time).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 or auto (CUDA when present).")]
+Resume = Annotated[Path | None, typer.Option(help="Continue this interrupted run folder.")]
+Role = Annotated[str, typer.Option(help="Which model of the config to train: teacher or student.")]
+
+
+def _config(args: list[str] | None, name: str | None = None, device: str | None = None) -> RunConfig:
+    args = list(args or [])
+    source = args.pop(0) if args and "=" not in args[0] else None
+    extra = [f"name={name}"] * bool(name) + [f"device={device}"] * bool(device)
+    return load_config(source, args + extra)
+
+
+def _setup_logging(run_dir: Path | None = None) -> None:
+    from qkd.dist import is_main_process
+
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and is_main_process():
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    logging.basicConfig(
+        level=logging.INFO if is_main_process() else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:6.2f}"
+
+
+def format_summary(summary: dict) -> str:
+    """The table printed at the end of a run: accuracies (%) on the validation and test splits."""
+    rows = [("stage", "epochs", "val %", "test %", "teacher test %", "wall s")]
+    for who in ("teacher", "student"):
+        if f"{who}_fp" in summary:
+            r = summary[f"{who}_fp"]
+            rows.append((f"{who} FP ({summary[who]})", "", _pct(r["val"]), _pct(r["test"]), "", ""))
+    for key, r in summary.get("stages", {}).items():
+        bits = f" W{summary['bits']['weight'] or 'f'}A{summary['bits']['act'] or 'f'}" if r["quantized"] else " FP"
+        teacher = _pct(r["teacher"]["test"]) if "teacher" in r else ""
+        rows.append((key + bits, str(r["epochs"]), _pct(r["val"]), _pct(r["test"]), teacher, f"{r['wall_s']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _report(run_dir: Path, summary: dict) -> None:
+    typer.echo(format_summary(summary))
+    typer.echo(f"\nrun folder: {run_dir}  (summary.json, metrics.jsonl, checkpoints/)")
+
+
+@app.command()
+def run(
+    args: ConfigArgs = None,
+    out: Out = Path("runs"),
+    name: Name = None,
+    overwrite: Overwrite = False,
+    device: Device = None,
+    resume: Resume = None,
+) -> None:
+    """Run QKD (or a baseline) end to end. With no arguments: the built-in digits demo."""
+    from qkd import pipeline
+
+    if resume is not None:
+        if args:
+            raise QKDError("--resume takes the run folder's own config; drop the config arguments")
+        _setup_logging(resume if resume.is_dir() else None)
+        _report(*_interruptible(lambda: pipeline.resume(resume), resume))
+        return
+    cfg = _config(args, name, device)
+    run_dir = pipeline.prepare_run_dir(cfg, out, overwrite)
+    _setup_logging(run_dir)
+    _report(*_interruptible(lambda: (run_dir, pipeline.Run(cfg, run_dir).execute()), run_dir))
+
+
+def _interruptible(fn, run_dir: Path):
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; continue with: qkd run --resume {run_dir}", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command("train-fp")
+def train_fp(
+    args: ConfigArgs = None,
+    role: Role = "teacher",
+    out: Out = Path("runs"),
+    name: Name = None,
+    overwrite: Overwrite = False,
+    device: Device = None,
+) -> None:
+    """Train or fine-tune a float model (usually the teacher); its checkpoint can seed later runs."""
+    from qkd import pipeline
+
+    if role not in ("teacher", "student"):
+        raise QKDError(f"--role must be teacher or student, not '{role}'")
+    cfg = _config(args, name, device)
+    if getattr(cfg, role).train_epochs == 0:
+        raise QKDError(f"{role}.train_epochs is 0; set e.g. {role}.train_epochs=30")
+    run_dir = pipeline.prepare_run_dir(cfg, out, overwrite)
+    _setup_logging(run_dir)
+    r = pipeline.Run(cfg, run_dir, stages=[pipeline.float_stage(cfg, role)])
+    _report(run_dir, _interruptible(r.execute, run_dir))
+    typer.echo(f"checkpoint: {run_dir / 'checkpoints' / f'fp_{role}.pt'}  (use as {role}.checkpoint=...)")
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[Path, typer.Argument(help="A run folder, or a checkpoint file with a config.")],
+    args: ConfigArgs = None,
+    device: Device = None,
+) -> None:
+    """Accuracy of a run's student (or a checkpoint), quantized and with quantization switched off."""
+    from qkd import pipeline
+
+    cfg = pipeline.load_run_config(target) if target.is_dir() else _config(args, device=device)
+    result = pipeline.evaluate_checkpoint(cfg, target, device)
+    for k, v in result.items():
+        typer.echo(f"{k:16s} {_pct(v) if isinstance(v, float) else v}")
+
+
+@app.command()
+def config(args: ConfigArgs = None) -> None:
+    """Print the resolved config (preset + overrides) as YAML."""
+    typer.echo(dump_config(_config(args)), nl=False)
+
+
+@app.command("list")
+def list_() -> None:
+    """Models, data sets, methods and presets available by name."""
+    from qkd.data import list_datasets
+    from qkd.models import list_models
+    from qkd.pipeline import METHODS
+
+    for title, names in (
+        ("models", list_models()),
+        ("data sets", list_datasets()),
+        ("methods", list(METHODS)),
+        ("presets", list_presets()),
+    ):
+        typer.echo(f"{title}: {', '.join(names)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except QKDError as e:
+        typer.echo(f"qkd: error: {e}", err=True)
+        sys.exit(2)

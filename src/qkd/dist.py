@@ -1,0 +1,24 @@
+"""Process-group awareness in one place, so DDP slots in without touching the rest.
+
+Everything that writes (logs, checkpoints, summaries) asks :func:`is_main_process` first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present (this rank's GPU), else the CPU."""
+    if name == "auto":
+        name = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)

@@ -1,0 +1,182 @@
+"""Trainable uniform quantizers: LSQ (learned step) and interval (learned lower/upper bounds).
+
+A quantizer is a small module that fake-quantizes one tensor. Its parameters are initialised from
+data the first time it sees a tensor (weights: at creation; activations: on the first batch) and the
+``initialized`` and ``signed`` buffers travel in the state dict, so a reloaded model needs no data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qkd.quant.ste import grad_scale, interval_fake_quant, lsq_fake_quant
+
+QUANTIZERS: dict[str, type[Quantizer]] = {}
+
+
+def parse_bits(value: object) -> int | None:
+    """Normalise a bit-width: an int in 2..8, or None / "float" / "off" / False for float."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("float", "off")):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, or 'float'; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    ``signed=None`` decides from data on the first tensor seen (activations after ReLU are unsigned).
+    ``per_channel`` gives each output channel (dim 0) its own parameters; weights only.
+
+    >>> q = make_quantizer(QuantSpec(bits=4, signed=True, per_channel=True), init=torch.randn(8, 3, 3, 3))
+    """
+
+    bits: int | None = 4
+    signed: bool | None = None
+    per_channel: bool = False
+    method: str = "lsq"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", parse_bits(self.bits))
+        if self.method not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer '{self.method}'; valid: {', '.join(sorted(QUANTIZERS))}")
+
+
+def _register(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
+    def deco(cls: type[Quantizer]) -> type[Quantizer]:
+        QUANTIZERS[name] = cls
+        return cls
+
+    return deco
+
+
+def _channel_shape(x: Tensor, per_channel: bool) -> tuple[int, ...]:
+    return (x.shape[0],) + (1,) * (x.dim() - 1) if per_channel else ()
+
+
+def _reduce_dims(x: Tensor, per_channel: bool) -> tuple[int, ...]:
+    return tuple(range(1, x.dim())) if per_channel else tuple(range(x.dim()))
+
+
+class Quantizer(nn.Module):
+    """Base class: bit-width, sign, on/off switch and data-driven initialisation."""
+
+    def __init__(self, spec: QuantSpec, init: Tensor | None = None) -> None:
+        super().__init__()
+        self.bits = spec.bits
+        self.per_channel = spec.per_channel
+        self.auto_sign = spec.signed is None
+        self.enabled = True
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed", torch.tensor(bool(spec.signed)))
+        shape = _channel_shape(init, spec.per_channel) if init is not None else ()
+        self._make_params(shape)
+        if init is not None and self.bits is not None:
+            self.initialize(init)
+
+    @property
+    def qn(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qp(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.bits is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.active:
+            return x
+        if not self.initialized:
+            self.initialize(x)
+        return self.quantize(x)
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set the sign (when automatic) and the parameters from the statistics of ``x``."""
+        if self.auto_sign:
+            self.signed.fill_(bool(x.min() < 0))
+        self._init_params(x.detach().float())
+        self.initialized.fill_(True)
+
+    def _grad_scale(self, x: Tensor) -> float:
+        per_param = x.numel() // x.shape[0] if self.per_channel else x.numel()
+        return 1.0 / math.sqrt(per_param * max(self.qp, 1))
+
+    def extra_repr(self) -> str:
+        bits = "float" if self.bits is None else f"{self.bits}"
+        return f"bits={bits}, signed={bool(self.signed)}, per_channel={self.per_channel}"
+
+    # Subclasses define their parameters, their initialisation and the quantization itself.
+    def _make_params(self, shape: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    def _init_params(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@_register("lsq")
+class LSQQuantizer(Quantizer):
+    """Learned step size quantization (Esser et al., ICLR 2020).
+
+    >>> q = LSQQuantizer(QuantSpec(bits=2, signed=False))
+    >>> y = q(torch.rand(16, 8))  # step initialised from this batch, values on 4 levels
+    """
+
+    def _make_params(self, shape: tuple[int, ...]) -> None:
+        self.step = nn.Parameter(torch.ones(shape))
+
+    def _init_params(self, x: Tensor) -> None:
+        mean_abs = x.abs().mean(dim=_reduce_dims(x, self.per_channel), keepdim=self.per_channel)
+        self.step.copy_((2 * mean_abs / math.sqrt(self.qp)).clamp_min(1e-8).reshape(self.step.shape))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        return lsq_fake_quant(x, self.step, self.qn, self.qp, self._grad_scale(x))
+
+    def scale(self) -> Tensor:
+        """The step as a detached tensor: the real value of one integer unit."""
+        return self.step.detach()
+
+
+@_register("interval")
+class IntervalQuantizer(Quantizer):
+    """Learned clipping interval (QIL-style): 2^bits levels evenly spread over [lower, upper].
+
+    Unsigned inputs keep ``lower`` at 0 so that zero stays exact (ReLU outputs, zero padding).
+    """
+
+    def _make_params(self, shape: tuple[int, ...]) -> None:
+        self.lower = nn.Parameter(torch.zeros(shape))
+        self.upper = nn.Parameter(torch.ones(shape))
+
+    def _init_params(self, x: Tensor) -> None:
+        dims = _reduce_dims(x, self.per_channel)
+        lo, hi = x.amin(dim=dims, keepdim=self.per_channel), x.amax(dim=dims, keepdim=self.per_channel)
+        mean, std = x.mean(dim=dims, keepdim=self.per_channel), x.std(dim=dims, keepdim=self.per_channel)
+        upper = torch.minimum(hi, mean + 3 * std)
+        lower = torch.maximum(lo, mean - 3 * std) if self.signed else torch.zeros_like(upper)
+        upper = torch.maximum(upper, lower + 1e-4)
+        self.lower.copy_(lower.reshape(self.lower.shape))
+        self.upper.copy_(upper.reshape(self.upper.shape))
+
+    def quantize(self, x: Tensor) -> Tensor:
+        gs = self._grad_scale(x)
+        lower = grad_scale(self.lower, gs) if self.signed else self.lower.detach()
+        return interval_fake_quant(x, lower, grad_scale(self.upper, gs), 2**self.bits)
+
+
+def make_quantizer(spec: QuantSpec, init: Tensor | None = None) -> Quantizer:
+    """Build the quantizer ``spec.method`` names; ``init`` initialises it at once (weights)."""
+    return QUANTIZERS[spec.method](spec, init)
