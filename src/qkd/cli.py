@@ -42,19 +42,11 @@ def _config(args: list[str] | None, name: str | None = None, device: str | None 
     return load_config(source, args + extra)
 
 
-def _setup_logging(run_dir: Path | None = None) -> None:
+def _setup_logging() -> None:
     from qkd.dist import is_main_process
 
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if run_dir is not None and is_main_process():
-        handlers.append(logging.FileHandler(run_dir / "log.txt"))
-    logging.basicConfig(
-        level=logging.INFO if is_main_process() else logging.WARNING,
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=handlers,
-        force=True,
-    )
+    level = logging.INFO if is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
 def _pct(value: float | None) -> str:
@@ -63,15 +55,20 @@ def _pct(value: float | None) -> str:
 
 def format_summary(summary: dict) -> str:
     """The table printed at the end of a run: accuracies (%) on the validation and test splits."""
-    rows = [("stage", "epochs", "val %", "test %", "teacher test %", "wall s")]
+    stages = summary.get("stages", {})
+    rows = [("", "epochs", "val %", "test %", "teacher test %", "wall s")]
     for who in ("teacher", "student"):
         if f"{who}_fp" in summary:
-            r = summary[f"{who}_fp"]
-            rows.append((f"{who} FP ({summary[who]})", "", _pct(r["val"]), _pct(r["test"]), "", ""))
-    for key, r in summary.get("stages", {}).items():
-        bits = f" W{summary['bits']['weight'] or 'f'}A{summary['bits']['act'] or 'f'}" if r["quantized"] else " FP"
-        teacher = _pct(r["teacher"]["test"]) if "teacher" in r else ""
-        rows.append((key + bits, str(r["epochs"]), _pct(r["val"]), _pct(r["test"]), teacher, f"{r['wall_s']:.1f}"))
+            fp, trained = summary[f"{who}_fp"], stages.get(f"fp_{who}", {})
+            wall = f"{trained['wall_s']:.1f}" if trained else ""
+            rows.append((f"{who} FP ({summary[who]})", str(trained.get("epochs", 0)), _pct(fp["val"]),
+                         _pct(fp["test"]), "", wall))  # fmt: skip
+    bits = summary["bits"]
+    for key, r in stages.items():
+        if r["quantized"]:
+            label = f"student W{bits['weight'] or 'f'}A{bits['act'] or 'f'} after {key}"
+            teacher = _pct(r["teacher"]["test"]) if "teacher" in r else ""
+            rows.append((label, str(r["epochs"]), _pct(r["val"]), _pct(r["test"]), teacher, f"{r['wall_s']:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
@@ -96,16 +93,23 @@ def run(
     """Run QKD (or a baseline) end to end. With no arguments: the built-in digits demo."""
     from qkd import pipeline
 
+    _setup_logging()
     if resume is not None:
         if args:
             raise QKDError("--resume takes the run folder's own config; drop the config arguments")
-        _setup_logging(resume if resume.is_dir() else None)
         _report(*_interruptible(lambda: pipeline.resume(resume), resume))
         return
     cfg = _config(args, name, device)
-    run_dir = pipeline.prepare_run_dir(cfg, out, overwrite)
-    _setup_logging(run_dir)
-    _report(*_interruptible(lambda: (run_dir, pipeline.Run(cfg, run_dir).execute()), run_dir))
+    _start(cfg, out, overwrite)
+
+
+def _start(cfg: RunConfig, out: Path, overwrite: bool, stages=None) -> Path:
+    from qkd import pipeline
+
+    run_dir = pipeline.new_run_dir(cfg, out, overwrite)
+    cfg.name = run_dir.name  # the time-stamped default name, fixed once
+    _report(*_interruptible(lambda: pipeline.run(cfg, out, overwrite=overwrite, stages=stages), run_dir))
+    return run_dir
 
 
 def _interruptible(fn, run_dir: Path):
@@ -133,10 +137,8 @@ def train_fp(
     cfg = _config(args, name, device)
     if getattr(cfg, role).train_epochs == 0:
         raise QKDError(f"{role}.train_epochs is 0; set e.g. {role}.train_epochs=30")
-    run_dir = pipeline.prepare_run_dir(cfg, out, overwrite)
-    _setup_logging(run_dir)
-    r = pipeline.Run(cfg, run_dir, stages=[pipeline.float_stage(cfg, role)])
-    _report(run_dir, _interruptible(r.execute, run_dir))
+    _setup_logging()
+    run_dir = _start(cfg, out, overwrite, stages=[pipeline.float_stage(cfg, role)])
     typer.echo(f"checkpoint: {run_dir / 'checkpoints' / f'fp_{role}.pt'}  (use as {role}.checkpoint=...)")
 
 

@@ -156,7 +156,9 @@ def build_config(data: dict[str, Any]) -> RunConfig:
 
 def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A preset name or YAML path (None = built-in default), then ``key=value`` overrides."""
-    data = _read_yaml(source) if source else {}
+    # Overrides apply on top of the preset, or of the full built-in default (so that e.g.
+    # ``teacher.kwargs=...`` keeps the default teacher's name and epochs).
+    data = _read_yaml(source) if source else RunConfig().model_dump(mode="json")
     for item in overrides or []:
         _apply_override(data, item)
     return build_config(data)

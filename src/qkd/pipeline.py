@@ -321,22 +321,23 @@ class Run:
         }
 
 
-def prepare_run_dir(cfg: RunConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """A new run folder holding the resolved config; an existing one is refused unless ``overwrite``."""
+def new_run_dir(cfg: RunConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """The folder a new run will use; an existing one is refused unless ``overwrite``. Writes nothing."""
     name = cfg.name or f"{cfg.data.name}-{cfg.student.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(out_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise QKDError(
-                f"run folder {run_dir} exists; resume it with --resume {run_dir}, "
-                "pick another --name, or pass --overwrite"
-            )
-        for f in run_dir.rglob("*"):
-            if f.is_file():
-                f.unlink()
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise QKDError(
+            f"run folder {run_dir} exists; resume it with --resume {run_dir}, pick another --name, or pass --overwrite"
+        )
+    return run_dir
+
+
+def _init_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+    if run_dir.exists():  # an explicit overwrite: clear the old run's files
+        for f in sorted(run_dir.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(dump_config(cfg), run_dir / "config.yaml")
-    return run_dir
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -349,11 +350,22 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def run(
-    cfg: RunConfig, out_dir: str | Path = "runs", *, overwrite: bool = False, on_epoch_end: EpochHook | None = None
+    cfg: RunConfig,
+    out_dir: str | Path = "runs",
+    *,
+    overwrite: bool = False,
+    on_epoch_end: EpochHook | None = None,
+    stages: list[Stage] | None = None,
 ) -> tuple[Path, dict]:
-    """Start a new run; returns its folder and summary."""
-    run_dir = prepare_run_dir(cfg, out_dir, overwrite)
-    return run_dir, Run(cfg, run_dir).execute(on_epoch_end)
+    """Start a new run (``stages`` default to :func:`plan`); returns its folder and summary.
+
+    Data, models and checkpoints are all loaded before the folder is written, so bad input leaves
+    no half-made run behind.
+    """
+    run_dir = new_run_dir(cfg, out_dir, overwrite)
+    r = Run(cfg, run_dir, stages)
+    _init_run_dir(run_dir, cfg)
+    return run_dir, r.execute(on_epoch_end)
 
 
 def resume(run_dir: str | Path, on_epoch_end: EpochHook | None = None) -> tuple[Path, dict]:

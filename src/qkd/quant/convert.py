@@ -29,7 +29,8 @@ class QuantConfig:
     - ``method``: a quantizer name (``lsq`` or ``interval``); ``per_channel``: weight steps per
       output channel. Activations are always per tensor.
     - ``first_last_bits``: bits of the first and last quantized layers (8 by default, the usual
-      practice); "same" uses ``weight_bits``/``act_bits`` there too, None keeps them float.
+      practice); "same" uses ``weight_bits``/``act_bits`` there too, None keeps them float. A side
+      whose ``weight_bits``/``act_bits`` is float stays float at the edges as well.
     - ``overrides``: module-name patterns (fnmatch, e.g. ``"layer3.*"``) mapped to
       ``{"weight_bits": .., "act_bits": ..}``; later patterns win.
     """
@@ -59,7 +60,9 @@ class QuantConfig:
         """Weight and activation bits of the layer called ``name``."""
         wb, ab = self.weight_bits, self.act_bits
         if is_edge and self.first_last_bits != "same":
-            wb = ab = self.first_last_bits
+            # A side configured as float stays float at the edges too (e.g. weight-only quantization).
+            wb = None if wb is None else self.first_last_bits
+            ab = None if ab is None else self.first_last_bits
         for pattern, bits in self.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
                 wb, ab = bits.get("weight_bits", wb), bits.get("act_bits", ab)

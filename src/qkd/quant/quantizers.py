@@ -164,7 +164,10 @@ class IntervalQuantizer(Quantizer):
     def _init_params(self, x: Tensor) -> None:
         dims = _reduce_dims(x, self.per_channel)
         lo, hi = x.amin(dim=dims, keepdim=self.per_channel), x.amax(dim=dims, keepdim=self.per_channel)
-        mean, std = x.mean(dim=dims, keepdim=self.per_channel), x.std(dim=dims, keepdim=self.per_channel)
+        # A single value per channel (e.g. Linear(1, n)) has no sample std: use 0 there, not NaN.
+        correction = min(1, x.numel() // lo.numel() - 1)
+        mean = x.mean(dim=dims, keepdim=self.per_channel)
+        std = x.std(dim=dims, keepdim=self.per_channel, correction=correction)
         upper = torch.minimum(hi, mean + 3 * std)
         lower = torch.maximum(lo, mean - 3 * std) if self.signed else torch.zeros_like(upper)
         upper = torch.maximum(upper, lower + 1e-4)

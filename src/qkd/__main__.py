@@ -1,0 +1,3 @@
+from qkd.cli import main
+
+main()

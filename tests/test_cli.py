@@ -1,0 +1,96 @@
+"""The command line end to end, as a user runs it: real processes, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qkd.models import create_model
+
+from conftest import TINY
+
+
+def qkd(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qkd", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_default_run_end_to_end(tmp_path):
+    """`qkd run` with no arguments: the built-in digits demo, the table, the run folder."""
+    res = qkd("run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for row in ("teacher FP (tiny_cnn_wide)", "student FP (tiny_cnn)", "after 1_self_study", "after 2_co_study",
+                "after 3_tutor"):  # fmt: skip
+        assert row in res.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "qkd" and summary["bits"]["weight"] == 2
+    # the demo must teach something: a 2-bit student far above chance on the held-out test split
+    assert summary["stages"]["3_tutor"]["test"] > 0.8
+
+
+def test_eval_train_fp_and_resume_commands(tmp_path):
+    res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    res = qkd("eval", str(tmp_path / "r"))
+    assert res.returncode == 0 and "test_fp" in res.stdout
+    res = qkd("run", "--resume", str(tmp_path / "r"))
+    assert res.returncode == 0 and "after 1_self_study" in res.stdout
+    res = qkd("train-fp", *TINY, "--role", "student", "--name", "fp", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "fp" / "checkpoints" / "fp_student.pt").is_file()
+    res = qkd("config", "digits", "quant.weight_bits=3")
+    assert res.returncode == 0 and "weight_bits: 3" in res.stdout
+    res = qkd("list")
+    assert "resnet20" in res.stdout and "cifar10" in res.stdout
+
+
+def _bad_npz(tmp_path):
+    np.savez(tmp_path / "d-train.npz", x=np.zeros((4, 8, 8, 1), np.float32), y=np.zeros(4, np.int64))
+    np.savez(tmp_path / "d-test.npz", x=np.zeros((4, 8, 8, 1), np.float32), y=np.zeros(4, np.int64))
+    return tmp_path / "d-train.npz"
+
+
+def _small_checkpoint(tmp_path):
+    path = tmp_path / "small.pt"
+    torch.save(create_model("tiny_cnn", width=4).state_dict(), path)
+    return path
+
+
+BAD = {
+    "unknown model": (lambda p: ["student.name=resnet999"], "unknown model 'resnet999'; valid models: "),
+    "unknown data set": (lambda p: ["data.name=mnist"], "unknown data set 'mnist'; valid data sets: "),
+    "bits above 8": (lambda p: ["quant.weight_bits=9"], "bits must be an integer from 2 to 8"),
+    "bits below 2": (lambda p: ["quant.act_bits=1"], "bits must be an integer from 2 to 8"),
+    "missing data path": (lambda p: ["data.name=npz", f"data.root={p}/nowhere"], "nowhere"),
+    "wrong data layout": (lambda p: ["data.name=npz", f"data.root={_bad_npz(p)}"], "uint8"),
+    "missing cifar": (lambda p: ["data.name=cifar10", f"data.root={p}/c10"], "data.download=true"),
+    "checkpoint shapes": (lambda p: [f"student.checkpoint={_small_checkpoint(p)}"], "does not fit the model"),
+    "missing checkpoint": (lambda p: [f"student.checkpoint={p}/none.pt"], "checkpoint not found"),
+    "malformed key": (lambda p: ["quant.wbits=2"], "quant.wbits: unknown key"),
+    "malformed override": (lambda p: ["digits", "quant.weight_bits"], "must look like key=value"),
+    "unknown preset": (lambda p: ["cifar11"], "config 'cifar11' not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
+    make_args, needle = BAD[case]
+    res = qkd("run", *make_args(tmp_path), "--out", str(tmp_path / "runs"))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("qkd: error: "), res.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_resume_and_existing_folder(tmp_path):
+    res = qkd("run", "--resume", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "not a run folder" in res.stderr
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("precious")
+    res = qkd("run", "--name", "r", "--out", str(tmp_path))
+    assert res.returncode == 2 and "exists" in res.stderr
+    assert (tmp_path / "r" / "keep.txt").read_text() == "precious"

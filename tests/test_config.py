@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from qkd.config import RunConfig, config_dir, list_presets, load_config
+from qkd.errors import QKDError
+
+
+def test_builtin_default_matches_digits_preset():
+    assert load_config(None) == load_config("digits")
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_validates(preset):
+    cfg = load_config(preset)
+    assert cfg.quant.weight_bits in (2, 3, 4)
+
+
+def test_presets_cover_the_issue():
+    names = set(list_presets())
+    for b in (4, 3, 2):
+        assert f"cifar10-resnet20-w{b}a{b}" in names
+        assert load_config(f"cifar10-resnet20-w{b}a{b}").teacher.name == "resnet56"
+    assert {"cifar100-resnet20-w4a4", "imagenet-resnet18-w4a4", "imagenet-mobilenetv2-w4a4"} <= names
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("digits", ["quant.weight_bits=3", "optim.lr=0.5", "data.mean=[0.1]", "quant.act_bits=float"])
+    assert cfg.quant.weight_bits == 3 and cfg.optim.lr == 0.5 and cfg.data.mean == [0.1]
+    assert cfg.quant.act_bits is None
+
+
+def test_yaml_file_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"method": "qat", "epochs": 3}))
+    cfg = load_config(str(path))
+    assert cfg.method == "qat" and cfg.epochs == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["quant.weight_bits=9"], "quant: bits must be an integer from 2 to 8"),
+        (["quant.act_bits=1"], "bits must be an integer from 2 to 8"),
+        (["optim.lrr=0.1"], "optim.lrr: unknown key"),
+        (["quant.wbits=2"], "quant.wbits: unknown key"),
+        (["method=foo"], "method"),
+        (["epochs=0"], "epochs"),
+        (["nonsense"], "must look like key=value"),
+        (["split=[0,0,0]"], "split"),
+    ],
+)
+def test_bad_config_gives_one_clear_line(overrides, needle):
+    with pytest.raises(QKDError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(QKDError, match="not found; give a YAML path or a preset: .*digits"):
+        load_config("no-such-preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(QKDError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_config_dir_is_the_repo_configs():
+    assert (config_dir() / "digits.yaml").is_file()
+    assert RunConfig().data.name == "digits"

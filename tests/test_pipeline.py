@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+
+from qkd import pipeline
+from qkd.checkpoint import load_checkpoint
+from qkd.errors import QKDError
+from qkd.pipeline import METHODS, plan, split_epochs
+
+
+@pytest.mark.parametrize("total", [1, 7, 20, 200])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_gets_the_same_budget(method, total):
+    epochs = split_epochs(METHODS[method], (0.15, 0.5, 0.35), total)
+    assert sum(epochs) == total and all(e >= 0 for e in epochs)
+
+
+def test_paper_split():
+    assert split_epochs(METHODS["qkd"], (0.15, 0.5, 0.35), 200) == [30, 100, 70]
+    assert split_epochs(METHODS["ss+tu"], (0.15, 0.5, 0.35), 200) == [60, 140]
+
+
+def test_plan_builds_teacher_only_when_a_phase_needs_it(tiny_config):
+    assert [s.key for s in plan(tiny_config())] == ["fp_teacher", "fp_student", "1_self_study", "2_co_study", "3_tutor"]
+    assert [s.key for s in plan(tiny_config("method=qat"))] == ["fp_student", "1_self_study"]
+    assert [s.phase for s in plan(tiny_config("method=kd"))][-1] == "tutor"
+    custom = plan(tiny_config("phases=[{name: tutor, epochs: 2, lr: 0.5}]"))
+    assert custom[-1].epochs == 2 and custom[-1].lr == 0.5
+
+
+def test_run_writes_everything(tiny_config, tmp_path):
+    run_dir, summary = pipeline.run(tiny_config("name=r"), tmp_path)
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints"}
+    ckpts = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert ckpts == {"last.pt", "fp_teacher.pt", "fp_student.pt", "1_self_study.pt", "2_co_study.pt", "3_tutor.pt"}
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 + 1 + 4  # float teacher, float student, 4 quantized epochs
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert summary["bits"]["weight"] == 2 and {f"{s}.pt" for s in summary["stages"]} == ckpts - {"last.pt"}
+    for key in ("teacher_fp", "student_fp"):
+        assert 0 <= summary[key]["test"] <= 1
+    assert summary["stages"]["2_co_study"]["teacher"]["test"] > 0.1  # the co-studied teacher is reported
+
+
+def test_existing_run_folder_is_never_overwritten_silently(tiny_config, tmp_path):
+    pipeline.run(tiny_config("name=r", "method=qat"), tmp_path)
+    before = (tmp_path / "r" / "summary.json").read_text()
+    with pytest.raises(QKDError, match="exists; resume it with --resume"):
+        pipeline.run(tiny_config("name=r", "method=qat"), tmp_path)
+    assert (tmp_path / "r" / "summary.json").read_text() == before
+    pipeline.run(tiny_config("name=r", "method=qat", "seed=1"), tmp_path, overwrite=True)
+    assert "seed: 1" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+class _Interrupt:
+    """Raise KeyboardInterrupt after ``n`` epochs, as Ctrl-C would."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, record):
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop_after", [1, 4])  # inside the float stage; mid co-study
+def test_resume_reaches_exactly_the_uninterrupted_result(tiny_config, tmp_path, stop_after):
+    cfg = tiny_config("epochs=6", "quant.method=interval")
+    _, full = pipeline.run(cfg.model_copy(update={"name": "full"}), tmp_path)
+    part = cfg.model_copy(update={"name": "part"})
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(part, tmp_path, on_epoch_end=_Interrupt(stop_after))
+    assert not (tmp_path / "part" / "summary.json").exists()
+    _, resumed = pipeline.resume(tmp_path / "part")
+
+    def strip(s):
+        return {k: v for k, v in s.items() if k not in ("name", "wall_s", "stages")}
+
+    assert strip(resumed) == strip(full)
+    for key, stage in full["stages"].items():
+        assert {k: v for k, v in resumed["stages"][key].items() if k != "wall_s"} == {
+            k: v for k, v in stage.items() if k != "wall_s"
+        }
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["student"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["student"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    part_lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert len(full_lines) == len(part_lines)
+
+
+def test_resume_of_a_finished_run_only_reports(tiny_config, tmp_path):
+    run_dir, summary = pipeline.run(tiny_config("name=r", "method=qat"), tmp_path)
+    _, again = pipeline.resume(run_dir)
+    assert again == summary
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(QKDError, match="not a run folder"):
+        pipeline.resume(tmp_path)
+
+
+def test_pretrained_checkpoint_feeds_a_run(tiny_config, tmp_path):
+    """A float stage's boundary checkpoint is a valid ``*.checkpoint`` for a later run."""
+    run_dir, _ = pipeline.run(tiny_config("name=fp", "method=qat"), tmp_path)
+    ckpt = run_dir / "checkpoints" / "fp_student.pt"
+    _, summary = pipeline.run(
+        tiny_config("name=q", "method=qat", "student.train_epochs=0", f"student.checkpoint={ckpt}"), tmp_path
+    )
+    assert summary["student_fp"]["test"] == pytest.approx(load_checkpoint(ckpt)["result"]["test"])
+
+
+def test_checkpoint_that_does_not_fit_the_model(tiny_config, tmp_path):
+    run_dir, _ = pipeline.run(tiny_config("name=fp", "method=qat"), tmp_path)
+    ckpt = run_dir / "checkpoints" / "fp_student.pt"
+    with pytest.raises(QKDError, match="does not fit the model"):
+        pipeline.run(tiny_config("name=q", "student.kwargs={width: 5}", f"student.checkpoint={ckpt}"), tmp_path)
+
+
+def test_evaluate_checkpoint_reports_quantized_and_float(tiny_config, tmp_path):
+    run_dir, summary = pipeline.run(tiny_config("name=r", "method=qat"), tmp_path)
+    result = pipeline.evaluate_checkpoint(pipeline.load_run_config(run_dir), run_dir)
+    assert result["quantized"] is True
+    assert result["test"] == pytest.approx(summary["stages"]["1_self_study"]["test"])
+    assert 0 <= result["test_fp"] <= 1
