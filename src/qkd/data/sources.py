@@ -1,0 +1,516 @@
+"""Data sources by name behind one function, :func:`build_data`.
+
+Small sources (digits, CIFAR, ``.npz`` arrays) are loaded as uint8 arrays and served by
+:class:`~qkd.data.tensor_loader.TensorLoader` straight from device memory. Adding one is one function in
+``_ARRAY_SOURCES`` that returns :class:`Arrays`; splitting, limiting, normalisation and loaders are shared.
+Large image folders (ImageNet layout) are streamed from disk through a ``torch.utils.data.DataLoader``.
+
+Every split is deterministic: the test split is fixed by the source, the validation split is carved out
+of the training split (never the test split) from ``seed``, so results are comparable across runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qkd.data.tensor_loader import TensorLoader
+from qkd.errors import QKDError
+
+__all__ = ["Arrays", "DataBundle", "StreamLoader", "build_data", "list_datasets"]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NPZ_EXPECTED = "expected uint8 x of shape (N,H,W,C) and int y of shape (N,)"
+
+
+@dataclass
+class DataBundle:
+    """Everything a training job needs from its data: three loaders and the shape facts for the model."""
+
+    train: Iterable  # TensorLoader or StreamLoader; yields (x, y) batches on the device
+    val: Iterable
+    test: Iterable
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class Arrays:
+    """One in-memory source as loaded: uint8 NHWC images and int labels per split, plus its defaults.
+
+    ``mean``/``std`` None means "compute from ``train_x``"; ``crop_padding``/``flip`` are the source's
+    augmentation, since not every data set tolerates it (mirrored digits are different digits).
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    num_classes: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_padding: int = 0
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class _Options:
+    """build_data's keyword arguments, bundled so the helpers share one parameter."""
+
+    batch_size: int
+    eval_batch_size: int
+    val_size: int | float
+    mean: Sequence[float] | None
+    std: Sequence[float] | None
+    augment: bool
+    num_workers: int
+    device: torch.device
+    seed: int
+    limit: int | None
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def _load_digits(root: str | None, download: bool) -> Arrays:
+    """scikit-learn's bundled 8x8 digits: offline, tiny, and enough to smoke-test the whole pipeline."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    y = digits.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    return Arrays(train_x, train_y, test_x, test_y, num_classes=10)
+
+
+def _load_cifar(root: str | None, download: bool, *, num_classes: int) -> Arrays:
+    """CIFAR-10/100 in torchvision's on-disk layout (optionally downloaded there by torchvision)."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, label = (CIFAR10, "CIFAR-10") if num_classes == 10 else (CIFAR100, "CIFAR-100")
+    root = root or "data"
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except RuntimeError as e:
+        hint = "fix data.root" if download else "pass data.download=true to download it, or fix data.root"
+        raise QKDError(f"no {label} data in torchvision's layout at {root}; {hint}") from e
+    except OSError as e:
+        raise QKDError(f"could not download {label} to {root}: {e}") from e
+    stats = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
+    return Arrays(
+        np.asarray(train.data, dtype=np.uint8),
+        np.asarray(train.targets, dtype=np.int64),
+        np.asarray(test.data, dtype=np.uint8),
+        np.asarray(test.targets, dtype=np.int64),
+        num_classes=num_classes,
+        mean=stats[0],
+        std=stats[1],
+        crop_padding=4,
+        flip=True,
+    )
+
+
+def _load_cifar10(root: str | None, download: bool) -> Arrays:
+    return _load_cifar(root, download, num_classes=10)
+
+
+def _load_cifar100(root: str | None, download: bool) -> Arrays:
+    return _load_cifar(root, download, num_classes=100)
+
+
+def _load_npz(root: str | None, download: bool) -> Arrays:
+    """Any image set saved as a train and a test ``.npz`` (``x`` uint8 NHWC, ``y`` int, opt. ``classes``)."""
+    train_path, test_path = _npz_paths(root)
+    train_x, train_y, train_classes = _read_npz(train_path)
+    test_x, test_y, _ = _read_npz(test_path)
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise QKDError(
+            f"{train_path} has images of shape {train_x.shape[1:]} but {test_path} has {test_x.shape[1:]}"
+        )
+    top = int(max(train_y.max(), test_y.max())) + 1
+    num_classes = top if train_classes is None else len(train_classes)
+    if top > num_classes:
+        raise QKDError(f"{train_path} lists {num_classes} classes but its labels go up to {top - 1}")
+    big = min(train_x.shape[1], train_x.shape[2]) >= 32
+    return Arrays(train_x, train_y, test_x, test_y, num_classes, crop_padding=4 if big else 0, flip=big)
+
+
+def _npz_paths(root: str | None) -> tuple[Path, Path]:
+    """Resolve ``root`` (a folder with one ``*train*.npz`` and one ``*test*.npz``, or the train file)."""
+    usage = "a folder holding one *train*.npz and one *test*.npz, or the path of the train .npz"
+    if not root:
+        raise QKDError(f"data set 'npz' needs data.root: {usage}")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise QKDError(f"no such file or folder: {path} (npz data.root must be {usage})")
+    if path.is_dir():
+        return _only_match(path, "*train*.npz"), _only_match(path, "*test*.npz")
+    if "train" not in path.name:
+        raise QKDError(f"{path}: an npz file given as data.root must have 'train' in its name ({usage})")
+    head, _, tail = path.name.rpartition("train")
+    test_path = path.with_name(f"{head}test{tail}")
+    if not test_path.is_file():
+        raise QKDError(f"{path} has no matching test file: expected {test_path}")
+    return path, test_path
+
+
+def _only_match(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise QKDError(f"{folder} must hold exactly one {pattern} file; found {names}")
+    return found[0]
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Load and validate one split; every failure names the file and what was expected."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise QKDError(f"{path}: missing array(s) {', '.join(missing)}; {NPZ_EXPECTED}")
+            x, y = f["x"], f["y"]
+            classes = f["classes"] if "classes" in f.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise QKDError(f"{path} is not a readable .npz file ({e}); {NPZ_EXPECTED}") from e
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise QKDError(f"{path}: {NPZ_EXPECTED}; got x of dtype {x.dtype} and shape {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+        raise QKDError(f"{path}: {NPZ_EXPECTED}; got y of dtype {y.dtype} and shape {y.shape}")
+    if x.shape[0] == 0:
+        raise QKDError(f"{path} holds no images")
+    if y.min() < 0:
+        raise QKDError(f"{path}: labels must be >= 0, found {int(y.min())}")
+    return x, y.astype(np.int64), classes
+
+
+_ARRAY_SOURCES: dict[str, Callable[[str | None, bool], Arrays]] = {
+    "digits": _load_digits,
+    "cifar10": _load_cifar10,
+    "cifar100": _load_cifar100,
+    "npz": _load_npz,
+}
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`build_data`."""
+    return sorted([*_ARRAY_SOURCES, *_STREAM_SOURCES])
+
+
+def build_data(
+    name: str,
+    root: str | None = None,
+    *,
+    batch_size: int = 128,
+    eval_batch_size: int = 512,
+    val_size: int | float = 0.1,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    augment: bool = True,
+    download: bool = False,
+    num_workers: int = 2,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    limit: int | None = None,
+) -> DataBundle:
+    """Build train/val/test loaders for data set ``name``; user mistakes raise :class:`QKDError`.
+
+    ``val_size`` (a fraction < 1, or a count) is carved out of the training split, stratified and seeded;
+    ``limit`` keeps a stratified, seeded subsample of at most that many images per split (quick runs);
+    explicit ``mean``/``std`` override the source's defaults (e.g. the ImageNet statistics that the
+    pretrained CIFAR ResNets expect).
+    """
+    key = name.strip().lower()
+    if key not in _ARRAY_SOURCES and key not in _STREAM_SOURCES:
+        raise QKDError(f"unknown data set '{name}'; valid data sets: {', '.join(list_datasets())}")
+    opts = _Options(
+        batch_size, eval_batch_size, val_size, mean, std, augment, num_workers, _device(device), seed, limit
+    )
+    _check_options(opts)
+    if key in _STREAM_SOURCES:
+        return _STREAM_SOURCES[key](root, opts)
+    return _bundle_from_arrays(_ARRAY_SOURCES[key](root, download), opts)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise QKDError(f"invalid device '{device}': {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QKDError(f"device '{device}' requested but CUDA is not available; use device=cpu")
+    return dev
+
+
+def _check_options(o: _Options) -> None:
+    if o.batch_size < 1 or o.eval_batch_size < 1:
+        raise QKDError(f"batch sizes must be >= 1, got {o.batch_size} and {o.eval_batch_size}")
+    if not o.val_size > 0:
+        raise QKDError(f"data.val_size must be > 0 (a fraction < 1 or a count), got {o.val_size}")
+    if o.limit is not None and o.limit < 1:
+        raise QKDError(f"data.limit must be >= 1 or unset, got {o.limit}")
+    if o.num_workers < 0:
+        raise QKDError(f"num_workers must be >= 0, got {o.num_workers}")
+
+
+# ------------------------------------------------------------------------------------ splits and stats
+
+
+def _split_val(y: np.ndarray, val_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of the training split: val is a seeded, stratified ``val_size`` of it."""
+    n = len(y)
+    n_val = math.ceil(val_size * n) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    if not 1 <= n_val < n:
+        raise QKDError(f"data.val_size={val_size} leaves no training images: the training split has {n}")
+    val, train = _stratified_pick(y, n_val, seed)
+    return train, val
+
+
+def _limit(idx: np.ndarray, y: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """At most ``limit`` of ``idx`` (indices into ``y``), a stratified seeded subsample in original order."""
+    if limit is None or len(idx) <= limit:
+        return idx
+    picked, _ = _stratified_pick(y[idx], limit, seed)
+    return idx[picked]
+
+
+def _stratified_pick(y: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted positions (picked, rest) with ``len(picked) == k``, class-balanced when classes allow."""
+    from sklearn.model_selection import train_test_split
+
+    positions = np.arange(len(y))
+    try:
+        rest, picked = train_test_split(positions, test_size=k, stratify=y, random_state=seed)
+    except ValueError:  # a class too rare to stratify (or k < number of classes): plain seeded sample
+        rest, picked = train_test_split(positions, test_size=k, random_state=seed)
+    return np.sort(picked), np.sort(rest)
+
+
+def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of ``x/255`` (NHWC uint8), rounded to 4 decimals.
+
+    Computed from a 256-bin histogram per channel: exact, and no float copy of a 150 MB array.
+    """
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[-1]):
+        counts = np.bincount(x[..., c].ravel(), minlength=256).astype(np.float64)
+        p = counts / counts.sum()
+        m = float((p * levels).sum())
+        s = math.sqrt(float((p * (levels - m) ** 2).sum()))
+        means.append(round(m, 4))
+        stds.append(round(s, 4) if round(s, 4) > 0 else 1.0)  # constant images: leave the scale alone
+    return tuple(means), tuple(stds)
+
+
+def _resolve_stats(
+    o: _Options, default_mean: Sequence[float], default_std: Sequence[float], channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Explicit mean/std win over the source's defaults; both must have one value per channel."""
+    mean = tuple(float(v) for v in (o.mean if o.mean is not None else default_mean))
+    std = tuple(float(v) for v in (o.std if o.std is not None else default_std))
+    for label, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise QKDError(f"data.{label} has {len(values)} values but the images have {channels} channels")
+    if min(std) <= 0:
+        raise QKDError(f"data.std values must be > 0, got {std}")
+    return mean, std
+
+
+# ------------------------------------------------------------------------------------ in-memory bundle
+
+
+def _bundle_from_arrays(a: Arrays, o: _Options) -> DataBundle:
+    """Shared path for every in-memory source: stats, splits, limit, and three TensorLoaders."""
+    channels = a.train_x.shape[-1]
+    if a.mean is None or a.std is None:
+        default_mean, default_std = _channel_stats(a.train_x)  # before the val split: seed-independent
+    else:
+        default_mean, default_std = a.mean, a.std
+    mean, std = _resolve_stats(o, default_mean, default_std, channels)
+    train_idx, val_idx = _split_val(a.train_y, o.val_size, o.seed)
+    train_idx = _limit(train_idx, a.train_y, o.limit, o.seed)
+    val_idx = _limit(val_idx, a.train_y, o.limit, o.seed)
+    test_idx = _limit(np.arange(len(a.test_y)), a.test_y, o.limit, o.seed)
+    stats = (mean, std)
+    return DataBundle(
+        train=_tensor_loader(a, a.train_x, a.train_y, train_idx, True, stats, o),
+        val=_tensor_loader(a, a.train_x, a.train_y, val_idx, False, stats, o),
+        test=_tensor_loader(a, a.test_x, a.test_y, test_idx, False, stats, o),
+        num_classes=a.num_classes,
+        in_channels=channels,
+        image_size=int(a.train_x.shape[1]),
+        mean=mean,
+        std=std,
+    )
+
+
+def _tensor_loader(
+    a: Arrays,
+    x: np.ndarray,
+    y: np.ndarray,
+    idx: np.ndarray,
+    train: bool,
+    stats: tuple[tuple[float, ...], tuple[float, ...]],
+    o: _Options,
+) -> TensorLoader:
+    """Training loaders shuffle and augment (with the source's augmentation); evaluation loaders do not."""
+    return TensorLoader(
+        _to_nchw(x, idx, o.device),
+        torch.from_numpy(y[idx]),
+        batch_size=o.batch_size if train else o.eval_batch_size,
+        shuffle=train,
+        augment=train and o.augment,
+        crop_padding=a.crop_padding,
+        flip=a.flip,
+        mean=stats[0],
+        std=stats[1],
+        device=o.device,
+        seed=o.seed,
+    )
+
+
+def _to_nchw(x: np.ndarray, idx: np.ndarray, device: torch.device) -> Tensor:
+    """Select rows and go NHWC -> NCHW; the permute runs after the move, i.e. on the GPU when there is one."""
+    rows = torch.from_numpy(np.ascontiguousarray(x[idx]))
+    return rows.to(device).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------ streamed sources
+
+
+class StreamLoader:
+    """A ``DataLoader`` that behaves like :class:`TensorLoader`: batches on ``device``, ``set_epoch``.
+
+    Seeding the loader's generator per pass fixes the shuffle order and the worker seeds (hence the
+    random transforms when ``num_workers > 0``), so streamed training also resumes reproducibly.
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        num_workers: int,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.device = device
+        self._generator = torch.Generator()
+        self._seed = int(seed)
+        self._num_samples = len(dataset)  # type: ignore[arg-type]
+        self._loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            generator=self._generator,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def set_epoch(self, seed: int) -> None:
+        """Fix the seed of the next pass (default: previous seed + 1), as TensorLoader does."""
+        self._seed = int(seed)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        seed, self._seed = self._seed, self._seed + 1
+        self._generator.manual_seed(seed)
+        return self._moved(iter(self._loader))
+
+    def _moved(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in batches:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _build_imagefolder(root: str | None, o: _Options) -> DataBundle:
+    """ImageNet layout: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the latter is the test split)."""
+    from torchvision.datasets import ImageFolder
+
+    base = _imagefolder_root(root)
+    mean, std = _resolve_stats(o, IMAGENET_MEAN, IMAGENET_STD, 3)
+    train_tf, eval_tf = _imagefolder_transforms(mean, std, o.augment)
+    try:
+        train_set = ImageFolder(str(base / "train"), transform=train_tf)
+        test_set = ImageFolder(str(base / "val"), transform=eval_tf)
+    except (FileNotFoundError, OSError) as e:
+        raise QKDError(f"cannot read the image folders under {base}: {e}") from e
+    if test_set.classes != train_set.classes:
+        raise QKDError(f"{base}/train and {base}/val must have the same class folders")
+    val_view = copy.copy(train_set)  # same file list (no second scan), eval transform
+    val_view.transform = eval_tf
+    targets, test_targets = np.asarray(train_set.targets), np.asarray(test_set.targets)
+    train_idx, val_idx = _split_val(targets, o.val_size, o.seed)
+    subsets = (
+        (train_set, _limit(train_idx, targets, o.limit, o.seed), True),
+        (val_view, _limit(val_idx, targets, o.limit, o.seed), False),
+        (test_set, _limit(np.arange(len(test_targets)), test_targets, o.limit, o.seed), False),
+    )
+    train, val, test = (_stream(ds, idx, train, o) for ds, idx, train in subsets)
+    return DataBundle(train, val, test, len(train_set.classes), 3, 224, mean, std)
+
+
+def _stream(dataset: torch.utils.data.Dataset, idx: np.ndarray, train: bool, o: _Options) -> StreamLoader:
+    return StreamLoader(
+        torch.utils.data.Subset(dataset, idx.tolist()),
+        batch_size=o.batch_size if train else o.eval_batch_size,
+        shuffle=train,
+        num_workers=o.num_workers,
+        device=o.device,
+        seed=o.seed,
+    )
+
+
+def _imagefolder_root(root: str | None) -> Path:
+    if not root:
+        raise QKDError(
+            "data set 'imagefolder' needs data.root: a folder with train/<class>/ and val/<class>/"
+        )
+    base = Path(root).expanduser()
+    missing = [str(base / sub) for sub in ("train", "val") if not (base / sub).is_dir()]
+    if missing:
+        raise QKDError(f"imagefolder data.root {base} lacks the folder(s): {', '.join(missing)}")
+    return base
+
+
+def _imagefolder_transforms(mean: Sequence[float], std: Sequence[float], augment: bool) -> tuple:
+    """The standard ImageNet recipe: random-resized crop + flip for training, resize + centre crop else."""
+    from torchvision import transforms as T
+
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), *tail])
+    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *tail]) if augment else eval_tf
+    return train_tf, eval_tf
+
+
+_STREAM_SOURCES: dict[str, Callable[[str | None, _Options], DataBundle]] = {
+    "imagefolder": _build_imagefolder,
+}
