@@ -94,3 +94,13 @@ def test_bad_resume_and_existing_folder(tmp_path):
     res = qkd("run", "--name", "r", "--out", str(tmp_path))
     assert res.returncode == 2 and "exists" in res.stderr
     assert (tmp_path / "r" / "keep.txt").read_text() == "precious"
+
+
+def test_eval_of_a_checkpoint_file_with_its_config(tmp_path):
+    res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    res = qkd("eval", str(tmp_path / "r" / "checkpoints" / "1_self_study.pt"), *TINY)
+    assert res.returncode == 0, res.stderr
+    assert "quantized        True" in res.stdout and "test_fp" in res.stdout
+    res = qkd("eval", str(tmp_path / "r" / "checkpoints" / "1_self_study.pt"), *TINY, "student.kwargs={width: 4}")
+    assert res.returncode == 2 and "does not fit" in res.stderr
