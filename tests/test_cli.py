@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from qkd.models import create_model
-
 from conftest import TINY
+from qkd.models import create_model
 
 
 def qkd(*args, cwd=None):

@@ -142,9 +142,7 @@ def _load_npz(root: str | None, download: bool) -> Arrays:
     train_x, train_y, train_classes = _read_npz(train_path)
     test_x, test_y, _ = _read_npz(test_path)
     if train_x.shape[1:] != test_x.shape[1:]:
-        raise QKDError(
-            f"{train_path} has images of shape {train_x.shape[1:]} but {test_path} has {test_x.shape[1:]}"
-        )
+        raise QKDError(f"{train_path} has images of shape {train_x.shape[1:]} but {test_path} has {test_x.shape[1:]}")
     top = int(max(train_y.max(), test_y.max())) + 1
     num_classes = top if train_classes is None else len(train_classes)
     if top > num_classes:
@@ -491,9 +489,7 @@ def _stream(dataset: torch.utils.data.Dataset, idx: np.ndarray, train: bool, o: 
 
 def _imagefolder_root(root: str | None) -> Path:
     if not root:
-        raise QKDError(
-            "data set 'imagefolder' needs data.root: a folder with train/<class>/ and val/<class>/"
-        )
+        raise QKDError("data set 'imagefolder' needs data.root: a folder with train/<class>/ and val/<class>/")
     base = Path(root).expanduser()
     missing = [str(base / sub) for sub in ("train", "val") if not (base / sub).is_dir()]
     if missing:
