@@ -125,3 +125,12 @@ def test_evaluate_checkpoint_reports_quantized_and_float(tiny_config, tmp_path):
     assert result["quantized"] is True
     assert result["test"] == pytest.approx(summary["stages"]["1_self_study"]["test"])
     assert 0 <= result["test_fp"] <= 1
+
+
+def test_resume_of_a_float_only_run_keeps_its_stages(tiny_config, tmp_path):
+    cfg = tiny_config("name=fp", "student.train_epochs=3")
+    stages = [pipeline.float_stage(cfg, "student")]
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, tmp_path, stages=stages, on_epoch_end=_Interrupt(1))
+    _, summary = pipeline.resume(tmp_path / "fp")
+    assert list(summary["stages"]) == ["fp_student"]

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from qkd.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from qkd.config import ModelConfig, RunConfig, build_config, dump_config
 from qkd.data import DataBundle, build_data
-from qkd.dist import is_main_process, resolve_device
+from qkd.dist import broadcast_state, is_main_process, resolve_device
 from qkd.engine import evaluate, train_epoch
 from qkd.errors import QKDError
 from qkd.models import create_model, load_pretrained
@@ -194,6 +194,7 @@ class Run:
                 train.set_epoch(epoch_seed(self.cfg.seed, 999, 0))
             x, _ = next(iter(train))
             calibrate(self.student, x.to(self.device))
+            broadcast_state(self.student)  # every rank starts from rank 0's quantizer steps
         self.state["student_quantized"] = True
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -332,12 +333,13 @@ def new_run_dir(cfg: RunConfig, out_dir: str | Path, overwrite: bool = False) ->
     return run_dir
 
 
-def _init_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+def _init_run_dir(run_dir: Path, cfg: RunConfig, stages: list[Stage]) -> None:
     if run_dir.exists():  # an explicit overwrite: clear the old run's files
         for f in sorted(run_dir.rglob("*"), reverse=True):
             f.unlink() if f.is_file() else f.rmdir()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(dump_config(cfg), run_dir / "config.yaml")
+    write_json([asdict(s) for s in stages], run_dir / "stages.json")  # what --resume continues
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -364,7 +366,7 @@ def run(
     """
     run_dir = new_run_dir(cfg, out_dir, overwrite)
     r = Run(cfg, run_dir, stages)
-    _init_run_dir(run_dir, cfg)
+    _init_run_dir(run_dir, cfg, r.stages)
     return run_dir, r.execute(on_epoch_end)
 
 
@@ -372,7 +374,9 @@ def resume(run_dir: str | Path, on_epoch_end: EpochHook | None = None) -> tuple[
     """Continue an interrupted run from its last checkpoint (a finished run just re-reports)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    r = Run(cfg, run_dir)
+    stages_file = run_dir / "stages.json"
+    stages = [Stage(**s) for s in json.loads(stages_file.read_text())] if stages_file.is_file() else None
+    r = Run(cfg, run_dir, stages)
     last = r.ckpt_dir / "last.pt"
     optim = r.restore(load_checkpoint(last)) if last.is_file() else None
     return run_dir, r.execute(on_epoch_end, optim)
