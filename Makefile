@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # project's CI machines; the package itself accepts any torch >= 2.2.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint bench clean
 
 $(BIN)/qkd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ run: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python benchmarks/throughput.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

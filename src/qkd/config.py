@@ -61,6 +61,16 @@ class DistillConfig(_Strict):
     alpha: float = Field(1.0, ge=0)
 
 
+class RuntimeConfig(_Strict):
+    """How fast, not what: none of these change the maths beyond floating-point rounding."""
+
+    kernels: Literal["eager", "compiled"] = Field(
+        "eager", description="fake-quant kernels: eager ops, or torch.compile'd fused loops (fast; compiles once)"
+    )
+    channels_last: bool = Field(False, description="NHWC memory layout for conv nets (faster convs on CPU and GPU)")
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on the CPU)")
+
+
 class PhaseConfig(_Strict):
     name: PhaseName
     epochs: int = Field(ge=0)
@@ -85,6 +95,7 @@ class RunConfig(_Strict):
     quant: QuantConfig = Field(default_factory=lambda: QuantConfig(weight_bits=2, act_bits=2))
     optim: OptimConfig = Field(default_factory=OptimConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
     def _check_split(self) -> RunConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -18,23 +19,39 @@ def _progress(loader: Iterable, desc: str) -> Iterable:
     return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
 
 
-def _to(batch: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how batches run: device, memory layout, mixed precision."""
+
+    device: torch.device = torch.device("cpu")
+    channels_last: bool = False
+    amp: bool = False
+
+    def batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def autocast(self) -> torch.autocast:
+        # bf16 needs no loss scaling; on the CPU autocast is off (it is slower there, not faster).
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda")
 
 
-def train_epoch(phase, loader: Iterable, schedulers: list, device: torch.device, desc: str = "train") -> dict:
+def train_epoch(phase, loader: Iterable, schedulers: list, rt: Runtime, desc: str = "train") -> dict:
     """Run ``phase.step`` over ``loader``; schedulers step per batch. Returns mean loss and accuracy.
 
     Sums stay on the device so the loop never waits for the host.
     """
     phase.train_mode()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen = 0
     for batch in _progress(loader, desc):
-        x, y = _to(batch, device)
-        loss, logits = phase.step(x, y)
+        x, y = rt.batch(batch)
+        with rt.autocast():
+            loss, logits = phase.step(x, y)
         for sched in schedulers:
             sched.step()
         loss_sum += loss * len(y)
@@ -44,15 +61,16 @@ def train_epoch(phase, loader: Iterable, schedulers: list, device: torch.device,
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> float:
+def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> float:
     """Top-1 accuracy of ``model`` in eval mode; the model's training flag is restored afterwards."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen = 0
     for batch in loader:
-        x, y = _to(batch, device)
-        correct += (model(x).argmax(1) == y).sum()
+        x, y = rt.batch(batch)
+        with rt.autocast():
+            correct += (model(x).argmax(1) == y).sum()
         seen += len(y)
     model.train(was_training)
     return correct.item() / max(seen, 1)

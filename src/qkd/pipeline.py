@@ -23,12 +23,13 @@ from qkd.checkpoint import load_checkpoint, save_checkpoint, write_json, write_t
 from qkd.config import ModelConfig, RunConfig, build_config, dump_config
 from qkd.data import DataBundle, build_data
 from qkd.dist import broadcast_state, is_main_process, resolve_device
-from qkd.engine import evaluate, train_epoch
+from qkd.engine import Runtime, evaluate, train_epoch
 from qkd.errors import QKDError
 from qkd.models import create_model, load_pretrained
 from qkd.models.registry import accepts
 from qkd.phases import PHASES, Distill
 from qkd.quant import calibrate, quant_parameters, quantization_disabled, quantize_model
+from qkd.quant.ste import set_kernel_backend
 
 log = logging.getLogger("qkd")
 
@@ -136,12 +137,19 @@ class Run:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.stages = stages if stages is not None else plan(cfg)
         self.device = resolve_device(cfg.device)
+        rt = cfg.runtime
+        self.rt = Runtime(self.device, rt.channels_last, rt.amp)
+        set_kernel_backend(rt.kernels)
         self.data = self._build_data()
         torch.manual_seed(cfg.seed)
-        self.student = build_model(cfg.student, self.data).to(self.device)
+        self.student = self._place(build_model(cfg.student, self.data))
         uses_teacher = any(s.role == "teacher" or PHASES[s.phase].uses_teacher for s in self.stages)
-        self.teacher = build_model(cfg.teacher, self.data).to(self.device) if uses_teacher else None
+        self.teacher = self._place(build_model(cfg.teacher, self.data)) if uses_teacher else None
         self.state = {"stage": 0, "epoch": 0, "history": [], "results": {}, "student_quantized": False}
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        layout = torch.channels_last if self.rt.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=layout)
 
     def _build_data(self) -> DataBundle:
         d = self.cfg.data
@@ -186,21 +194,20 @@ class Run:
 
     # ----- the run -----------------------------------------------------------------------------
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
-        quantize_model(self.student, self.cfg.quant)
-        self.student.to(self.device)
+        self._place(quantize_model(self.student, self.cfg.quant))
         if calibrate_batch:
             train = self.data.train
             if hasattr(train, "set_epoch"):
                 train.set_epoch(epoch_seed(self.cfg.seed, 999, 0))
-            x, _ = next(iter(train))
-            calibrate(self.student, x.to(self.device))
+            x, _ = self.rt.batch(next(iter(train)))
+            calibrate(self.student, x)
             broadcast_state(self.student)  # every rank starts from rank 0's quantizer steps
         self.state["student_quantized"] = True
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         return {
-            "val": evaluate(model, self.data.val, self.device),
-            "test": evaluate(model, self.data.test, self.device),
+            "val": evaluate(model, self.data.val, self.rt),
+            "test": evaluate(model, self.data.test, self.rt),
         }
 
     def _record_float_results(self) -> None:
@@ -259,10 +266,10 @@ class Run:
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(seed)
         t0 = time.perf_counter()
-        metrics = train_epoch(phase, self.data.train, scheds, self.device, desc=f"{stage.key} {epoch + 1}")
-        metrics["val_acc"] = evaluate(trained, self.data.val, self.device)
+        metrics = train_epoch(phase, self.data.train, scheds, self.rt, desc=f"{stage.key} {epoch + 1}")
+        metrics["val_acc"] = evaluate(trained, self.data.val, self.rt)
         if stage.phase == "co_study":
-            metrics["teacher_val_acc"] = evaluate(self.teacher, self.data.val, self.device)
+            metrics["teacher_val_acc"] = evaluate(self.teacher, self.data.val, self.rt)
         record = {
             "stage": stage.key,
             "epoch": epoch + 1,
@@ -394,8 +401,7 @@ def evaluate_checkpoint(cfg: RunConfig, target: str | Path, device: str | None =
     if state is None:
         raise QKDError(f"{target} holds no student weights")
     if quantized:
-        quantize_model(r.student, cfg.quant)
-        r.student.to(r.device)
+        r._place(quantize_model(r.student, cfg.quant))
     load_state(r.student, state, f"model '{cfg.student.name}'")
     result: dict = {"quantized": quantized, **r._evaluate(r.student)}
     if quantized:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qkd.quant.ste import grad_scale, interval_fake_quant, lsq_fake_quant
+from qkd.quant.ste import interval_fake_quant, lsq_fake_quant
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 
@@ -175,9 +175,8 @@ class IntervalQuantizer(Quantizer):
         self.upper.copy_(upper.reshape(self.upper.shape))
 
     def quantize(self, x: Tensor) -> Tensor:
-        gs = self._grad_scale(x)
-        lower = grad_scale(self.lower, gs) if self.signed else self.lower.detach()
-        return interval_fake_quant(x, lower, grad_scale(self.upper, gs), 2**self.bits)
+        lower = self.lower if self.signed else self.lower.detach()
+        return interval_fake_quant(x, lower, self.upper, 2**self.bits, self._grad_scale(x))
 
 
 def make_quantizer(spec: QuantSpec, init: Tensor | None = None) -> Quantizer:
