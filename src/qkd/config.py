@@ -42,7 +42,8 @@ class DataConfig(_Strict):
     augment: bool = True
     download: bool = False
     num_workers: int = Field(2, ge=0)
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="at most this many images per split (quick runs)")
+    train_limit: int | None = Field(None, ge=1, description="at most this many training images (val/test whole)")
 
 
 class OptimConfig(_Strict):

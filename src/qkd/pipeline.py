@@ -167,6 +167,7 @@ class Run:
             device=self.device,
             seed=self.cfg.seed,
             limit=d.limit,
+            train_limit=d.train_limit,
         )
 
     # ----- checkpoints -------------------------------------------------------------------------

@@ -83,6 +83,11 @@ class _Options:
     device: torch.device
     seed: int
     limit: int | None
+    train_limit: int | None = None
+
+    @property
+    def train_cap(self) -> int | None:
+        return self.train_limit if self.train_limit is not None else self.limit
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -231,11 +236,13 @@ def build_data(
     device: str | torch.device = "cpu",
     seed: int = 0,
     limit: int | None = None,
+    train_limit: int | None = None,
 ) -> DataBundle:
     """Build train/val/test loaders for data set ``name``; user mistakes raise :class:`QKDError`.
 
     ``val_size`` (a fraction < 1, or a count) is carved out of the training split, stratified and seeded;
     ``limit`` keeps a stratified, seeded subsample of at most that many images per split (quick runs);
+    ``train_limit`` does so for the training split alone (short studies that still report on the full test);
     explicit ``mean``/``std`` override the source's defaults (e.g. the ImageNet statistics that the
     pretrained CIFAR ResNets expect).
     """
@@ -243,7 +250,17 @@ def build_data(
     if key not in _ARRAY_SOURCES and key not in _STREAM_SOURCES:
         raise QKDError(f"unknown data set '{name}'; valid data sets: {', '.join(list_datasets())}")
     opts = _Options(
-        batch_size, eval_batch_size, val_size, mean, std, augment, num_workers, _device(device), seed, limit
+        batch_size,
+        eval_batch_size,
+        val_size,
+        mean,
+        std,
+        augment,
+        num_workers,
+        _device(device),
+        seed,
+        limit,
+        train_limit,
     )
     _check_options(opts)
     if key in _STREAM_SOURCES:
@@ -266,8 +283,9 @@ def _check_options(o: _Options) -> None:
         raise QKDError(f"batch sizes must be >= 1, got {o.batch_size} and {o.eval_batch_size}")
     if not o.val_size > 0:
         raise QKDError(f"data.val_size must be > 0 (a fraction < 1 or a count), got {o.val_size}")
-    if o.limit is not None and o.limit < 1:
-        raise QKDError(f"data.limit must be >= 1 or unset, got {o.limit}")
+    for name, value in (("limit", o.limit), ("train_limit", o.train_limit)):
+        if value is not None and value < 1:
+            raise QKDError(f"data.{name} must be >= 1 or unset, got {value}")
     if o.num_workers < 0:
         raise QKDError(f"num_workers must be >= 0, got {o.num_workers}")
 
@@ -348,7 +366,7 @@ def _bundle_from_arrays(a: Arrays, o: _Options) -> DataBundle:
         default_mean, default_std = a.mean, a.std
     mean, std = _resolve_stats(o, default_mean, default_std, channels)
     train_idx, val_idx = _split_val(a.train_y, o.val_size, o.seed)
-    train_idx = _limit(train_idx, a.train_y, o.limit, o.seed)
+    train_idx = _limit(train_idx, a.train_y, o.train_cap, o.seed)
     val_idx = _limit(val_idx, a.train_y, o.limit, o.seed)
     test_idx = _limit(np.arange(len(a.test_y)), a.test_y, o.limit, o.seed)
     stats = (mean, std)
@@ -468,7 +486,7 @@ def _build_imagefolder(root: str | None, o: _Options) -> DataBundle:
     targets, test_targets = np.asarray(train_set.targets), np.asarray(test_set.targets)
     train_idx, val_idx = _split_val(targets, o.val_size, o.seed)
     subsets = (
-        (train_set, _limit(train_idx, targets, o.limit, o.seed), True),
+        (train_set, _limit(train_idx, targets, o.train_cap, o.seed), True),
         (val_view, _limit(val_idx, targets, o.limit, o.seed), False),
         (test_set, _limit(np.arange(len(test_targets)), test_targets, o.limit, o.seed), False),
     )

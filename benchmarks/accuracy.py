@@ -1,0 +1,224 @@
+"""The CIFAR-10 study: QKD against QAT-only, fixed-teacher KD and the ablations, at several bit-widths.
+
+Step 0 fine-tunes the pretrained float teacher and student on this data (the float student is the
+reference and every method's starting point); then every method runs at the same epoch budget from
+those float weights. Choices are made on the validation split (5,000 training images held out);
+the test split gives only the final numbers. Each run is a normal ``qkd`` run folder under
+``runs/accuracy-<budget>/``: a finished one is reused, an interrupted one resumed.
+
+    python benchmarks/accuracy.py --budget cpu-short --bits 2 --bits 4
+    python benchmarks/accuracy.py --budget paper --device cuda        # the paper's 30/100/70 epochs
+
+Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and
+matplotlib for the plots (``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import typer
+from throughput import machine
+
+from qkd import pipeline
+from qkd.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
+BUDGETS = {
+    # epochs: the quantized budget shared by every method; fp_epochs: step-0 float fine-tuning;
+    # train_limit: training images per quantized epoch (None = all 45,000).
+    "paper": {"epochs": 200, "fp_epochs": 15, "train_limit": None, "fp_train_limit": None},
+    "cpu-short": {"epochs": 10, "fp_epochs": 1, "train_limit": 10_000, "fp_train_limit": None},
+    "smoke": {"epochs": 7, "fp_epochs": 1, "train_limit": 500, "fp_train_limit": 500},  # checks the mechanics only
+}
+PRETRAINED = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+
+
+def base_config(data_dir: Path, teacher: str, device: str, seed: int) -> RunConfig:
+    return load_config(
+        "cifar10-resnet20-w4a4",
+        [
+            "data.name=npz",
+            f"data.root={data_dir / 'cifar10-jpeg-train.npz'}",
+            "data.val_size=5000",
+            f"teacher.name={teacher}",
+            f"device={device}",
+            f"seed={seed}",
+        ],
+    )
+
+
+def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
+    """A finished run's summary, or the run (resumed if it was interrupted)."""
+    run_dir = out / cfg.name
+    if (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text())
+    if (run_dir / "config.yaml").is_file():
+        return pipeline.resume(run_dir)[1]
+    return pipeline.run(cfg, out, stages=stages)[1]
+
+
+def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path) -> dict[str, Path]:
+    """Fine-tune the pretrained teacher and student on this data; returns their checkpoints."""
+    ckpts = {}
+    for role in ("teacher", "student"):
+        model = getattr(base, role).name
+        cfg = base.model_copy(deep=True)
+        cfg.name = f"fp-{role}-{model}-s{cfg.seed}"
+        mcfg = getattr(cfg, role)
+        mcfg.checkpoint = str(data_dir / "weights" / PRETRAINED[model])
+        mcfg.train_epochs, mcfg.lr = budget["fp_epochs"], 0.01
+        cfg.data.train_limit = budget["fp_train_limit"]
+        _run(cfg, out, stages=[pipeline.float_stage(cfg, role)])
+        ckpts[role] = out / cfg.name / "checkpoints" / f"fp_{role}.pt"
+    return ckpts
+
+
+def method_config(base: RunConfig, ckpts: dict[str, Path], budget: dict, bits: int, method: str) -> RunConfig:
+    cfg = base.model_copy(deep=True)
+    cfg.name = f"w{bits}a{bits}-{method}-{cfg.teacher.name}-s{cfg.seed}"
+    cfg.method, cfg.epochs = method, budget["epochs"]
+    cfg.data.train_limit = budget["train_limit"]
+    for role in ("teacher", "student"):
+        mcfg = getattr(cfg, role)
+        mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role]), 0
+    cfg.quant.weight_bits = cfg.quant.act_bits = bits
+    return cfg
+
+
+def collect(out: Path, names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        summary = json.loads((out / name / "summary.json").read_text())
+        history = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"run": name, "summary": summary, "history": history})
+    return rows
+
+
+def table(rows: list[dict], fp: dict) -> str:
+    """Method x bits, test top-1 (mean over seeds, and each seed), with the float references."""
+    cells: dict[tuple[str, int], list[float]] = {}
+    walls: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        s = r["summary"]
+        final = list(s["stages"].values())[-1]
+        key = (s["method"], s["bits"]["weight"])
+        cells.setdefault(key, []).append(100 * final["test"])
+        walls.setdefault(key, []).append(s["wall_s"])
+    bits = sorted({b for _, b in cells}, reverse=True)
+    head = "| method | " + " | ".join(f"W{b}A{b} test % | wall s" for b in bits) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(bits)]
+    for m in METHODS:
+        parts = []
+        for b in bits:
+            acc = cells.get((m, b))
+            if acc is None:
+                parts += ["", ""]
+                continue
+            per_seed = "/".join(f"{a:.2f}" for a in acc)
+            parts += [f"{statistics.mean(acc):.2f}" + (f" ({per_seed})" if len(acc) > 1 else ""),
+                      f"{statistics.mean(walls[(m, b)]):.0f}"]  # fmt: skip
+        lines.append(f"| {m} | " + " | ".join(parts) + " |")
+    ref = f"Float references (test %): student {100 * fp['student']:.2f}, teacher {100 * fp['teacher']:.2f}."
+    return "\n".join(lines) + "\n\n" + ref
+
+
+def plots(rows: list[dict], fp: dict, prefix: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plots (pip install -e .[bench])", file=sys.stderr)
+        return []
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in METHODS:
+        pts = sorted((r["summary"]["bits"]["weight"], 100 * list(r["summary"]["stages"].values())[-1]["test"])
+                     for r in rows if r["summary"]["method"] == m)  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.axhline(100 * fp["student"], color="gray", linestyle="--", label="float ResNet-20")
+    ax.set(xlabel="bits (W = A)", ylabel="test top-1 %", title="CIFAR-10 (JPEG), ResNet-20 student")
+    ax.legend()
+    made.append(prefix.with_name(prefix.name + "-bits.png"))
+    fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+    for bits in sorted({r["summary"]["bits"]["weight"] for r in rows}):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in (r for r in rows if r["summary"]["bits"]["weight"] == bits):
+            acc = [100 * h["val_acc"] for h in r["history"]]
+            line = ax.plot(range(1, len(acc) + 1), acc, label=r["summary"]["method"])[0]
+            epoch = 0
+            for stage in r["summary"]["stages"].values():  # phase boundaries, in the method's colour
+                epoch += stage["epochs"]
+                if 0 < epoch < len(acc):
+                    ax.axvline(epoch + 0.5, color=line.get_color(), linestyle=":", alpha=0.6)
+        ax.set(
+            xlabel="epoch", ylabel="validation top-1 %", title=f"W{bits}A{bits}: per-epoch curves (dotted: phase ends)"
+        )
+        ax.legend()
+        made.append(prefix.with_name(f"{prefix.name}-curves-w{bits}a{bits}.png"))
+        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+    return made
+
+
+def main(
+    budget: str = "cpu-short",
+    bits: list[int] = typer.Option([2, 4], help="bit-widths (W = A) to study"),
+    methods: list[str] = typer.Option(METHODS, help="methods to run"),
+    seeds: list[int] = typer.Option([0], help="seeds; each adds a full set of runs"),
+    teacher: str = "resnet56",
+    device: str = "auto",
+    data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    out: Path = ROOT / "runs",
+    append: bool = True,
+) -> None:
+    """Run (or resume) the study and write docs/accuracy-<budget>.json, plots and a RESULTS.md section."""
+    if budget not in BUDGETS:
+        raise typer.BadParameter(f"budget must be one of {', '.join(BUDGETS)}")
+    if not (data_dir / "cifar10-jpeg-train.npz").is_file():
+        raise typer.BadParameter(f"no cifar10-jpeg-train.npz in {data_dir}; pass --data-dir")
+    b, out = BUDGETS[budget], out / f"accuracy-{budget}"
+    t0, names, fp = time.time(), [], {}
+    for seed in seeds:
+        base = base_config(data_dir, teacher, device, seed)
+        ckpts = float_step(base, data_dir, b, out)
+        for role, path in ckpts.items():
+            summary = json.loads((path.parent.parent / "summary.json").read_text())
+            fp.setdefault(role, []).append(summary["stages"][f"fp_{role}"]["test"])
+        for w in bits:
+            for m in methods:
+                cfg = method_config(base, ckpts, b, w, m)
+                _run(cfg, out)
+                names.append(cfg.name)
+    rows = collect(out, names)
+    fp_mean = {k: statistics.mean(v) for k, v in fp.items()}
+    prefix = ROOT / "docs" / f"accuracy-{budget}"
+    (prefix.with_suffix(".json")).write_text(json.dumps({"budget": b, "float_test": fp, "runs": rows}, indent=1))
+    figures = plots(rows, fp_mean, prefix)
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    text = (
+        f"\n### CIFAR-10 (JPEG copy) accuracy study, budget {budget}, {time.strftime('%Y-%m-%d')}\n\n"
+        f"Machine: {machine()}.\n"
+        f"ResNet-20 student, {teacher} teacher, both fine-tuned from the pretrained checkpoints for "
+        f"{b['fp_epochs']} epoch(s) on {b['fp_train_limit'] or 45_000} training images (step 0); each method then trains "
+        f"{b['epochs']} epochs on {b['train_limit'] or 45_000} training images; 5,000 held out for "
+        f"validation; test = the 10,000 test images. Wall time of the whole study: {(time.time() - t0) / 60:.0f} min "
+        f"(cached runs count as 0).\nCommand: `{command.strip()}`\n\n{table(rows, fp_mean)}\n\n"
+        + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
+    )
+    print(text)
+    if append:
+        with open(ROOT / "docs" / "RESULTS.md", "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    typer.run(main)
