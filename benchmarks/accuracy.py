@@ -208,10 +208,11 @@ def main(
         f"\n### CIFAR-10 (JPEG copy) accuracy study, budget {budget}, {time.strftime('%Y-%m-%d')}\n\n"
         f"Machine: {machine()}.\n"
         f"ResNet-20 student, {teacher} teacher, both fine-tuned from the pretrained checkpoints for "
-        f"{b['fp_epochs']} epoch(s) on {b['fp_train_limit'] or 45_000} training images (step 0); each method then trains "
-        f"{b['epochs']} epochs on {b['train_limit'] or 45_000} training images; 5,000 held out for "
-        f"validation; test = the 10,000 test images. Wall time of the whole study: {(time.time() - t0) / 60:.0f} min "
-        f"(cached runs count as 0).\nCommand: `{command.strip()}`\n\n{table(rows, fp_mean)}\n\n"
+        f"{b['fp_epochs']} epoch(s) on {b['fp_train_limit'] or 45_000} training images (step 0); "
+        f"each method then trains {b['epochs']} epochs on {b['train_limit'] or 45_000} training images; "
+        f"5,000 held out for validation; test = the 10,000 test images. "
+        f"Wall time of the whole study: {(time.time() - t0) / 60:.0f} min (cached runs count as 0).\n"
+        f"Command: `{command.strip()}`\n\n{table(rows, fp_mean)}\n\n"
         + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
     )
     print(text)
