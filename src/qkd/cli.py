@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -142,19 +143,78 @@ def train_fp(
     typer.echo(f"checkpoint: {run_dir / 'checkpoints' / f'fp_{role}.pt'}  (use as {role}.checkpoint=...)")
 
 
+Engine = Annotated[str, typer.Option(help="torch (the fake-quant model), int (integer engine) or onnx.")]
+Verify = Annotated[int, typer.Option(help="Test images on which the export is checked against the trained model.")]
+
+
+def _student_cfg(target: Path, args: list[str] | None, device: str | None) -> RunConfig:
+    from qkd import pipeline
+
+    if target.is_dir():
+        if args:
+            raise QKDError("a run folder carries its own config; drop the config arguments")
+        return pipeline.load_run_config(target)
+    if not target.is_file():
+        raise QKDError(f"{target} is neither a run folder nor a checkpoint file")
+    return _config(args, device=device)
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[Path, typer.Argument(help="A run folder, or a checkpoint file with a config.")],
     args: ConfigArgs = None,
     device: Device = None,
+    engine: Engine = "torch",
 ) -> None:
-    """Accuracy of a run's student (or a checkpoint), quantized and with quantization switched off."""
+    """Accuracy of a run's student (or a checkpoint): quantized and in float, or through an exported engine."""
     from qkd import pipeline
 
-    cfg = pipeline.load_run_config(target) if target.is_dir() else _config(args, device=device)
-    result = pipeline.evaluate_checkpoint(cfg, target, device)
+    cfg = _student_cfg(target, args, device)
+    if engine == "torch":
+        result = pipeline.evaluate_checkpoint(cfg, target, device)
+    else:
+        from qkd.export.deploy import compare, export_student
+
+        r, _ = pipeline.load_student(cfg, target, "cpu")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ("student.onnx" if engine == "onnx" else "student.safetensors")
+            run = export_student(r.student, engine, path, next(iter(r.data.test))[0][:2], {})
+            result = {"engine": engine, **compare(run, r.student, r.data.test)}
+    percent = ("acc", "agreement", "val", "test", "fp")
     for k, v in result.items():
-        typer.echo(f"{k:16s} {_pct(v) if isinstance(v, float) else v}")
+        typer.echo(f"{k:16s} {_pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
+
+
+@app.command()
+def export(
+    target: Annotated[Path, typer.Argument(help="A run folder, or a checkpoint file with a config.")],
+    args: ConfigArgs = None,
+    format: Annotated[str, typer.Option("--format", help="int (packed integers, safetensors) or onnx (QDQ).")] = "int",
+    out: Annotated[Path | None, typer.Option(help="Output file (default: <run>/export/student.<ext>).")] = None,
+    verify: Verify = 1000,
+) -> None:
+    """Export the quantized student and check it against the trained model on test images."""
+    from qkd import pipeline
+    from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
+
+    cfg = _student_cfg(target, args, None)
+    r, _ = pipeline.load_student(cfg, target, "cpu")
+    ext = {"int": "safetensors", "onnx": "onnx"}.get(format, format)
+    path = out or (target if target.is_dir() else target.parent) / "export" / f"student-{format}.{ext}"
+    q = cfg.quant
+    info = {"model": cfg.student.name, "weight_bits": q.weight_bits, "act_bits": q.act_bits,
+            "mean": list(r.data.mean), "std": list(r.data.std), "num_classes": r.data.num_classes}  # fmt: skip
+    run = export_student(r.student, format, path, next(iter(r.data.test))[0][:2], info)
+    size, fp = path.stat().st_size, float_checkpoint_bytes(r.student)
+    typer.echo(
+        f"wrote {path}: {size / 1024:.1f} KiB; float32 checkpoint {fp / 1024:.1f} KiB ({fp / size:.1f}x smaller)"
+    )
+    check = compare(run, r.student, r.data.test, limit=verify)
+    typer.echo(
+        f"checked on {check['images']} test images: top-1 agreement {100 * check['agreement']:.2f} %, "
+        f"max |logit diff| {check['max_logit_diff']:.2e}, accuracy {100 * check['engine_acc']:.2f} % "
+        f"(fake-quant {100 * check['fake_quant_acc']:.2f} %)"
+    )
 
 
 @app.command()

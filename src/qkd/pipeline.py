@@ -390,8 +390,11 @@ def resume(run_dir: str | Path, on_epoch_end: EpochHook | None = None) -> tuple[
     return run_dir, r.execute(on_epoch_end, optim)
 
 
-def evaluate_checkpoint(cfg: RunConfig, target: str | Path, device: str | None = None) -> dict:
-    """Student accuracy of a run folder (its last checkpoint) or of a checkpoint file, quantized and in float."""
+def load_student(cfg: RunConfig, target: str | Path, device: str | None = None) -> tuple[Run, bool]:
+    """A Run holding the student of a run folder (its last checkpoint) or of a checkpoint file.
+
+    Returns the Run (data and student built, nothing written) and whether the student is quantized.
+    """
     target = Path(target)
     if device:
         cfg.device = device
@@ -404,6 +407,12 @@ def evaluate_checkpoint(cfg: RunConfig, target: str | Path, device: str | None =
     if quantized:
         r._place(quantize_model(r.student, cfg.quant))
     load_state(r.student, state, f"model '{cfg.student.name}'")
+    return r, quantized
+
+
+def evaluate_checkpoint(cfg: RunConfig, target: str | Path, device: str | None = None) -> dict:
+    """Student accuracy of a run folder or a checkpoint file, quantized and in float."""
+    r, quantized = load_student(cfg, target, device)
     result: dict = {"quantized": quantized, **r._evaluate(r.student)}
     if quantized:
         with quantization_disabled(r.student):

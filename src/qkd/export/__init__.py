@@ -1,0 +1,1 @@
+"""Deployment: packed integer checkpoints, an integer reference engine, and ONNX with QDQ nodes."""

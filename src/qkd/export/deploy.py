@@ -1,0 +1,72 @@
+"""Export a trained student and check the export against it: the glue behind ``qkd export`` / ``qkd eval --engine``.
+
+Every export is verified at once: the exported model's top-1 predictions are compared with the
+fake-quant model's on real images, and the agreement and largest logit difference are reported.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qkd.errors import QKDError
+from qkd.export.intfile import load_int, save_int
+from qkd.export.intgraph import to_int_program
+from qkd.quant import dequantize_model, is_quantized
+
+FORMATS = ("int", "onnx")
+
+
+def float_checkpoint_bytes(student: nn.Module) -> int:
+    """Size of the same network saved as a plain float32 state dict (the usual checkpoint)."""
+    import copy
+
+    plain = dequantize_model(copy.deepcopy(student).cpu())
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)
+    return buf.tell()
+
+
+def compare(engine: Callable[[Tensor], Tensor], model: nn.Module, batches: Iterable, limit: int | None = None) -> dict:
+    """Top-1 agreement and max |logit difference| between ``engine`` and the fake-quant ``model``,
+    and both accuracies, over ``batches`` (at most ``limit`` images)."""
+    model = model.eval().cpu()
+    seen = agree = right_engine = right_model = 0
+    max_diff = 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.cpu().contiguous(), y.cpu()
+            if limit is not None:
+                x, y = x[: limit - seen], y[: limit - seen]
+            ref, out = model(x), torch.as_tensor(engine(x)).float()
+            agree += int((ref.argmax(1) == out.argmax(1)).sum())
+            right_engine += int((out.argmax(1) == y).sum())
+            right_model += int((ref.argmax(1) == y).sum())
+            max_diff = max(max_diff, float((ref - out).abs().max()))
+            seen += len(y)
+            if limit is not None and seen >= limit:
+                break
+    return {"images": seen, "agreement": agree / seen, "max_logit_diff": max_diff,
+            "engine_acc": right_engine / seen, "fake_quant_acc": right_model / seen}  # fmt: skip
+
+
+def export_student(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict) -> Callable[[Tensor], Tensor]:
+    """Write ``student`` in ``fmt`` to ``path``; return a callable that runs the written file."""
+    if fmt not in FORMATS:
+        raise QKDError(f"unknown export format '{fmt}'; valid formats: {', '.join(FORMATS)}")
+    if not is_quantized(student):
+        raise QKDError("the model has no quantized layers; export the student of a quantized run")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    student = student.eval().cpu()
+    if fmt == "int":
+        ops, tensors = to_int_program(student)
+        save_int(path, ops, tensors, info)
+        return load_int(path)[0]
+    from qkd.export.onnx import export_onnx, run_onnx
+
+    export_onnx(student, example.cpu(), path)
+    return lambda x: torch.from_numpy(run_onnx(path, x.numpy()))

@@ -1,0 +1,77 @@
+"""The packed integer checkpoint: one safetensors file plus a JSON manifest.
+
+Weights are stored at their bit-width (two 4-bit or four 2-bit values per byte, see
+:mod:`qkd.export.packing`); requantization multipliers, shifts and biases as int32; the op list
+(the network's structure) as the manifest, both inside the file's metadata and beside it as
+``<file>.json`` for people and other tools.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from qkd.checkpoint import _atomic_write
+from qkd.errors import QKDError
+from qkd.export.intengine import IntEngine
+from qkd.export.intgraph import FRAC_BITS
+from qkd.export.packing import pack_bits, unpack_bits
+
+FORMAT = "qkd-int/1"
+
+
+def _layer_ops(ops: list[dict]) -> dict[str, dict]:
+    return {op["name"]: op for op in ops if op["op"] in ("qconv2d", "qlinear")}
+
+
+def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
+    """Write the integer program atomically; returns the path. ``info`` goes into the manifest."""
+    path = Path(path)
+    stored = {}
+    layers = _layer_ops(ops)
+    for key, value in tensors.items():
+        name, field = key.rsplit(".", 1)
+        if field == "weight":
+            lo = layers[name]["w_range"][0]
+            stored[key] = torch.from_numpy(pack_bits(value.numpy(), layers[name]["w_bits"], lo))
+        else:
+            stored[key] = value.to(torch.int32)
+    manifest = {"format": FORMAT, "frac_bits": FRAC_BITS, **info, "ops": ops}
+    text = json.dumps(manifest)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(stored, str(tmp), metadata={"qkd_manifest": text})
+    tmp.replace(path)
+    _atomic_write(path.with_name(path.name + ".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    return path
+
+
+def load_int(path: str | Path) -> tuple[IntEngine, dict[str, Any]]:
+    """Read a packed integer checkpoint back into an :class:`IntEngine` and its manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise QKDError(f"integer checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            manifest = json.loads(f.metadata()["qkd_manifest"])
+        stored = load_file(str(path))
+    except Exception as e:
+        raise QKDError(f"{path} is not a qkd integer checkpoint: {str(e).splitlines()[0]}") from None
+    if manifest.get("format") != FORMAT or manifest.get("frac_bits") != FRAC_BITS:
+        raise QKDError(f"{path} has format {manifest.get('format')}; this qkd reads {FORMAT}")
+    layers = _layer_ops(manifest["ops"])
+    tensors = {}
+    for key, value in stored.items():
+        name, field = key.rsplit(".", 1)
+        if field == "weight":
+            op = layers[name]
+            count = int(np.prod(op["w_shape"]))
+            codes = unpack_bits(value.numpy(), op["w_bits"], op["w_range"][0], count)
+            tensors[key] = torch.from_numpy(codes).view(op["w_shape"])
+        else:
+            tensors[key] = value.long()
+    return IntEngine(manifest["ops"], tensors), manifest

@@ -1,0 +1,215 @@
+"""From a trained fake-quant student to an integer program: a list of ops plus integer tensors.
+
+The student is traced with ``torch.fx``. Every quantized Conv/Linear becomes a ``qconv``/``qlinear``
+op holding its weights as integers, the BatchNorm that follows it folded into a per-channel
+requantization (multiplier and bias), and its input quantizer's scale. Tensors between layers are
+int32 in a fixed-point format with ``FRAC_BITS`` fraction bits; each layer's input is requantized to
+its own low-bit integers exactly where the fake-quant model quantizes it. Multipliers are stored
+as int32 mantissas with a right shift (gemmlowp / TFLite style), so the engine uses integer
+arithmetic only: float appears only in quantizing the network's input and in reading the logits.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from qkd.errors import QKDError
+from qkd.quant import LSQQuantizer, QConv2d, QLinear
+
+FRAC_BITS = 20  # fixed-point fraction bits of the int32 tensors between layers (range +-2048)
+_LEAVES = (QConv2d, QLinear, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Dropout,
+           nn.Identity, nn.Flatten)  # fmt: skip
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def fixed_multiplier(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Real multipliers as (int32 mantissa, right shift): ``x * m ~= (x * m0 + 2**(s-1)) >> s``."""
+    m = m.double()
+    exp = torch.where(m != 0, torch.ceil(torch.log2(m.abs().clamp_min(1e-300))), torch.zeros_like(m))
+    m0 = torch.round(m / torch.pow(2.0, exp) * 2**31)
+    full = m0.abs() == 2**31  # mantissa rounded up to 1.0
+    m0, exp = torch.where(full, m0 / 2, m0), torch.where(full, exp + 1, exp)
+    shift = 31 - exp
+    if (shift < 1).any() or (shift > 62).any():
+        raise QKDError("a requantization multiplier is outside the int32 fixed-point range")
+    return m0.long(), shift.long()
+
+
+def _int_range(q: LSQQuantizer) -> tuple[int, int]:
+    return int(q.qn), int(q.qp)
+
+
+def _check_quantizers(name: str, layer: nn.Module) -> None:
+    for q in (layer.weight_quant, layer.act_quant):
+        if not isinstance(q, LSQQuantizer):
+            raise QKDError(f"layer '{name}' uses a {type(q).__name__}; the integer engine supports LSQ quantizers")
+        if q.bits is None or not q.enabled:
+            raise QKDError(f"layer '{name}' is not quantized on both weights and input; the integer engine "
+                           "needs every Conv/Linear quantized (set quant.first_last_bits to 8, not float)")  # fmt: skip
+        if not bool(q.initialized):
+            raise QKDError(f"layer '{name}' has an uninitialised quantizer; calibrate or train the model first")
+
+
+def _layer_op(name: str, layer: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The integer form of one quantized layer (before any BatchNorm is folded in)."""
+    _check_quantizers(name, layer)
+    wq, aq = layer.weight_quant, layer.act_quant
+    out_ch = layer.weight.shape[0]
+    w_step = wq.step.detach().double().reshape(-1).expand(out_ch)
+    w_int = torch.clamp(torch.round(layer.weight.detach().double() / w_step.view(-1, *[1] * (layer.weight.dim() - 1))),
+                        wq.qn, wq.qp).to(torch.int8)  # fmt: skip
+    a_step = float(aq.step.detach())
+    op: dict[str, Any] = {
+        "op": "qconv2d" if isinstance(layer, QConv2d) else "qlinear",
+        "module": name,
+        "w_bits": wq.bits, "w_range": list(_int_range(wq)), "w_shape": list(layer.weight.shape),
+        "a_bits": aq.bits, "a_range": list(_int_range(aq)), "a_scale": a_step,
+    }  # fmt: skip
+    if isinstance(layer, QConv2d):
+        op.update(stride=list(layer.stride), padding=list(layer.padding), dilation=list(layer.dilation),
+                  groups=layer.groups)  # fmt: skip
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(out_ch, dtype=torch.float64)
+    # real output = acc * a_step * w_step (+ bias); kept as float64 until the BN fold is known
+    tensors = {"weight": w_int, "scale": a_step * w_step, "bias": bias}
+    return op, tensors
+
+
+def _fold_bn(tensors: dict[str, Tensor], bn: nn.BatchNorm2d) -> None:
+    k = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    tensors["scale"] = tensors["scale"] * k
+    tensors["bias"] = (tensors["bias"] - bn.running_mean.double()) * k + bn.bias.detach().double()
+
+
+def _finish_layer(op: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Turn float64 scale/bias into the integer requantization the engine uses."""
+    mult, shift = fixed_multiplier(tensors["scale"] * 2**FRAC_BITS)
+    in_mult, in_shift = fixed_multiplier(torch.tensor([2.0**-FRAC_BITS / op["a_scale"]]))
+    return {
+        "weight": tensors["weight"],
+        "mult": mult, "shift": shift,
+        "bias": torch.round(tensors["bias"] * 2**FRAC_BITS).long(),
+        "in_mult": in_mult, "in_shift": in_shift,
+    }  # fmt: skip
+
+
+def _slice_spec(index: Any) -> list:
+    items = index if isinstance(index, tuple) else (index,)
+    spec = []
+    for it in items:
+        if isinstance(it, slice):
+            spec.append([it.start, it.stop, it.step])
+        elif it is Ellipsis:
+            spec.append("...")
+        else:
+            raise QKDError(f"unsupported indexing {index!r} in the traced model")
+    return spec
+
+
+def _const_arg(node: fx.Node, i: int, key: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
+class _Builder:
+    """Walks the fx graph once, emitting ops; BatchNorm right after a layer is folded into it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.ops: list[dict[str, Any]] = []
+        self.pending: dict[str, tuple[dict, dict[str, Tensor]]] = {}  # layer ops awaiting a possible BN
+        self.alias: dict[str, str] = {}  # fx node name -> op name holding its value
+        self.users: dict[str, int] = {}
+
+    def src(self, node: Any) -> str:
+        if not isinstance(node, fx.Node):
+            raise QKDError(f"unsupported constant operand {node!r} in the traced model")
+        return self.alias.get(node.name, node.name)
+
+    def emit(self, node: fx.Node, op: str, inputs: list, **attrs: Any) -> None:
+        self.ops.append({"name": node.name, "op": op, "in": [self.src(i) for i in inputs], **attrs})
+
+    def module(self, node: fx.Node) -> None:
+        m = self.model.get_submodule(node.target)
+        x = node.args[0]
+        if isinstance(m, QConv2d | QLinear):
+            op, tensors = _layer_op(node.target, m)
+            self.ops.append({"name": node.name, "in": [self.src(x)], **op})
+            self.pending[node.name] = (self.ops[-1], tensors)
+        elif isinstance(m, nn.BatchNorm2d):
+            producer = self.src(x)
+            if producer in self.pending and self.users[x.name] == 1:
+                _fold_bn(self.pending[producer][1], m)
+                self.alias[node.name] = producer
+            else:
+                raise QKDError(f"BatchNorm '{node.target}' does not directly follow a quantized layer")
+        elif isinstance(m, nn.ReLU | nn.ReLU6):
+            self.emit(node, "relu" if isinstance(m, nn.ReLU) else "relu6", [x])
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            if m.output_size not in (1, (1, 1)):
+                raise QKDError(f"AdaptiveAvgPool2d '{node.target}' must pool to 1x1 for the integer engine")
+            self.emit(node, "mean_hw", [x])
+        elif isinstance(m, nn.MaxPool2d):
+            self.emit(node, "maxpool", [x], kernel=m.kernel_size, stride=m.stride, padding=m.padding)
+        elif isinstance(m, nn.Dropout | nn.Identity):
+            self.alias[node.name] = self.src(x)
+        elif isinstance(m, nn.Flatten):
+            self.emit(node, "flatten", [x], start_dim=m.start_dim)
+        else:
+            raise QKDError(f"module '{node.target}' ({type(m).__name__}) is not supported by the integer engine")
+
+    def function(self, node: fx.Node) -> None:
+        f, args = node.target, node.args
+        if f in (operator.add, torch.add):
+            self.emit(node, "add", list(args[:2]))
+        elif f in (F.relu, torch.relu):
+            self.emit(node, "relu", [args[0]])
+        elif f is torch.flatten:
+            self.emit(node, "flatten", [args[0]], start_dim=_const_arg(node, 1, "start_dim", 0))
+        elif f is F.pad:
+            self.emit(node, "pad", [args[0]], pad=list(_const_arg(node, 1, "pad", ())))
+        elif f is operator.getitem:
+            self.emit(node, "slice", [args[0]], index=_slice_spec(args[1]))
+        elif f is F.adaptive_avg_pool2d and _const_arg(node, 1, "output_size", None) in (1, (1, 1)):
+            self.emit(node, "mean_hw", [args[0]])
+        else:
+            raise QKDError(f"function {getattr(f, '__name__', f)} is not supported by the integer engine")
+
+    def method(self, node: fx.Node) -> None:
+        if node.target == "flatten":
+            self.emit(node, "flatten", [node.args[0]], start_dim=_const_arg(node, 1, "start_dim", 0))
+        else:
+            raise QKDError(f"tensor method .{node.target}() is not supported by the integer engine")
+
+
+def to_int_program(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Trace a quantized model (in eval mode) into integer ops and tensors named ``<op>.<field>``."""
+    model = model.eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:
+        raise QKDError(f"cannot trace the model for integer export: {str(e).splitlines()[0]}") from None
+    b = _Builder(model)
+    b.users = {n.name: len(n.users) for n in graph.nodes}
+    handlers = {"call_module": b.module, "call_function": b.function, "call_method": b.method}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            b.ops.append({"name": node.name, "op": "input", "in": []})
+        elif node.op == "output":
+            b.emit(node, "output", [node.args[0]])
+        elif node.op in handlers:
+            handlers[node.op](node)
+    if not b.pending:
+        raise QKDError("the model has no quantized layers; export the student of a quantized run")
+    tensors = {
+        f"{name}.{k}": v for name, (_, t) in b.pending.items() for k, v in _finish_layer(b.pending[name][0], t).items()
+    }
+    return b.ops, tensors

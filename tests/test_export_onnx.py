@@ -1,0 +1,152 @@
+"""ONNX export: explicit QDQ nodes and integer weights, run by onnxruntime, agreeing with fake quantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+from onnx import TensorProto  # noqa: E402
+
+from qkd.errors import QKDError  # noqa: E402
+from qkd.export.onnx import export_onnx, run_onnx  # noqa: E402
+from qkd.models import create_model  # noqa: E402
+from qkd.quant import IntervalQuantizer, QConv2d, QLinear, QuantConfig, calibrate, quantize_model, set_quantization  # noqa: E402
+
+# (bits, method, per_channel): 4-bit codes in INT4, 2-bit held in 4-bit types, 8-bit, interval bounds.
+CASES = [(4, "lsq", True), (2, "lsq", False), (8, "lsq", True), (4, "interval", True)]
+MODELS = {"tiny_cnn": (1, 8), "residual_dw": (3, 8)}  # input channels, image size
+FOUR_BIT = {TensorProto.INT4, TensorProto.UINT4}
+EIGHT_BIT = {TensorProto.INT8, TensorProto.UINT8}
+
+
+class ResidualDW(nn.Module):
+    """A 3-channel CNN with a depthwise conv and a residual add: grouped weights and a join in the graph."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=width), nn.BatchNorm2d(width), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(x + self.pw(self.dw(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _inputs(model_name: str, n: int, seed: int) -> torch.Tensor:
+    channels, size = MODELS[model_name]
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _quantized(model_name: str, bits: int, method: str, per_channel: bool) -> nn.Module:
+    """Quantize, calibrate and take a few SGD steps, so that steps and bounds are no longer their initial values."""
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", width=8) if model_name == "tiny_cnn" else ResidualDW()
+    quantize_model(model, QuantConfig(weight_bits=bits, act_bits=bits, method=method, per_channel=per_channel))
+    calibrate(model, _inputs(model_name, 32, seed=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(3):
+        x = _inputs(model_name, 32, seed=10 + step)
+        loss = F.cross_entropy(model(x), torch.randint(0, 10, (32,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[(m, *c) for m in MODELS for c in CASES], ids=lambda p: "-".join(map(str, p)))
+def exported(request, tmp_path_factory):
+    model_name, bits, method, per_channel = request.param
+    model = _quantized(model_name, bits, method, per_channel)
+    path = export_onnx(model, _inputs(model_name, 2, seed=2), tmp_path_factory.mktemp("onnx") / "student.onnx")
+    return model_name, model, path
+
+
+def test_onnxruntime_agrees_with_pytorch(exported):
+    model_name, model, path = exported
+    x = _inputs(model_name, 64, seed=3)  # a batch size other than the example's: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = run_onnx(path, x.numpy())
+    assert got.shape == expected.shape
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_graph_is_explicit_qdq(exported):
+    _, model, path = exported
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    ops = [n.op_type for n in proto.graph.node]
+    active = sum(m.act_quant.bits is not None for m in model.modules() if isinstance(m, (QConv2d, QLinear)))
+    assert ops.count("QuantizeLinear") == active  # one per activation quantizer; weights are quantized already
+    assert ops.count("DequantizeLinear") == 2 * active
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    assert {o.domain: o.version for o in proto.opset_import}.get("", None) == 21
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def _expected_code_type(layer: nn.Module) -> int:
+    """4-bit types up to 4 bits, else 8-bit; unsigned for interval codes (they count up from the lower bound)."""
+    q = layer.weight_quant
+    unsigned = isinstance(q, IntervalQuantizer)
+    if q.bits <= 4:
+        return TensorProto.UINT4 if unsigned else TensorProto.INT4
+    return TensorProto.UINT8 if unsigned else TensorProto.INT8
+
+
+def test_weights_are_integer_initializers(exported):
+    _, model, path = exported
+    inits = onnx.load(str(path)).graph.initializer
+    layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
+    # integer tensors of rank >= 2 are weight codes (zero points are scalars or one per channel)
+    codes = sorted(
+        (tuple(t.dims), t.data_type) for t in inits if t.data_type in FOUR_BIT | EIGHT_BIT and len(t.dims) > 1
+    )
+    expected = sorted((tuple(m.weight.shape), _expected_code_type(m)) for m in layers)
+    assert codes == expected
+    weight_shapes = {tuple(m.weight.shape) for m in layers}
+    floats = [t for t in inits if t.data_type == TensorProto.FLOAT and tuple(t.dims) in weight_shapes]
+    assert not floats, f"float weights left in the file: {[t.name for t in floats]}"
+
+
+def test_opset_below_21_stores_eight_bit_codes(tmp_path):
+    model = _quantized("residual_dw", 4, "lsq", True)
+    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx", opset=17)
+    types = {t.data_type for t in onnx.load(str(path)).graph.initializer}
+    assert types & EIGHT_BIT and not types & FOUR_BIT
+    x = _inputs("residual_dw", 16, seed=3)
+    with torch.no_grad():
+        assert np.abs(run_onnx(path, x.numpy()) - model(x).numpy()).max() <= 1e-4
+
+
+def test_export_leaves_the_model_untouched(tmp_path):
+    model = _quantized("tiny_cnn", 4, "lsq", True)
+    x = _inputs("tiny_cnn", 8, seed=3)
+    with torch.no_grad():
+        before = model(x)
+        export_onnx(model, x, tmp_path / "m.onnx")
+        assert torch.equal(model(x), before)
+
+
+def test_model_without_active_quantizer_is_refused(tmp_path):
+    switched_off = _quantized("tiny_cnn", 4, "lsq", True)
+    set_quantization(switched_off, False)
+    for model in (create_model("tiny_cnn", width=8), switched_off):
+        with pytest.raises(QKDError, match="has no quantized layers; export the student of a quantized run"):
+            export_onnx(model, _inputs("tiny_cnn", 2, seed=0), tmp_path / "m.onnx")
+
+
+def test_uncalibrated_model_is_refused(tmp_path):
+    model = quantize_model(create_model("tiny_cnn", width=8), QuantConfig(weight_bits=4, act_bits=4)).eval()
+    with pytest.raises(QKDError, match="never initialised"):
+        export_onnx(model, _inputs("tiny_cnn", 2, seed=0), tmp_path / "m.onnx")
