@@ -16,6 +16,7 @@ matplotlib for the plots (``pip install -e .[bench]``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import sys
@@ -181,6 +182,7 @@ def main(
     append: bool = True,
 ) -> None:
     """Run (or resume) the study and write docs/accuracy-<budget>.json, plots and a RESULTS.md section."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if budget not in BUDGETS:
         raise typer.BadParameter(f"budget must be one of {', '.join(BUDGETS)}")
     if not (data_dir / "cifar10-jpeg-train.npz").is_file():
