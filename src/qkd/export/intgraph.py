@@ -93,7 +93,7 @@ def _fold_bn(tensors: dict[str, Tensor], bn: nn.BatchNorm2d) -> None:
 def _finish_layer(op: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Turn float64 scale/bias into the integer requantization the engine uses."""
     mult, shift = fixed_multiplier(tensors["scale"] * 2**FRAC_BITS)
-    in_mult, in_shift = fixed_multiplier(torch.tensor([2.0**-FRAC_BITS / op["a_scale"]]))
+    in_mult, in_shift = fixed_multiplier(torch.tensor([2.0**-FRAC_BITS / op["a_scale"]], dtype=torch.float64))
     return {
         "weight": tensors["weight"],
         "mult": mult, "shift": shift,

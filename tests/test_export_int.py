@@ -1,0 +1,146 @@
+"""The packed integer checkpoint and the integer engine: exact packing, same answers, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from torch import nn
+
+from qkd.errors import QKDError
+from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
+from qkd.export.intengine import IntEngine, shift_round
+from qkd.export.intfile import load_int, save_int
+from qkd.export.intgraph import fixed_multiplier, to_int_program
+from qkd.export.packing import pack_bits, unpack_bits
+from qkd.models import create_model
+from qkd.quant import QuantConfig, calibrate, quantize_model
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), signed=st.booleans(), n=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
+def test_pack_round_trip_and_size(bits, signed, n, seed):
+    lo = -(2 ** (bits - 1)) if signed else 0
+    values = np.random.default_rng(seed).integers(lo, lo + 2**bits, n)
+    packed = pack_bits(values, bits, lo)
+    assert packed.dtype == np.uint8 and len(packed) == -(-n * bits // 8)  # two 4-bit / four 2-bit per byte
+    assert np.array_equal(unpack_bits(packed, bits, lo, n), values)
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="outside"):
+        pack_bits(np.array([8]), 4, -8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.floats(1e-6, 1e3), v=st.integers(-(2**30), 2**30))
+def test_fixed_point_multiplier(m, v):
+    m0, shift = fixed_multiplier(torch.tensor([m, -m], dtype=torch.float64))
+    assert (m0.abs() < 2**31).all()
+    got = shift_round(torch.tensor([v, v]), m0, shift)
+    assert abs(int(got[0]) - v * m) <= 1 + abs(v * m) * 2**-30
+    assert abs(int(got[1]) + v * m) <= 1 + abs(v * m) * 2**-30
+
+
+class ResidualNet(nn.Module):
+    """A user-style model: stem, a depthwise/pointwise residual block, an option-A style pad shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.dw(x) + x
+        short = nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+        x = nn.functional.relu(self.pw(x) + short)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _trained(model: nn.Module, bits: int, per_channel: bool, x: torch.Tensor) -> nn.Module:
+    """A model with realistic BatchNorm statistics and quantizers calibrated on data."""
+    torch.manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: the exact statistics of x after one pass
+    model.train()
+    with torch.no_grad():
+        model(x)
+    quantize_model(model, QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel))
+    calibrate(model, x)
+    return model.eval()
+
+
+MODELS = {
+    "tiny_cnn": lambda: create_model("tiny_cnn", in_channels=3, width=8),
+    "resnet20": lambda: create_model("resnet20"),
+    "mobilenetv2": lambda: create_model("mobilenetv2_cifar", width_mult=0.25),
+    "user residual": ResidualNet,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(("bits", "per_channel"), [(4, True), (2, False)])
+def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel):
+    torch.manual_seed(1)
+    x = torch.randn(16, 3, 16, 16)
+    model = _trained(MODELS[name](), bits, per_channel, x)
+    with torch.no_grad():
+        ref = model(x)
+    out = IntEngine(*to_int_program(model))(x).float()
+    # Same numbers up to the int32 fixed point (2^-20), except where float32 rounding in the fake-quant
+    # model tips a value across a quantization boundary: rare, and then only one input step changes.
+    diff = (out - ref).abs().flatten()
+    assert torch.quantile(diff, 0.9) <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 15 / 16
+
+
+def test_file_round_trip_sizes_and_manifest(tmp_path):
+    x = torch.randn(16, 3, 16, 16)
+    model = _trained(create_model("resnet20"), 2, True, x)
+    path = tmp_path / "r20.safetensors"
+    export_student(model, "int", path, x[:2], {"model": "resnet20"})
+    engine, manifest = load_int(tmp_path / "r20.safetensors")
+    direct = IntEngine(*to_int_program(model))
+    assert torch.equal(engine(x), direct(x))  # export, reload: the same numbers
+    assert manifest["model"] == "resnet20" and (tmp_path / "r20.safetensors.json").is_file()
+    # 2-bit middle layers packed four per byte: far below the float checkpoint and below int8 storage
+    n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+    assert path.stat().st_size < n_weights * 0.5 < float_checkpoint_bytes(model) / 8
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_tensor("layer2_0_conv1.weight").dtype == torch.uint8
+        assert f.get_tensor("layer2_0_conv1.weight").numel() == 32 * 16 * 9 * 2 // 8
+
+
+def test_compare_reports_agreement():
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
+    result = compare(IntEngine(*to_int_program(model)), model, [(x, y)])
+    assert result["images"] == 8 and result["agreement"] == 1.0
+
+
+def test_bad_inputs(tmp_path):
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(QKDError, match="no quantized layers"):
+        export_student(create_model("tiny_cnn", in_channels=3), "int", tmp_path / "f.safetensors", x, {})
+    model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
+    with pytest.raises(QKDError, match="unknown export format 'tflite'; valid formats: int, onnx"):
+        export_student(model, "tflite", tmp_path / "f.bin", x, {})
+    interval = quantize_model(create_model("tiny_cnn", in_channels=3), QuantConfig(method="interval"))
+    calibrate(interval, x)
+    with pytest.raises(QKDError, match="supports LSQ"):
+        to_int_program(interval)
+    float_edges = quantize_model(create_model("tiny_cnn", in_channels=3), QuantConfig(first_last_bits=None))
+    with pytest.raises(QKDError, match="not quantized on both"):
+        to_int_program(float_edges)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(QKDError, match="not a qkd integer checkpoint"):
+        load_int(tmp_path / "junk.safetensors")
+    with pytest.raises(QKDError, match="not found"):
+        load_int(tmp_path / "missing.safetensors")
+    save_int(tmp_path / "ok.safetensors", *to_int_program(model), {})
+    assert load_int(tmp_path / "ok.safetensors")[1]["format"] == "qkd-int/1"
