@@ -205,7 +205,7 @@ class Run:
             broadcast_state(self.student)  # every rank starts from rank 0's quantizer steps
         self.state["student_quantized"] = True
 
-    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
         return {
             "val": evaluate(model, self.data.val, self.rt),
             "test": evaluate(model, self.data.test, self.rt),
@@ -214,8 +214,8 @@ class Run:
     def _record_float_results(self) -> None:
         results = self.state["results"]
         if self.teacher is not None and "teacher_fp" not in results:
-            results["teacher_fp"] = self._evaluate(self.teacher)
-        results["student_fp"] = self._evaluate(self.student)
+            results["teacher_fp"] = self.evaluate_splits(self.teacher)
+        results["student_fp"] = self.evaluate_splits(self.student)
 
     def execute(self, on_epoch_end: EpochHook | None = None, resume_optim: dict | None = None) -> dict:
         """Run the remaining stages and write ``summary.json``; returns the summary."""
@@ -292,9 +292,9 @@ class Run:
             "quantized": stage.quantized,
             "wall_s": sum(r["time_s"] for r in self.state["history"] if r["stage"] == stage.key),
         }
-        result.update(self._evaluate(trained))
+        result.update(self.evaluate_splits(trained))
         if stage.phase == "co_study":
-            result["teacher"] = self._evaluate(self.teacher)
+            result["teacher"] = self.evaluate_splits(self.teacher)
         self.state["results"].setdefault("stages", {})[stage.key] = result
         boundary = {
             "state_dict": trained.state_dict(),
@@ -413,8 +413,8 @@ def load_student(cfg: RunConfig, target: str | Path, device: str | None = None) 
 def evaluate_checkpoint(cfg: RunConfig, target: str | Path, device: str | None = None) -> dict:
     """Student accuracy of a run folder or a checkpoint file, quantized and in float."""
     r, quantized = load_student(cfg, target, device)
-    result: dict = {"quantized": quantized, **r._evaluate(r.student)}
+    result: dict = {"quantized": quantized, **r.evaluate_splits(r.student)}
     if quantized:
         with quantization_disabled(r.student):
-            result.update({f"{k}_fp": v for k, v in r._evaluate(r.student).items()})
+            result.update({f"{k}_fp": v for k, v in r.evaluate_splits(r.student).items()})
     return result

@@ -6,6 +6,7 @@ fake-quant model's on real images, and the agreement and largest logit differenc
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,8 +24,6 @@ FORMATS = ("int", "onnx")
 
 def float_checkpoint_bytes(student: nn.Module) -> int:
     """Size of the same network saved as a plain float32 state dict (the usual checkpoint)."""
-    import copy
-
     plain = dequantize_model(copy.deepcopy(student).cpu())
     buf = io.BytesIO()
     torch.save(plain.state_dict(), buf)
