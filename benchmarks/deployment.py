@@ -1,0 +1,73 @@
+"""Export trained runs to the packed integer format and to ONNX, and check both on the whole test split.
+
+For each run folder: file sizes against the float32 checkpoint, and, for the integer engine and for
+onnxruntime, top-1 agreement with the fake-quant model, the largest logit difference and accuracy.
+
+    python benchmarks/deployment.py runs/accuracy-cpu-short/w2a2-qkd-resnet56-s0 runs/deploy/mnv2-w4a4
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+from throughput import machine
+
+from qkd import pipeline
+from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_run(run_dir: Path, limit: int | None) -> dict:
+    cfg = pipeline.load_run_config(run_dir)
+    cfg.runtime.channels_last = False
+    r, quantized = pipeline.load_student(cfg, run_dir, "cpu")
+    q = cfg.quant
+    row = {"run": run_dir.name, "model": cfg.student.name, "bits": f"W{q.weight_bits}A{q.act_bits}",
+           "float_kib": float_checkpoint_bytes(r.student) / 1024}  # fmt: skip
+    example = next(iter(r.data.test))[0][:2]
+    for fmt, ext in (("int", "safetensors"), ("onnx", "onnx")):
+        path = run_dir / "export" / f"student-{fmt}.{ext}"
+        t0 = time.perf_counter()
+        engine = export_student(r.student, fmt, path, example, {"model": cfg.student.name})
+        result = compare(engine, r.student, r.data.test, limit)
+        row[fmt] = {"kib": path.stat().st_size / 1024, "seconds": time.perf_counter() - t0, **result}
+    return row
+
+
+def main(runs: list[Path], limit: int | None = None, append: bool = True) -> None:
+    """Check every run; print a table, write docs/deployment.json, append to docs/RESULTS.md."""
+    rows = [check_run(run, limit) for run in runs]
+    lines = [
+        "| run | model | bits | float32 KiB | int KiB | onnx KiB | test images | int agreement | int max logit diff "
+        "| onnx agreement | onnx max logit diff | fake-quant / int / onnx acc % |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        i, o = r["int"], r["onnx"]
+        lines.append(
+            f"| {r['run']} | {r['model']} | {r['bits']} | {r['float_kib']:.0f} | {i['kib']:.0f} | {o['kib']:.0f} "
+            f"| {i['images']} | {100 * i['agreement']:.2f} % | {i['max_logit_diff']:.1e} "
+            f"| {100 * o['agreement']:.2f} % | {o['max_logit_diff']:.1e} "
+            f"| {100 * i['fake_quant_acc']:.2f} / {100 * i['engine_acc']:.2f} / {100 * o['engine_acc']:.2f} |"
+        )
+    command = "python benchmarks/deployment.py " + " ".join(sys.argv[1:])
+    text = (
+        f"\n### Deployment: packed integer checkpoint and ONNX against the fake-quant model, "
+        f"{time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}.\nCommand: `{command.strip()}`\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    print(text)
+    (ROOT / "docs" / "deployment.json").write_text(json.dumps(rows, indent=1))
+    if append:
+        with open(ROOT / "docs" / "RESULTS.md", "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    typer.run(main)
