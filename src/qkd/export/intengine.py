@@ -30,6 +30,16 @@ def _check_int32(t: Tensor, what: str) -> Tensor:
     return t
 
 
+def _exact_dtype(x: Tensor, w: Tensor) -> torch.dtype:
+    """float32 when no partial sum can exceed 2**24 (then every integer in it is exact), else float64.
+
+    The bound is max|x| * max over output channels of sum|w|: low-bit layers nearly always qualify,
+    which lets the fast float32 kernels compute the exact integer accumulation.
+    """
+    bound = int(x.abs().max()) * int(w.abs().flatten(1).sum(1).max())
+    return torch.float32 if bound < 2**24 else torch.float64
+
+
 def _channels(t: Tensor, dim: int) -> Tensor:
     """A per-output-channel vector shaped to broadcast over an (N, C, ...) tensor of ``dim`` dims."""
     return t.view(1, -1, *[1] * (dim - 2))
@@ -72,12 +82,14 @@ class IntEngine:
 
     def _qconv2d(self, op: dict, x: Tensor) -> Tensor:
         xi, w = self._layer_input(op, x), self.t[f"{op['name']}.weight"]
-        acc = F.conv2d(xi.double(), w.double(), None, op["stride"], op["padding"], op["dilation"], op["groups"])
+        dtype = _exact_dtype(xi, w)
+        acc = F.conv2d(xi.to(dtype), w.to(dtype), None, op["stride"], op["padding"], op["dilation"], op["groups"])
         return self._requant(op, torch.round(acc).long())
 
     def _qlinear(self, op: dict, x: Tensor) -> Tensor:
         xi, w = self._layer_input(op, x), self.t[f"{op['name']}.weight"]
-        return self._requant(op, torch.round(F.linear(xi.double(), w.double())).long())
+        dtype = _exact_dtype(xi, w)
+        return self._requant(op, torch.round(F.linear(xi.to(dtype), w.to(dtype))).long())
 
     def _relu(self, op: dict, x: Tensor) -> Tensor:
         return x.clamp_min(0)
