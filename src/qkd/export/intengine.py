@@ -2,7 +2,7 @@
 
 Activations entering a layer are its low-bit integers; weights are low-bit integers; accumulation
 is exact integer arithmetic checked to stay within int32; requantization between layers is an
-integer multiply and a rounding right shift. Convolutions run as float64 convolutions of integer
+integer multiply (int32 mantissa, exact 64-bit product) and a rounding right shift. Convolutions run as float64 convolutions of integer
 values, which are exact far beyond the int32 range, so the results are those of integer hardware.
 """
 
@@ -16,17 +16,35 @@ from qkd.errors import QKDError
 from qkd.export.intgraph import FRAC_BITS
 
 INT32 = 2**31
+INT64_SAFE = 2**62  # headroom below int64 for the sums between layers
 
 
 def shift_round(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
-    """``round(v * mult / 2**shift)`` in int64: the fixed-point requantization (round half up)."""
-    prod = v * mult
-    return torch.bitwise_right_shift(prod + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift)
+    """``round(v * mult / 2**shift)`` (round half up) for int64 ``v``, int32 ``mult``, ``-30 <= shift <= 93``.
+
+    Exact without a 128-bit product: with ``v = hi * 2**31 + lo`` and ``0 <= lo < 2**31``,
+    ``v * mult = high * 2**31 + low`` where ``high = hi * mult + (lo * mult >> 31)`` and
+    ``low = lo * mult mod 2**31``; every term stays within int64 for ``|v| < 2**62``.
+    """
+    hi, lo = torch.bitwise_right_shift(v, 31), torch.bitwise_and(v, INT32 - 1)
+    prod_lo = lo * mult
+    high = hi * mult + torch.bitwise_right_shift(prod_lo, 31)
+    low = torch.bitwise_and(prod_lo, INT32 - 1)
+    one = torch.ones_like(shift)
+    # shift >= 32: the rounding half 2**(shift-1) lands in ``high``, and ``low`` cannot carry into it
+    big = torch.bitwise_right_shift(high + torch.bitwise_left_shift(one, (shift - 32).clamp_min(0)),
+                                    (shift - 31).clamp(0, 63))  # fmt: skip
+    # 1 <= shift <= 31: high * 2**31 is a multiple of 2**shift; shift <= 0: a plain left shift
+    mid = shift.clamp(1, 31)
+    low = torch.where(shift >= 1, torch.bitwise_right_shift(low + torch.bitwise_left_shift(one, mid - 1), mid),
+                      torch.bitwise_left_shift(low, (-shift).clamp(0, 62)))  # fmt: skip
+    small = torch.bitwise_left_shift(high, (31 - shift).clamp(0, 62)) + low
+    return torch.where(shift >= 32, big, small)
 
 
-def _check_int32(t: Tensor, what: str) -> Tensor:
-    if t.numel() and (t.max() >= INT32 or t.min() < -INT32):
-        raise QKDError(f"{what} overflows int32")
+def _check_range(t: Tensor, bound: int, what: str) -> Tensor:
+    if t.numel() and (t.max() >= bound or t.min() < -bound):
+        raise QKDError(f"{what} overflows {'int32' if bound == INT32 else 'the int64 fixed point'}")
     return t
 
 
@@ -75,10 +93,10 @@ class IntEngine:
 
     def _requant(self, op: dict, acc: Tensor) -> Tensor:
         name = op["name"]
-        _check_int32(acc, f"accumulator of '{op['module']}'")
+        _check_range(acc, INT32, f"accumulator of '{op['module']}'")
         mult, shift = (_channels(self.t[f"{name}.{k}"], acc.dim()) for k in ("mult", "shift"))
         out = shift_round(acc, mult, shift) + _channels(self.t[f"{name}.bias"], acc.dim())
-        return _check_int32(out, f"output of '{op['module']}'")
+        return _check_range(out, INT64_SAFE, f"output of '{op['module']}'")
 
     def _qconv2d(self, op: dict, x: Tensor) -> Tensor:
         xi, w = self._layer_input(op, x), self.t[f"{op['name']}.weight"]
@@ -98,7 +116,7 @@ class IntEngine:
         return x.clamp(0, 6 * 2**FRAC_BITS)
 
     def _add(self, op: dict, a: Tensor, b: Tensor) -> Tensor:
-        return _check_int32(a + b, "a residual sum")
+        return _check_range(a + b, INT64_SAFE, "a residual sum")
 
     def _slice(self, op: dict, x: Tensor) -> Tensor:
         index = tuple(Ellipsis if s == "..." else slice(*s) for s in op["index"])

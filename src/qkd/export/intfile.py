@@ -1,7 +1,7 @@
 """The packed integer checkpoint: one safetensors file plus a JSON manifest.
 
 Weights are stored at their bit-width (two 4-bit or four 2-bit values per byte, see
-:mod:`qkd.export.packing`); requantization multipliers, shifts and biases as int32; the op list
+:mod:`qkd.export.packing`); requantization multipliers and shifts as int32, biases as int64 fixed point; the op list
 (the network's structure) as the manifest, both inside the file's metadata and beside it as
 ``<file>.json`` for people and other tools.
 """
@@ -22,7 +22,7 @@ from qkd.export.intengine import IntEngine
 from qkd.export.intgraph import FRAC_BITS
 from qkd.export.packing import pack_bits, unpack_bits
 
-FORMAT = "qkd-int/1"
+FORMAT = "qkd-int/2"
 
 
 def _layer_ops(ops: list[dict]) -> dict[str, dict]:
@@ -39,8 +39,8 @@ def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor]
         if field == "weight":
             lo = layers[name]["w_range"][0]
             stored[key] = torch.from_numpy(pack_bits(value.numpy(), layers[name]["w_bits"], lo))
-        else:
-            stored[key] = value.to(torch.int32)
+        else:  # biases are int64 fixed point; multipliers and shifts fit int32
+            stored[key] = value if field == "bias" else value.to(torch.int32)
     manifest = {"format": FORMAT, "frac_bits": FRAC_BITS, **info, "ops": ops}
     text = json.dumps(manifest)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -2,11 +2,14 @@
 
 The student is traced with ``torch.fx``. Every quantized Conv/Linear becomes a ``qconv``/``qlinear``
 op holding its weights as integers, the BatchNorm that follows it folded into a per-channel
-requantization (multiplier and bias), and its input quantizer's scale. Tensors between layers are
-int32 in a fixed-point format with ``FRAC_BITS`` fraction bits; each layer's input is requantized to
-its own low-bit integers exactly where the fake-quant model quantizes it. Multipliers are stored
-as int32 mantissas with a right shift (gemmlowp / TFLite style), so the engine uses integer
-arithmetic only: float appears only in quantizing the network's input and in reading the logits.
+requantization (multiplier and bias), and its input quantizer's scale. Accumulators are int32.
+The tensors between layers (what the fake-quant model keeps in float: BatchNorm outputs, residual
+sums, ReLU outputs before the next quantizer) are int64 fixed point with ``FRAC_BITS`` fraction
+bits, finer than float32 at these magnitudes, so the integer program follows the fake-quant model's
+rounding decisions rather than adding its own; each layer's input is requantized to its own
+low-bit integers exactly where the fake-quant model quantizes it. Multipliers are stored as int32
+mantissas with a right shift (gemmlowp / TFLite style), so the engine uses integer arithmetic only:
+float appears only in quantizing the network's input and in reading the logits.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch.nn import functional as F
 from qkd.errors import QKDError
 from qkd.quant import LSQQuantizer, QConv2d, QLinear
 
-FRAC_BITS = 20  # fixed-point fraction bits of the int32 tensors between layers (range +-2048)
+FRAC_BITS = 32  # fixed-point fraction bits of the int64 tensors between layers (range +-2**30)
 _LEAVES = (QConv2d, QLinear, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Dropout,
            nn.Identity, nn.Flatten)  # fmt: skip
 
@@ -33,14 +36,14 @@ class _Tracer(fx.Tracer):
 
 
 def fixed_multiplier(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Real multipliers as (int32 mantissa, right shift): ``x * m ~= (x * m0 + 2**(s-1)) >> s``."""
+    """Real multipliers as (int32 mantissa, right shift): ``x * m ~= round(x * m0 / 2**s)`` (a left shift if s < 0)."""
     m = m.double()
     exp = torch.where(m != 0, torch.ceil(torch.log2(m.abs().clamp_min(1e-300))), torch.zeros_like(m))
     m0 = torch.round(m / torch.pow(2.0, exp) * 2**31)
     full = m0.abs() == 2**31  # mantissa rounded up to 1.0
     m0, exp = torch.where(full, m0 / 2, m0), torch.where(full, exp + 1, exp)
     shift = 31 - exp
-    if (shift < 1).any() or (shift > 62).any():
+    if (shift < -30).any() or (shift > 93).any():
         raise QKDError("a requantization multiplier is outside the int32 fixed-point range")
     return m0.long(), shift.long()
 
@@ -66,8 +69,9 @@ def _layer_op(name: str, layer: nn.Module) -> tuple[dict[str, Any], dict[str, Te
     wq, aq = layer.weight_quant, layer.act_quant
     out_ch = layer.weight.shape[0]
     w_step = wq.step.detach().double().reshape(-1).expand(out_ch)
-    w_int = torch.clamp(torch.round(layer.weight.detach().double() / w_step.view(-1, *[1] * (layer.weight.dim() - 1))),
-                        wq.qn, wq.qp).to(torch.int8)  # fmt: skip
+    # the integers the fake-quant model uses, computed by its own quantizer (same float32 rounding)
+    w_int = torch.round(wq(layer.weight.detach()).double() / w_step.view(-1, *[1] * (layer.weight.dim() - 1)))
+    w_int = w_int.clamp(wq.qn, wq.qp).to(torch.int8)
     a_step = float(aq.step.detach())
     op: dict[str, Any] = {
         "op": "qconv2d" if isinstance(layer, QConv2d) else "qlinear",
