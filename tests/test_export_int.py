@@ -12,7 +12,7 @@ from torch import nn
 
 from qkd.errors import QKDError
 from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
-from qkd.export.intengine import IntEngine, shift_round
+from qkd.export.intengine import IntEngine, shift_round, thresholds
 from qkd.export.intfile import load_int, save_int
 from qkd.export.intgraph import fixed_multiplier, to_int_program
 from qkd.export.packing import pack_bits, unpack_bits
@@ -52,6 +52,20 @@ def test_shift_round_is_exact_in_int64(v, m, shift):
     want = (v * m + 2 ** (shift - 1)) >> shift if shift >= 1 else (v * m) << -shift
     if abs(want) < 2**62:
         assert int(shift_round(torch.tensor([v]), torch.tensor([m]), torch.tensor([shift]))[0]) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=st.floats(1e-12, 1e2), bits=st.integers(2, 8), signed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_threshold_requantization_equals_multiply_shift(m, bits, signed, seed):
+    m0, shift = fixed_multiplier(torch.tensor([m], dtype=torch.float64))
+    lo = -(2 ** (bits - 1)) if signed else 0
+    hi = lo + 2**bits - 1
+    t = thresholds(int(m0), int(shift), lo, hi)
+    # values around every threshold, and far outside the range
+    v = torch.tensor(t + [x + d for x in t for d in (-1, 1)] + [-(2**44), 2**44], dtype=torch.long)
+    v = torch.cat([v, torch.randint(-(2**40), 2**40, (50,), generator=torch.Generator().manual_seed(seed))])
+    want = torch.clamp(shift_round(v, m0, shift), lo, hi)
+    assert torch.equal(lo + torch.bucketize(v, torch.tensor(t), right=True), want)
 
 
 class ResidualNet(nn.Module):

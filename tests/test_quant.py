@@ -27,6 +27,7 @@ from qkd.quant import (
     quantization_disabled,
     quantize_model,
     quantizers,
+    recalibrate_bn,
     set_quantization,
     ste,
 )
@@ -313,7 +314,8 @@ def test_quantizer_module_uses_lsq_gradient_scale():
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_weight_quantizer_initialised_at_creation(per_channel):
     conv = nn.Conv2d(3, 6, 3)
-    q = QConv2d.from_float(conv, QuantSpec(4, signed=True, per_channel=per_channel), QuantSpec(4))
+    spec = QuantSpec(4, signed=True, per_channel=per_channel, step_init="lsq")
+    q = QConv2d.from_float(conv, spec, QuantSpec(4, step_init="lsq"))
     wq, aq = q.weight_quant, q.act_quant
     assert bool(wq.initialized) and bool(wq.signed)
     w = conv.weight.detach()
@@ -700,3 +702,44 @@ def test_sgd_reduces_loss_and_learns_quantizer_parameters(method):
     assert len(learnable) == (len(qparams) if method == "lsq" else len(qparams) - 2)
     assert all(torch.isfinite(p.grad).all() for p, _ in learnable)
     assert all(not torch.equal(p.detach(), s) for p, s in learnable)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_mse_step_init_minimises_the_quantization_error(bits, per_channel):
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, 3, 3) * torch.linspace(0.1, 2, 6).view(-1, 1, 1, 1)
+    w[0, 0, 0, 0] = 8.0  # an outlier: the best clip is far below the largest value
+
+    def error(q: LSQQuantizer, step: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            q.step.copy_(step)
+            dims = (1, 2, 3) if per_channel else (0, 1, 2, 3)
+            return ((q(w) - w) ** 2).mean(dim=dims)
+
+    mse = LSQQuantizer(QuantSpec(bits, signed=True, per_channel=per_channel), init=w)
+    lsq = LSQQuantizer(QuantSpec(bits, signed=True, per_channel=per_channel, step_init="lsq"), init=w)
+    best = mse.step.detach().clone()
+    assert best.shape == ((6, 1, 1, 1) if per_channel else ())
+    assert (error(mse, best) <= error(mse, lsq.step.detach())).all()
+    for factor in (0.9, 1.1):  # a local minimum of the error, up to the search grid
+        assert (error(mse, best) <= error(mse, best * factor) + 1e-7).all()
+    with pytest.raises(ValueError, match="unknown step_init 'max'"):
+        QuantSpec(4, step_init="max")
+
+
+def test_recalibrate_bn_sets_the_exact_statistics_of_the_quantized_network():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    quantize_model(model, QuantConfig(weight_bits=2, act_bits=2, first_last_bits="same"))
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+    calibrate(model, batches[0])
+    before = model[1].running_mean.clone()
+    assert recalibrate_bn(model, iter([])) == 0  # no data: statistics unchanged
+    torch.testing.assert_close(model[1].running_mean, before)
+    model.eval()
+    assert recalibrate_bn(model, batches) == 3
+    assert not model.training and model[1].momentum == 0.1
+    with torch.no_grad():
+        conv_out = torch.cat([model[0](x) for x in batches])  # the quantized conv's outputs
+    torch.testing.assert_close(model[1].running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)

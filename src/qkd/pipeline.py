@@ -8,6 +8,7 @@ an uninterrupted run, because every epoch's randomness is derived from (seed, st
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from qkd.errors import QKDError
 from qkd.models import create_model, load_pretrained
 from qkd.models.registry import accepts
 from qkd.phases import PHASES, Distill
-from qkd.quant import calibrate, quant_parameters, quantization_disabled, quantize_model
+from qkd.quant import calibrate, quant_parameters, quantization_disabled, quantize_model, recalibrate_bn
 from qkd.quant.ste import set_kernel_backend
 
 log = logging.getLogger("qkd")
@@ -200,9 +201,12 @@ class Run:
             train = self.data.train
             if hasattr(train, "set_epoch"):
                 train.set_epoch(epoch_seed(self.cfg.seed, 999, 0))
-            x, _ = self.rt.batch(next(iter(train)))
-            calibrate(self.student, x)
-            broadcast_state(self.student)  # every rank starts from rank 0's quantizer steps
+            batches = (self.rt.batch(b)[0] for b in train)
+            calibrate(self.student, next(batches))
+            # BN statistics of the quantized network (under autocast, as training runs)
+            with self.rt.autocast():
+                recalibrate_bn(self.student, itertools.islice(batches, self.cfg.quant.bn_batches))
+            broadcast_state(self.student)  # every rank starts from rank 0's quantizer steps and BN statistics
         self.state["student_quantized"] = True
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:

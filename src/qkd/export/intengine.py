@@ -8,6 +8,9 @@ values, which are exact far beyond the int32 range, so the results are those of 
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -42,6 +45,20 @@ def shift_round(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
     return torch.where(shift >= 32, big, small)
 
 
+def thresholds(mult: int, shift: int, lo: int, hi: int) -> list[int]:
+    """Integer thresholds ``t_k`` with ``clamp(shift_round(v, mult, shift), lo, hi) == lo + #{k: v >= t_k}``.
+
+    ``round_half_up(v * mult / 2**shift) >= k``  <=>  ``2 * v * mult >= (2k - 1) * 2**shift``; for
+    ``mult > 0`` that is ``v >= ceil((2k - 1) * 2**shift / (2 * mult))``, computed exactly in Python
+    integers. Requantizing to a few levels is then one sorted search per value (threshold
+    activation units in low-bit accelerators do the same).
+    """
+    if mult <= 0:
+        raise QKDError("an activation requantization multiplier must be positive")
+    num = 2**shift if shift >= 0 else Fraction(1, 2**-shift)
+    return [math.ceil((2 * k - 1) * num / (2 * mult)) for k in range(lo + 1, hi + 1)]
+
+
 def _check_range(t: Tensor, bound: int, what: str) -> Tensor:
     if t.numel() and (t.max() >= bound or t.min() < -bound):
         raise QKDError(f"{what} overflows {'int32' if bound == INT32 else 'the int64 fixed point'}")
@@ -73,6 +90,11 @@ class IntEngine:
     def __init__(self, ops: list[dict], tensors: dict[str, Tensor]) -> None:
         self.ops = ops
         self.t = {k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()}
+        self.thresholds = {
+            op["name"]: torch.tensor(thresholds(int(self.t[f"{op['name']}.in_mult"]), int(self.t[f"{op['name']}.in_shift"]),
+                                                *op["a_range"]))
+            for op in ops if op["op"] in ("qconv2d", "qlinear")
+        }  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
@@ -88,14 +110,18 @@ class IntEngine:
         lo, hi = op["a_range"]
         if x.is_floating_point():  # the network's input: quantized exactly as the fake-quant model does
             return torch.clamp(torch.round(x / op["a_scale"]), lo, hi).long()
-        name = op["name"]
-        return torch.clamp(shift_round(x, self.t[f"{name}.in_mult"], self.t[f"{name}.in_shift"]), lo, hi)
+        # == clamp(shift_round(x, in_mult, in_shift), lo, hi), by thresholds (see ``thresholds``)
+        return lo + torch.bucketize(x, self.thresholds[op["name"]], right=True)
 
     def _requant(self, op: dict, acc: Tensor) -> Tensor:
         name = op["name"]
         _check_range(acc, INT32, f"accumulator of '{op['module']}'")
         mult, shift = (_channels(self.t[f"{name}.{k}"], acc.dim()) for k in ("mult", "shift"))
-        out = shift_round(acc, mult, shift) + _channels(self.t[f"{name}.bias"], acc.dim())
+        if bool((shift >= 1).all()):  # int32 accumulator times int32 mantissa: the product fits int64
+            out = torch.bitwise_right_shift(acc * mult + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift)
+        else:
+            out = shift_round(acc, mult, shift)
+        out = out + _channels(self.t[f"{name}.bias"], acc.dim())
         return _check_range(out, INT64_SAFE, f"output of '{op['module']}'")
 
     def _qconv2d(self, op: dict, x: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from qkd.quant.convert import (
     quantization_disabled,
     quantize_model,
     quantizers,
+    recalibrate_bn,
     set_quantization,
 )
 from qkd.quant.modules import QConv2d, QLinear
@@ -30,5 +31,6 @@ __all__ = [
     "quantization_disabled",
     "quantize_model",
     "quantizers",
+    "recalibrate_bn",
     "set_quantization",
 ]

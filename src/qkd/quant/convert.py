@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qkd.quant.modules import QUANT_MODULES
-from qkd.quant.quantizers import QUANTIZERS, Quantizer, QuantSpec, parse_bits
+from qkd.quant.quantizers import QUANTIZERS, STEP_INITS, Quantizer, QuantSpec, parse_bits
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -28,6 +29,11 @@ class QuantConfig:
     - ``weight_bits`` / ``act_bits``: 2..8, or None (or "float") to leave that side in float.
     - ``method``: a quantizer name (``lsq`` or ``interval``); ``per_channel``: weight steps per
       output channel. Activations are always per tensor.
+    - ``bn_batches``: after the quantizers are initialised, re-estimate BatchNorm statistics of the
+      quantized network on this many training batches (0 = keep the float statistics); quantized
+      activations shift the statistics, and a pretrained network collapses at 2-3 bits without it.
+    - ``step_init``: how LSQ steps start, ``mse`` (least quantization error on the first tensor
+      seen) or ``lsq`` (the LSQ paper's ``2 mean|x| / sqrt(Qp)``).
     - ``first_last_bits``: bits of the first and last quantized layers (8 by default, the usual
       practice); "same" uses ``weight_bits``/``act_bits`` there too, None keeps them float. A side
       whose ``weight_bits``/``act_bits`` is float stays float at the edges as well.
@@ -40,6 +46,8 @@ class QuantConfig:
     weight_bits: int | str | None = 4
     act_bits: int | str | None = 4
     method: str = "lsq"
+    step_init: str = "mse"
+    bn_batches: int = 20
     per_channel: bool = True
     first_last_bits: int | str | None = 8
     overrides: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
@@ -50,6 +58,10 @@ class QuantConfig:
             self.first_last_bits = parse_bits(self.first_last_bits)
         if self.method not in QUANTIZERS:
             raise ValueError(f"unknown quantizer '{self.method}'; valid: {', '.join(sorted(QUANTIZERS))}")
+        if self.step_init not in STEP_INITS:
+            raise ValueError(f"unknown step_init '{self.step_init}'; valid: {', '.join(STEP_INITS)}")
+        if not isinstance(self.bn_batches, int) or self.bn_batches < 0:
+            raise ValueError(f"bn_batches must be a non-negative integer; got {self.bn_batches!r}")
         for pattern, bits in self.overrides.items():
             unknown = set(bits) - {"weight_bits", "act_bits"}
             if unknown:
@@ -87,8 +99,9 @@ def quantize_model(
     edges = {targets[0][0], targets[-1][0]} if targets else set()
     for name, module in targets:
         wb, ab = config.bits_for(name, name in edges)
-        wspec = QuantSpec(wb, signed=True, per_channel=config.per_channel, method=config.method)
-        aspec = QuantSpec(ab, signed=None, per_channel=False, method=config.method)
+        wspec = QuantSpec(wb, signed=True, per_channel=config.per_channel, method=config.method,
+                          step_init=config.step_init)  # fmt: skip
+        aspec = QuantSpec(ab, signed=None, per_channel=False, method=config.method, step_init=config.step_init)
         _set_submodule(model, name, QUANT_MODULES[type(module)].from_float(module, wspec, aspec))
     return model
 
@@ -148,3 +161,28 @@ def calibrate(model: nn.Module, batch: Tensor) -> None:
     model.eval()
     model(batch)
     model.train(was_training)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Re-estimate every BatchNorm's running statistics as the exact average over ``batches``.
+
+    Run after :func:`calibrate`: the statistics then describe the quantized network. Returns the
+    number of batches used; with none, the statistics are left as they were.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(bn.momentum, copy.deepcopy(bn.state_dict())) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    was_training, used = model.training, 0
+    model.train()
+    for x in batches:
+        model(x)
+        used += 1
+    model.train(was_training)
+    for bn, (momentum, state) in zip(bns, saved):
+        bn.momentum = momentum
+        if not used:
+            bn.load_state_dict(state)
+    return used

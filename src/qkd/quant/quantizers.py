@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from qkd.quant.ste import interval_fake_quant, lsq_fake_quant
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
+STEP_INITS = ("mse", "lsq")
+MSE_CANDIDATES = 100  # clipping ranges tried by the ``mse`` initialisation
+MSE_SAMPLE = 2**20  # elements of an activation batch it looks at (evenly strided)
 
 
 def parse_bits(value: object) -> int | None:
@@ -34,6 +37,9 @@ class QuantSpec:
 
     ``signed=None`` decides from data on the first tensor seen (activations after ReLU are unsigned).
     ``per_channel`` gives each output channel (dim 0) its own parameters; weights only.
+    ``step_init`` sets the LSQ step from data: ``mse`` (the step that minimises the quantization error
+    of the first tensor seen, searched over clipping ranges) or ``lsq`` (the LSQ paper's
+    ``2 * mean|x| / sqrt(Qp)``).
 
     >>> q = make_quantizer(QuantSpec(bits=4, signed=True, per_channel=True), init=torch.randn(8, 3, 3, 3))
     """
@@ -42,11 +48,14 @@ class QuantSpec:
     signed: bool | None = None
     per_channel: bool = False
     method: str = "lsq"
+    step_init: str = "mse"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", parse_bits(self.bits))
         if self.method not in QUANTIZERS:
             raise ValueError(f"unknown quantizer '{self.method}'; valid: {', '.join(sorted(QUANTIZERS))}")
+        if self.step_init not in STEP_INITS:
+            raise ValueError(f"unknown step_init '{self.step_init}'; valid: {', '.join(STEP_INITS)}")
 
 
 def _register(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
@@ -65,6 +74,26 @@ def _reduce_dims(x: Tensor, per_channel: bool) -> tuple[int, ...]:
     return tuple(range(1, x.dim())) if per_channel else tuple(range(x.dim()))
 
 
+@torch.no_grad()
+def mse_step(x: Tensor, qn: int, qp: int, per_channel: bool) -> Tensor:
+    """The step (per channel or per tensor) minimising ``mean((Q(x) - x)**2)``.
+
+    Tries steps ``alpha * max|x| / qp`` for ``alpha`` in (0, 1]: at 2-4 bits the best clip is far
+    below the largest value, and a step set from the mean alone collapses a pretrained network.
+    """
+    x = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+    if x.shape[1] > MSE_SAMPLE:
+        x = x[:, :: -(-x.shape[1] // MSE_SAMPLE)]
+    max_abs = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+    best_err, best = torch.full_like(max_abs, float("inf")), max_abs / qp
+    for alpha in torch.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES).tolist():
+        step = alpha * max_abs / qp
+        err = ((torch.clamp(torch.round(x / step), qn, qp) * step - x) ** 2).mean(dim=1, keepdim=True)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, step, best)
+    return best.reshape(-1) if per_channel else best.reshape(())
+
+
 class Quantizer(nn.Module):
     """Base class: bit-width, sign, on/off switch and data-driven initialisation."""
 
@@ -72,6 +101,7 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = spec.bits
         self.per_channel = spec.per_channel
+        self.step_init = spec.step_init
         self.auto_sign = spec.signed is None
         self.enabled = True
         self.register_buffer("initialized", torch.tensor(False))
@@ -139,8 +169,12 @@ class LSQQuantizer(Quantizer):
         self.step = nn.Parameter(torch.ones(shape))
 
     def _init_params(self, x: Tensor) -> None:
-        mean_abs = x.abs().mean(dim=_reduce_dims(x, self.per_channel), keepdim=self.per_channel)
-        self.step.copy_((2 * mean_abs / math.sqrt(self.qp)).clamp_min(1e-8).reshape(self.step.shape))
+        if self.step_init == "lsq":
+            mean_abs = x.abs().mean(dim=_reduce_dims(x, self.per_channel), keepdim=self.per_channel)
+            step = 2 * mean_abs / math.sqrt(self.qp)
+        else:
+            step = mse_step(x, self.qn, self.qp, self.per_channel)
+        self.step.copy_(step.clamp_min(1e-8).reshape(self.step.shape))
 
     def quantize(self, x: Tensor) -> Tensor:
         return lsq_fake_quant(x, self.step, self.qn, self.qp, self._grad_scale(x))
