@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from qkd.config import RunConfig, config_dir, list_presets, load_config
+from qkd.config import RunConfig, config_dir, list_presets, load_config, with_overrides
 from qkd.errors import QKDError
 
 
@@ -29,6 +29,15 @@ def test_overrides_are_typed_and_nested():
     assert cfg.quant.act_bits is None
 
 
+def test_with_overrides_copies_and_validates():
+    cfg = load_config("digits")
+    tuned = with_overrides(cfg, ["distill.temperature=4", "quant.step_init=lsq"])
+    assert tuned.distill.temperature == 4 and tuned.quant.step_init == "lsq"
+    assert cfg.distill.temperature == 2 and cfg.quant.step_init == "mse"  # the original is untouched
+    with pytest.raises(QKDError, match="unknown step_init 'max'"):
+        with_overrides(cfg, ["quant.step_init=max"])
+
+
 def test_yaml_file_path(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"method": "qat", "epochs": 3}))
@@ -43,6 +52,7 @@ def test_yaml_file_path(tmp_path):
         (["quant.act_bits=1"], "bits must be an integer from 2 to 8"),
         (["optim.lrr=0.1"], "optim.lrr: unknown key"),
         (["quant.wbits=2"], "quant.wbits: unknown key"),
+        (["quant.bn_batches=-1"], "bn_batches must be a non-negative integer"),
         (["method=foo"], "method"),
         (["epochs=0"], "epochs"),
         (["nonsense"], "must look like key=value"),

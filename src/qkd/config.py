@@ -176,5 +176,13 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
     return build_config(data)
 
 
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of ``cfg`` with ``key=value`` overrides applied (validated again)."""
+    data = cfg.model_dump(mode="json")
+    for item in overrides:
+        _apply_override(data, item)
+    return build_config(data)
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -60,7 +60,7 @@ def thresholds(mult: int, shift: int, lo: int, hi: int) -> list[int]:
 
 
 def _check_range(t: Tensor, bound: int, what: str) -> Tensor:
-    if t.numel() and (t.max() >= bound or t.min() < -bound):
+    if t.numel() and ((mm := torch.aminmax(t))[1] >= bound or mm[0] < -bound):
         raise QKDError(f"{what} overflows {'int32' if bound == INT32 else 'the int64 fixed point'}")
     return t
 

@@ -1,0 +1,91 @@
+"""Tune what the QKD spec leaves open, on the validation split only.
+
+Each variant is the study's run (same float starting points as ``benchmarks/accuracy.py``, which
+must have run step 0 for the seed) with a few ``key=value`` overrides, at a shorter budget so that
+a sweep fits on a CPU. Only validation accuracy is read and reported: the test split stays for the
+study's final numbers.
+
+    python benchmarks/tuning.py --budget cpu-tune --bits 2 --method qkd
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+from accuracy import BUDGETS, ROOT, _run, base_config, float_step, method_config
+from throughput import machine
+
+from qkd.config import with_overrides
+
+TUNE_BUDGETS = {
+    # a third of cpu-short's image-epochs: rankings only, not final accuracies
+    "cpu-tune": {"epochs": 6, "train_limit": 5_000},
+    "paper": {"epochs": 200, "train_limit": None},
+}
+VARIANTS = {
+    "defaults": [],
+    "temperature 4": ["distill.temperature=4"],
+    "KD weight 0.5": ["distill.alpha=0.5"],
+    "teacher lr 1e-4 in CS": ["optim.teacher_lr=0.0001"],
+    "teacher lr 1e-2 in CS": ["optim.teacher_lr=0.01"],
+    "quantizer lr 0.1x": ["optim.quant_lr=0.001"],
+    "interval quantizer": ["quant.method=interval"],
+    "LSQ paper init, float BN stats": ["quant.step_init=lsq", "quant.bn_batches=0"],
+}
+
+
+def main(
+    budget: str = "cpu-tune",
+    bits: int = 2,
+    method: str = "qkd",
+    variants: list[str] = typer.Option(list(VARIANTS), help="names from VARIANTS"),
+    seed: int = 0,
+    teacher: str = "resnet56",
+    device: str = "auto",
+    data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    out: Path = ROOT / "runs",
+    append: bool = True,
+) -> None:
+    """Run (or resume) every variant; write docs/tuning-<budget>.json and a RESULTS.md section."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if budget not in TUNE_BUDGETS or set(variants) - set(VARIANTS):
+        raise typer.BadParameter(f"budget must be one of {', '.join(TUNE_BUDGETS)}; variants from {', '.join(VARIANTS)}")
+    study = "cpu-short" if budget == "cpu-tune" else budget
+    base = base_config(data_dir, teacher, device, seed)
+    ckpts = float_step(base, data_dir, BUDGETS[study], out / f"accuracy-{study}")  # reused, not retrained
+    rows, t0 = [], time.time()
+    for name in variants:
+        cfg = method_config(base, ckpts, {**BUDGETS[study], **TUNE_BUDGETS[budget]}, bits, method)
+        cfg = with_overrides(cfg, VARIANTS[name])
+        cfg.name = f"{cfg.name}-" + ("-".join(o.replace("=", "") for o in VARIANTS[name]) or "defaults")
+        summary = _run(cfg, out / f"tuning-{budget}")
+        history = [json.loads(ln) for ln in (out / f"tuning-{budget}" / cfg.name / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"variant": name, "overrides": VARIANTS[name], "run": cfg.name, "wall_s": summary["wall_s"],
+                     "final_val": list(summary["stages"].values())[-1]["val"],
+                     "best_val": max(h["val_acc"] for h in history)})  # fmt: skip
+    tb = TUNE_BUDGETS[budget]
+    lines = ["| variant | overrides | final val % | best epoch val % | wall s |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | `{' '.join(r['overrides']) or '-'}` | {100 * r['final_val']:.2f} "
+              f"| {100 * r['best_val']:.2f} | {r['wall_s']:.0f} |" for r in rows]  # fmt: skip
+    (ROOT / "docs" / f"tuning-{budget}.json").write_text(json.dumps(rows, indent=1))
+    command = "python benchmarks/tuning.py " + " ".join(sys.argv[1:])
+    text = (
+        f"\n### Tuning on the validation split: W{bits}A{bits} {method}, budget {budget}, {time.strftime('%Y-%m-%d')}\n\n"
+        f"Machine: {machine()}.\nEach variant: {tb['epochs']} epochs on {tb['train_limit'] or 45_000} training images "
+        f"from the study's step-0 float models; validation = the 5,000 held-out training images (test not read). "
+        f"Sweep wall time: {(time.time() - t0) / 60:.0f} min.\nCommand: `{command.strip()}`\n\n" + "\n".join(lines) + "\n"
+    )
+    print(text)
+    if append:
+        with open(ROOT / "docs" / "RESULTS.md", "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    typer.run(main)
