@@ -68,11 +68,11 @@ def _layer_op(name: str, layer: nn.Module) -> tuple[dict[str, Any], dict[str, Te
     _check_quantizers(name, layer)
     wq, aq = layer.weight_quant, layer.act_quant
     out_ch = layer.weight.shape[0]
-    w_step = wq.step.detach().double().reshape(-1).expand(out_ch)
+    w_step = wq.scale().double().reshape(-1).expand(out_ch)
     # the integers the fake-quant model uses, computed by its own quantizer (same float32 rounding)
     w_int = torch.round(wq(layer.weight.detach()).double() / w_step.view(-1, *[1] * (layer.weight.dim() - 1)))
     w_int = w_int.clamp(wq.qn, wq.qp).to(torch.int8)
-    a_step = float(aq.step.detach())
+    a_step = float(aq.scale())
     op: dict[str, Any] = {
         "op": "qconv2d" if isinstance(layer, QConv2d) else "qlinear",
         "module": name,

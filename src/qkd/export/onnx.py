@@ -109,7 +109,7 @@ def _affine(name: str, q: Quantizer) -> tuple[Tensor, Tensor, int, int]:
     if not bool(q.initialized):
         raise QKDError(f"quantizer '{name}' was never initialised; calibrate or train the model before export")
     if isinstance(q, LSQQuantizer):
-        return q.step.detach(), torch.zeros_like(q.step.detach()), q.qn, q.qp
+        return q.scale(), torch.zeros_like(q.scale()), q.qn, q.qp
     if isinstance(q, IntervalQuantizer):
         levels = 2**q.bits - 1
         width = (q.upper - q.lower).detach().clamp_min(1e-8)  # as in the fake-quant kernel

@@ -20,6 +20,7 @@ QUANTIZERS: dict[str, type[Quantizer]] = {}
 STEP_INITS = ("mse", "lsq")
 MSE_CANDIDATES = 100  # clipping ranges tried by the ``mse`` initialisation
 MSE_SAMPLE = 2**20  # elements of an activation batch it looks at (evenly strided)
+MIN_STEP = 1e-8
 
 
 def parse_bits(value: object) -> int | None:
@@ -174,14 +175,15 @@ class LSQQuantizer(Quantizer):
             step = 2 * mean_abs / math.sqrt(self.qp)
         else:
             step = mse_step(x, self.qn, self.qp, self.per_channel)
-        self.step.copy_(step.clamp_min(1e-8).reshape(self.step.shape))
+        self.step.copy_(step.clamp_min(MIN_STEP).reshape(self.step.shape))
 
     def quantize(self, x: Tensor) -> Tensor:
-        return lsq_fake_quant(x, self.step, self.qn, self.qp, self._grad_scale(x))
+        # A large learning rate can push a step through zero; the clamp keeps it a valid scale.
+        return lsq_fake_quant(x, self.step.clamp_min(MIN_STEP), self.qn, self.qp, self._grad_scale(x))
 
     def scale(self) -> Tensor:
-        """The step as a detached tensor: the real value of one integer unit."""
-        return self.step.detach()
+        """The step in use, detached: the real value of one integer unit."""
+        return self.step.detach().clamp_min(MIN_STEP)
 
 
 @_register("interval")
