@@ -10,6 +10,8 @@ study's final numbers.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import logging
 import os
@@ -21,7 +23,10 @@ import typer
 from accuracy import BUDGETS, ROOT, _run, base_config, float_step, method_config
 from throughput import machine
 
+from qkd import pipeline
 from qkd.config import with_overrides
+from qkd.engine import evaluate
+from qkd.quant import QuantConfig, calibrate, quantize_model, recalibrate_bn
 
 TUNE_BUDGETS = {
     # a third of cpu-short's image-epochs: rankings only, not final accuracies
@@ -38,6 +43,23 @@ VARIANTS = {
     "interval quantizer": ["quant.method=interval"],
     "LSQ paper init, float BN stats": ["quant.step_init=lsq", "quant.bn_batches=0"],
 }
+
+
+def init_check(student_ckpt: Path, bits_list: list[int], device: str) -> list[dict]:
+    """Validation accuracy of the float student right after quantization, before any training,
+    for each step initialisation with and without BatchNorm re-estimation."""
+    cfg = pipeline.load_run_config(student_ckpt.parent.parent)
+    cfg.device = device
+    r, _ = pipeline.load_student(cfg, student_ckpt)
+    rows = [{"bits": "float", "init": "-", "bn": "-", "val": evaluate(r.student, r.data.val, r.rt)}]
+    for bits, init, bn in itertools.product(bits_list, ("lsq", "mse"), (0, 20)):
+        model = quantize_model(copy.deepcopy(r.student), QuantConfig(weight_bits=bits, act_bits=bits, step_init=init))
+        r.data.train.set_epoch(999)
+        batches = (r.rt.batch(b)[0] for b in r.data.train)
+        calibrate(model, next(batches))
+        recalibrate_bn(model, itertools.islice(batches, bn))
+        rows.append({"bits": f"W{bits}A{bits}", "init": init, "bn": bn, "val": evaluate(model, r.data.val, r.rt)})
+    return rows
 
 
 def main(
@@ -59,7 +81,9 @@ def main(
     study = "cpu-short" if budget == "cpu-tune" else budget
     base = base_config(data_dir, teacher, device, seed)
     ckpts = float_step(base, data_dir, BUDGETS[study], out / f"accuracy-{study}")  # reused, not retrained
-    rows, t0 = [], time.time()
+    t0 = time.time()
+    inits = init_check(ckpts["student"], sorted({bits, 4, 2}, reverse=True), device)
+    rows = []
     for name in variants:
         cfg = method_config(base, ckpts, {**BUDGETS[study], **TUNE_BUDGETS[budget]}, bits, method)
         cfg = with_overrides(cfg, VARIANTS[name])
@@ -73,7 +97,11 @@ def main(
     lines = ["| variant | overrides | final val % | best epoch val % | wall s |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['variant']} | `{' '.join(r['overrides']) or '-'}` | {100 * r['final_val']:.2f} "
               f"| {100 * r['best_val']:.2f} | {r['wall_s']:.0f} |" for r in rows]  # fmt: skip
-    (ROOT / "docs" / f"tuning-{budget}.json").write_text(json.dumps(rows, indent=1))
+    lines += ["", "Right after quantization, before training (the step-0 float student; BN batches = batches "
+              "used to re-estimate BatchNorm statistics):", "",
+              "| bits | step init | BN batches | val % |", "|---|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {r['bits']} | {r['init']} | {r['bn']} | {100 * r['val']:.2f} |" for r in inits]
+    (ROOT / "docs" / f"tuning-{budget}.json").write_text(json.dumps({"variants": rows, "init": inits}, indent=1))
     command = "python benchmarks/tuning.py " + " ".join(sys.argv[1:])
     text = (
         f"\n### Tuning on the validation split: W{bits}A{bits} {method}, budget {budget}, {time.strftime('%Y-%m-%d')}\n\n"
