@@ -77,7 +77,9 @@ def main(
     """Run (or resume) every variant; write docs/tuning-<budget>.json and a RESULTS.md section."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if budget not in TUNE_BUDGETS or set(variants) - set(VARIANTS):
-        raise typer.BadParameter(f"budget must be one of {', '.join(TUNE_BUDGETS)}; variants from {', '.join(VARIANTS)}")
+        raise typer.BadParameter(
+            f"budget must be one of {', '.join(TUNE_BUDGETS)}; variants from {', '.join(VARIANTS)}"
+        )
     study = "cpu-short" if budget == "cpu-tune" else budget
     base = base_config(data_dir, teacher, device, seed)
     ckpts = float_step(base, data_dir, BUDGETS[study], out / f"accuracy-{study}")  # reused, not retrained
@@ -89,7 +91,9 @@ def main(
         cfg = with_overrides(cfg, VARIANTS[name])
         cfg.name = f"{cfg.name}-" + ("-".join(o.replace("=", "") for o in VARIANTS[name]) or "defaults")
         summary = _run(cfg, out / f"tuning-{budget}")
-        history = [json.loads(ln) for ln in (out / f"tuning-{budget}" / cfg.name / "metrics.jsonl").read_text().splitlines()]
+        history = [
+            json.loads(ln) for ln in (out / f"tuning-{budget}" / cfg.name / "metrics.jsonl").read_text().splitlines()
+        ]
         rows.append({"variant": name, "overrides": VARIANTS[name], "run": cfg.name, "wall_s": summary["wall_s"],
                      "final_val": list(summary["stages"].values())[-1]["val"],
                      "best_val": max(h["val_acc"] for h in history)})  # fmt: skip
@@ -104,10 +108,13 @@ def main(
     (ROOT / "docs" / f"tuning-{budget}.json").write_text(json.dumps({"variants": rows, "init": inits}, indent=1))
     command = "python benchmarks/tuning.py " + " ".join(sys.argv[1:])
     text = (
-        f"\n### Tuning on the validation split: W{bits}A{bits} {method}, budget {budget}, {time.strftime('%Y-%m-%d')}\n\n"
+        f"\n### Tuning on the validation split: W{bits}A{bits} {method}, budget {budget}, "
+        f"{time.strftime('%Y-%m-%d')}\n\n"
         f"Machine: {machine()}.\nEach variant: {tb['epochs']} epochs on {tb['train_limit'] or 45_000} training images "
         f"from the study's step-0 float models; validation = the 5,000 held-out training images (test not read). "
-        f"Sweep wall time: {(time.time() - t0) / 60:.0f} min.\nCommand: `{command.strip()}`\n\n" + "\n".join(lines) + "\n"
+        f"Sweep wall time: {(time.time() - t0) / 60:.0f} min.\nCommand: `{command.strip()}`\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
     print(text)
     if append:

@@ -30,10 +30,14 @@ def float_checkpoint_bytes(student: nn.Module) -> int:
     return buf.tell()
 
 
-def compare(engine: Callable[[Tensor], Tensor], model: nn.Module, batches: Iterable, limit: int | None = None) -> dict:
-    """Top-1 agreement and max |logit difference| between ``engine`` and the fake-quant ``model``,
-    and both accuracies, over ``batches`` (at most ``limit`` images)."""
-    model = model.eval().cpu()
+def compare(
+    engine: Callable[[Tensor], Tensor], model: Callable[[Tensor], Tensor], batches: Iterable, limit: int | None = None
+) -> dict:
+    """Top-1 agreement and max |logit difference| between ``engine`` and the fake-quant ``model``
+    (a module, or any callable giving its logits), and both accuracies, over ``batches`` (at most
+    ``limit`` images)."""
+    if isinstance(model, nn.Module):
+        model = model.eval().cpu()
     seen = agree = right_engine = right_model = 0
     max_diff = 0.0
     with torch.no_grad():

@@ -2,8 +2,10 @@
 
 Activations entering a layer are its low-bit integers; weights are low-bit integers; accumulation
 is exact integer arithmetic checked to stay within int32; requantization between layers is an
-integer multiply (int32 mantissa, exact 64-bit product) and a rounding right shift. Convolutions run as float64 convolutions of integer
-values, which are exact far beyond the int32 range, so the results are those of integer hardware.
+integer multiply (int32 mantissa, exact 64-bit product) and a rounding right shift, or, into a
+layer's few input levels, a comparison with integer thresholds. Convolutions run as float
+convolutions of integer values, exact by construction (see ``_exact_dtype``), so the results are
+those of integer hardware.
 """
 
 from __future__ import annotations
@@ -90,11 +92,11 @@ class IntEngine:
     def __init__(self, ops: list[dict], tensors: dict[str, Tensor]) -> None:
         self.ops = ops
         self.t = {k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()}
-        self.thresholds = {
-            op["name"]: torch.tensor(thresholds(int(self.t[f"{op['name']}.in_mult"]), int(self.t[f"{op['name']}.in_shift"]),
-                                                *op["a_range"]))
-            for op in ops if op["op"] in ("qconv2d", "qlinear")
-        }  # fmt: skip
+        self.thresholds = {}
+        for op in ops:
+            if op["op"] in ("qconv2d", "qlinear"):
+                mult, shift = (int(self.t[f"{op['name']}.{k}"]) for k in ("in_mult", "in_shift"))
+                self.thresholds[op["name"]] = torch.tensor(thresholds(mult, shift, *op["a_range"]))
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
@@ -118,7 +120,9 @@ class IntEngine:
         _check_range(acc, INT32, f"accumulator of '{op['module']}'")
         mult, shift = (_channels(self.t[f"{name}.{k}"], acc.dim()) for k in ("mult", "shift"))
         if bool((shift >= 1).all()):  # int32 accumulator times int32 mantissa: the product fits int64
-            out = torch.bitwise_right_shift(acc * mult + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift)
+            out = torch.bitwise_right_shift(
+                acc * mult + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift
+            )
         else:
             out = shift_round(acc, mult, shift)
         out = out + _channels(self.t[f"{name}.bias"], acc.dim())
