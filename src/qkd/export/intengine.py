@@ -57,8 +57,8 @@ def thresholds(mult: int, shift: int, lo: int, hi: int) -> list[int]:
     """
     if mult <= 0:
         raise QKDError("an activation requantization multiplier must be positive")
-    num = 2**shift if shift >= 0 else Fraction(1, 2**-shift)
-    return [math.ceil((2 * k - 1) * num / (2 * mult)) for k in range(lo + 1, hi + 1)]
+    scale = Fraction(2**shift) if shift >= 0 else Fraction(1, 2**-shift)  # exact rationals, no float
+    return [math.ceil((2 * k - 1) * scale / (2 * mult)) for k in range(lo + 1, hi + 1)]
 
 
 def _check_range(t: Tensor, bound: int, what: str) -> Tensor:
