@@ -24,13 +24,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def check_run(run_dir: Path, limit: int | None) -> dict:
+    """One run's row; kept in ``<run>/export/deployment.json`` so an interrupted benchmark resumes."""
+    cached = run_dir / "export" / "deployment.json"
+    if cached.is_file() and json.loads(cached.read_text()).get("limit") == limit:
+        return json.loads(cached.read_text())
+    row = _measure(run_dir, limit)
+    cached.write_text(json.dumps({**row, "limit": limit}, indent=1))
+    return row
+
+
+def _measure(run_dir: Path, limit: int | None) -> dict:
     cfg = pipeline.load_run_config(run_dir)
     cfg.runtime.channels_last = False
     r, quantized = pipeline.load_student(cfg, run_dir, "cpu")
     q = cfg.quant
     row = {"run": run_dir.name, "model": cfg.student.name, "bits": f"W{q.weight_bits}A{q.act_bits}",
            "float_kib": float_checkpoint_bytes(r.student) / 1024}  # fmt: skip
-    batches = [(x.cpu().contiguous(), y.cpu()) for x, y in r.data.test]
+    batches, seen = [], 0
+    for x, y in r.data.test:
+        if limit is not None and seen >= limit:
+            break
+        batches.append((x.cpu().contiguous(), y.cpu()))
+        seen += len(y)
     example = batches[0][0][:2]
     student = r.student.eval().cpu()
     with torch.no_grad():  # the fake-quant logits, computed once for both formats
@@ -68,7 +83,11 @@ def main(runs: list[Path], limit: int | None = None, append: bool = True) -> Non
         + "\n"
     )
     print(text)
-    (ROOT / "docs" / "deployment.json").write_text(json.dumps(rows, indent=1))
+    path = ROOT / "docs" / "deployment.json"  # rows of earlier invocations stay, by run name
+    kept = [
+        r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["run"] not in {x["run"] for x in rows}
+    ]
+    path.write_text(json.dumps(kept + rows, indent=1))
     if append:
         with open(ROOT / "docs" / "RESULTS.md", "a") as f:
             f.write(text)

@@ -322,6 +322,10 @@ def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
     """Run an exported model with onnxruntime on the CPU; returns the first output (the logits)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # onnxruntime's Clip->QuantizeLinear fusion rejects 4-bit zero points (ReLU6 before a UINT4
+    # quantizer fails to load); the graph runs the same without that fusion.
+    session = ort.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"], disabled_optimizers=["ClipQuantRewrite"]
+    )
     name = session.get_inputs()[0].name
     return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
