@@ -27,12 +27,13 @@ EIGHT_BIT = {TensorProto.INT8, TensorProto.UINT8}
 
 
 class ResidualDW(nn.Module):
-    """A 3-channel CNN with a depthwise conv and a residual add: grouped weights and a join in the graph."""
+    """A 3-channel CNN with a depthwise conv (ReLU6, as in MobileNetV2) and a residual add: grouped
+    weights, a Clip before a 4-bit QuantizeLinear, and a join in the graph."""
 
     def __init__(self, width: int = 8, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.dw = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=width), nn.BatchNorm2d(width), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=width), nn.BatchNorm2d(width), nn.ReLU6())
         self.pw = nn.Sequential(nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width))
         self.fc = nn.Linear(width, num_classes)
 
