@@ -745,12 +745,15 @@ def test_recalibrate_bn_sets_the_exact_statistics_of_the_quantized_network():
     torch.testing.assert_close(model[1].running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
 
 
-def test_lsq_step_pushed_through_zero_stays_a_valid_scale():
+def test_lsq_step_pushed_through_zero_acts_as_its_magnitude():
     q = LSQQuantizer(QuantSpec(4, signed=True), init=torch.randn(64))
     with torch.no_grad():
         q.step.fill_(-0.5)  # what one too-large optimizer step can do
     x = torch.randn(64, requires_grad=True)
     y = q(x)
     y.sum().backward()
-    assert torch.isfinite(y).all() and float(q.scale()) > 0
+    assert torch.isfinite(y).all() and float(q.scale()) == 0.5
     assert torch.isfinite(q.step.grad).all()
+    with torch.no_grad():
+        q.step.fill_(0.5)
+        torch.testing.assert_close(q(x), y)  # the magnitude is the step in use

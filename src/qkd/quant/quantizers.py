@@ -178,12 +178,16 @@ class LSQQuantizer(Quantizer):
         self.step.copy_(step.clamp_min(MIN_STEP).reshape(self.step.shape))
 
     def quantize(self, x: Tensor) -> Tensor:
-        # A large learning rate can push a step through zero; the clamp keeps it a valid scale.
-        return lsq_fake_quant(x, self.step.clamp_min(MIN_STEP), self.qn, self.qp, self._grad_scale(x))
+        return lsq_fake_quant(x, self._step(), self.qn, self.qp, self._grad_scale(x))
+
+    def _step(self) -> Tensor:
+        # An optimizer step can push a small step (8-bit edge layers) through zero: the magnitude is
+        # the step in use, so the quantizer stays valid and the gradient keeps pointing the right way.
+        return self.step.abs().clamp_min(MIN_STEP)
 
     def scale(self) -> Tensor:
         """The step in use, detached: the real value of one integer unit."""
-        return self.step.detach().clamp_min(MIN_STEP)
+        return self._step().detach()
 
 
 @_register("interval")
