@@ -73,6 +73,7 @@ def main(
     data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
     out: Path = ROOT / "runs",
     append: bool = True,
+    init_only: bool = typer.Option(False, help="only the accuracy right after quantization (no training)"),
 ) -> None:
     """Run (or resume) every variant; write docs/tuning-<budget>.json and a RESULTS.md section."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -86,7 +87,7 @@ def main(
     t0 = time.time()
     inits = init_check(ckpts["student"], sorted({bits, 4, 2}, reverse=True), device)
     rows = []
-    for name in variants:
+    for name in [] if init_only else variants:
         cfg = method_config(base, ckpts, {**BUDGETS[study], **TUNE_BUDGETS[budget]}, bits, method)
         cfg = with_overrides(cfg, VARIANTS[name])
         cfg.name = f"{cfg.name}-" + ("-".join(o.replace("=", "") for o in VARIANTS[name]) or "defaults")
