@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import typer
-from throughput import machine
+from throughput import machine, publish
 
 from qkd import pipeline
 from qkd.config import RunConfig, load_config
@@ -217,10 +217,7 @@ def main(
         f"Command: `{command.strip()}`\n\n{table(rows, fp_mean)}\n\n"
         + "".join(f"![{f.stem}]({f.name})\n" for f in figures)
     )
-    print(text)
-    if append:
-        with open(ROOT / "docs" / "RESULTS.md", "a") as f:
-            f.write(text)
+    publish(text, append)
 
 
 if __name__ == "__main__":

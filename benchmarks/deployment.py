@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import typer
-from throughput import machine
+from throughput import machine, publish
 
 from qkd import pipeline
 from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
@@ -82,15 +82,12 @@ def main(runs: list[Path], limit: int | None = None, append: bool = True) -> Non
         + "\n".join(lines)
         + "\n"
     )
-    print(text)
     path = ROOT / "docs" / "deployment.json"  # rows of earlier invocations stay, by run name
     kept = [
         r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["run"] not in {x["run"] for x in rows}
     ]
     path.write_text(json.dumps(kept + rows, indent=1))
-    if append:
-        with open(ROOT / "docs" / "RESULTS.md", "a") as f:
-            f.write(text)
+    publish(text, append)
 
 
 if __name__ == "__main__":

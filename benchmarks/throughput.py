@@ -47,6 +47,14 @@ class Variant:
     note: str = ""
 
 
+def publish(text: str, append: bool = True) -> None:
+    """Print a results section and, when ``append``, add it to docs/RESULTS.md."""
+    print(text)
+    if append:
+        with open(Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md", "a") as f:
+            f.write(text)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

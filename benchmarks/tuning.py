@@ -21,7 +21,7 @@ from pathlib import Path
 
 import typer
 from accuracy import BUDGETS, ROOT, _run, base_config, float_step, method_config
-from throughput import machine
+from throughput import machine, publish
 
 from qkd import pipeline
 from qkd.config import with_overrides
@@ -117,10 +117,7 @@ def main(
         + "\n".join(lines)
         + "\n"
     )
-    print(text)
-    if append:
-        with open(ROOT / "docs" / "RESULTS.md", "a") as f:
-            f.write(text)
+    publish(text, append)
 
 
 if __name__ == "__main__":
