@@ -41,6 +41,7 @@ VARIANTS = {
     "teacher lr 1e-2 in CS": ["optim.teacher_lr=0.01"],
     "quantizer lr 0.1x": ["optim.quant_lr=0.001"],
     "interval quantizer": ["quant.method=interval"],
+    "one LR decay across phases": ["optim.schedule=run"],
     "LSQ paper init, float BN stats": ["quant.step_init=lsq", "quant.bn_batches=0"],
 }
 

@@ -65,9 +65,10 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("stop_after", [1, 4])  # inside the float stage; mid co-study
-def test_resume_reaches_exactly_the_uninterrupted_result(tiny_config, tmp_path, stop_after):
-    cfg = tiny_config("epochs=6", "quant.method=interval")
+# stopped inside the float stage, or mid co-study
+@pytest.mark.parametrize("stop_after, schedule", [(1, "phase"), (4, "phase"), (4, "run")])
+def test_resume_reaches_exactly_the_uninterrupted_result(tiny_config, tmp_path, stop_after, schedule):
+    cfg = tiny_config("epochs=6", "quant.method=interval", f"optim.schedule={schedule}")
     _, full = pipeline.run(cfg.model_copy(update={"name": "full"}), tmp_path)
     part = cfg.model_copy(update={"name": "part"})
     with pytest.raises(KeyboardInterrupt):
@@ -89,6 +90,20 @@ def test_resume_reaches_exactly_the_uninterrupted_result(tiny_config, tmp_path, 
     full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     part_lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert len(full_lines) == len(part_lines)
+
+
+@pytest.mark.parametrize("schedule", ["phase", "run"])
+def test_learning_rate_schedule(tiny_config, tmp_path, schedule):
+    run_dir, _ = pipeline.run(tiny_config("name=r", "epochs=6", f"optim.schedule={schedule}"), tmp_path)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    quantized = [r for r in records if not r["stage"].startswith("fp_")]
+    ends = [r["lr"] for r, nxt in zip(quantized, quantized[1:] + [None]) if nxt is None or nxt["stage"] != r["stage"]]
+    assert len(ends) == 3 and ends[-1] == pytest.approx(0, abs=1e-12)
+    if schedule == "phase":  # every phase decays to zero and the next restarts
+        assert ends == pytest.approx([0, 0, 0], abs=1e-12)
+    else:  # one decay: the rate only falls, and no phase but the last ends at zero
+        lrs = [r["lr"] for r in quantized]
+        assert all(a >= b for a, b in zip(lrs, lrs[1:])) and min(ends[:2]) > 0
 
 
 def test_resume_of_a_finished_run_only_reports(tiny_config, tmp_path):

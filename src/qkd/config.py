@@ -47,7 +47,7 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """SGD with momentum, cosine decay within each phase; quantizer parameters in their own group."""
+    """SGD with momentum and cosine decay; quantizer parameters in their own group."""
 
     lr: float = Field(0.01, gt=0, description="student learning rate")
     teacher_lr: float = Field(0.001, gt=0, description="teacher learning rate in co-study")
@@ -55,6 +55,10 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["phase", "run"] = Field(
+        "phase",
+        description="cosine decay restarted in each quantized phase, or one decay across all of them",
+    )
 
 
 class DistillConfig(_Strict):

@@ -247,8 +247,7 @@ class Run:
 
     def _run_stage(self, i: int, stage: Stage, hook: EpochHook | None, resume_optim: dict | None) -> None:
         phase, trained = self._phase_for(stage)
-        steps = max(stage.epochs * len(self.data.train), 1)
-        scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for o in phase.optimizers.values()]
+        scheds = [self._scheduler(i, stage, o) for o in phase.optimizers.values()]
         if resume_optim:
             for name, o in phase.optimizers.items():
                 o.load_state_dict(resume_optim["opt"][name])
@@ -264,6 +263,17 @@ class Run:
             if hook is not None:
                 hook(self.state["history"][-1])
         self._finish_stage(i, stage, trained)
+
+    def _scheduler(self, i: int, stage: Stage, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Per-batch cosine decay over the stage, or (``optim.schedule=run``) the stage's stretch of one
+        decay over all quantized stages, so that a new phase does not restart at the full rate."""
+        batches = len(self.data.train)
+        if self.cfg.optim.schedule == "phase" or not stage.quantized:
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(stage.epochs * batches, 1))
+        quantized = [s for s in self.stages if s.quantized]
+        offset = sum(s.epochs for s in self.stages[:i] if s.quantized) * batches
+        total = max(sum(s.epochs for s in quantized) * batches, 1)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * (offset + t) / total)))
 
     def _run_epoch(self, i: int, stage: Stage, epoch: int, phase, trained: nn.Module, scheds: list) -> None:
         seed = epoch_seed(self.cfg.seed, i, epoch)
