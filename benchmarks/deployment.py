@@ -2,12 +2,15 @@
 
 For each run folder: file sizes against the float32 checkpoint, and, for the integer engine and for
 onnxruntime, top-1 agreement with the fake-quant model, the largest logit difference and accuracy.
+The fake-quant model is evaluated as trained (float32) and in float64: where float32 rounding puts a
+value on the other side of a quantization step, the float64 evaluation is the model's exact answer.
 
     python benchmarks/deployment.py runs/accuracy-cpu-short/w2a2-qkd-resnet56-s0 runs/deploy/mnv2-w4a4
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -21,15 +24,16 @@ from qkd import pipeline
 from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+ROW_VERSION = 2  # 2: also against the fake-quant model evaluated in float64
 
 
 def check_run(run_dir: Path, limit: int | None) -> dict:
     """One run's row; kept in ``<run>/export/deployment.json`` so an interrupted benchmark resumes."""
     cached = run_dir / "export" / "deployment.json"
-    if cached.is_file() and json.loads(cached.read_text()).get("limit") == limit:
+    if cached.is_file() and json.loads(cached.read_text()).get("key") == [limit, ROW_VERSION]:
         return json.loads(cached.read_text())
     row = _measure(run_dir, limit)
-    cached.write_text(json.dumps({**row, "limit": limit}, indent=1))
+    cached.write_text(json.dumps({**row, "key": [limit, ROW_VERSION]}, indent=1))
     return row
 
 
@@ -48,14 +52,28 @@ def _measure(run_dir: Path, limit: int | None) -> dict:
         seen += len(y)
     example = batches[0][0][:2]
     student = r.student.eval().cpu()
-    with torch.no_grad():  # the fake-quant logits, computed once for both formats
-        reference = {x.data_ptr(): student(x) for x, _ in batches}
+    # The fake-quant logits, computed once for both formats: as trained (float32), and the same model
+    # in float64, which tells the export's own error from float32 rounding in the reference.
+    student64 = copy.deepcopy(student).double()
+    with torch.no_grad():
+        refs = {
+            "": {x.data_ptr(): student(x) for x, _ in batches},
+            "_f64": {x.data_ptr(): student64(x.double()) for x, _ in batches},
+        }
     for fmt, ext in (("int", "safetensors"), ("onnx", "onnx")):
         path = run_dir / "export" / f"student-{fmt}.{ext}"
         t0 = time.perf_counter()
         engine = export_student(student, fmt, path, example, {"model": cfg.student.name})
-        result = compare(engine, lambda x: reference[x.data_ptr()][: len(x)], batches, limit)
-        row[fmt] = {"kib": path.stat().st_size / 1024, "seconds": time.perf_counter() - t0, **result}
+        outputs = {}  # the exported model runs once per batch, for both references
+
+        def run(x, engine=engine, outputs=outputs):
+            return outputs.setdefault(x.data_ptr(), engine(x))
+
+        row[fmt] = {"kib": path.stat().st_size / 1024}
+        for suffix, ref in refs.items():
+            result = compare(run, lambda x, ref=ref: ref[x.data_ptr()][: len(x)].float(), batches, limit)
+            row[fmt].update({f"{k}{suffix}": v for k, v in result.items()})
+        row[fmt]["seconds"] = time.perf_counter() - t0
     return row
 
 
@@ -63,16 +81,19 @@ def main(runs: list[Path], limit: int | None = None, append: bool = True) -> Non
     """Check every run; print a table, write docs/deployment.json, append to docs/RESULTS.md."""
     rows = [check_run(run, limit) for run in runs]
     lines = [
-        "| run | model | bits | float32 KiB | int KiB | onnx KiB | test images | int agreement | int max logit diff "
-        "| onnx agreement | onnx max logit diff | fake-quant / int / onnx acc % |",
+        "| run | model | bits | float32 KiB | int KiB | onnx KiB | test images "
+        "| int agreement (float32 / float64 ref) | int max logit diff (float32 / float64 ref) "
+        "| onnx agreement (float32 / float64 ref) | onnx max logit diff (float32 ref) "
+        "| fake-quant / int / onnx acc % |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         i, o = r["int"], r["onnx"]
         lines.append(
             f"| {r['run']} | {r['model']} | {r['bits']} | {r['float_kib']:.0f} | {i['kib']:.0f} | {o['kib']:.0f} "
-            f"| {i['images']} | {100 * i['agreement']:.2f} % | {i['max_logit_diff']:.1e} "
-            f"| {100 * o['agreement']:.2f} % | {o['max_logit_diff']:.1e} "
+            f"| {i['images']} | {100 * i['agreement']:.2f} / {100 * i['agreement_f64']:.2f} % "
+            f"| {i['max_logit_diff']:.1e} / {i['max_logit_diff_f64']:.1e} "
+            f"| {100 * o['agreement']:.2f} / {100 * o['agreement_f64']:.2f} % | {o['max_logit_diff']:.1e} "
             f"| {100 * i['fake_quant_acc']:.2f} / {100 * i['engine_acc']:.2f} / {100 * o['engine_acc']:.2f} |"
         )
     command = "python benchmarks/deployment.py " + " ".join(sys.argv[1:])
