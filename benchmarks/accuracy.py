@@ -56,13 +56,34 @@ def base_config(data_dir: Path, teacher: str, device: str, seed: int) -> RunConf
 
 
 def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
-    """A finished run's summary, or the run (resumed if it was interrupted)."""
+    """A finished run's summary, or the run (resumed if it was interrupted). A folder made with
+    another configuration is never reused: that would report one configuration's numbers as
+    another's."""
     run_dir = out / cfg.name
+    if (run_dir / "config.yaml").is_file():
+        old = pipeline.load_run_config(run_dir).model_dump(exclude={"device"})
+        changed = sorted(_diff(old, cfg.model_dump(exclude={"device"})))
+        if changed:
+            raise typer.BadParameter(
+                f"{run_dir} was made with other settings ({', '.join(changed[:4])}); move it away or pass another --out"
+            )
     if (run_dir / "summary.json").is_file():
         return json.loads((run_dir / "summary.json").read_text())
     if (run_dir / "config.yaml").is_file():
         return pipeline.resume(run_dir)[1]
     return pipeline.run(cfg, out, stages=stages)[1]
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for k in a.keys() | b.keys():
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path) -> dict[str, Path]:
@@ -88,7 +109,7 @@ def method_config(base: RunConfig, ckpts: dict[str, Path], budget: dict, bits: i
     cfg.data.train_limit = budget["train_limit"]
     for role in ("teacher", "student"):
         mcfg = getattr(cfg, role)
-        mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role]), 0
+        mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role].resolve()), 0
     cfg.quant.weight_bits = cfg.quant.act_bits = bits
     return cfg
 

@@ -42,6 +42,7 @@ VARIANTS = {
     "quantizer lr 0.1x": ["optim.quant_lr=0.001"],
     "interval quantizer": ["quant.method=interval"],
     "one LR decay across phases": ["optim.schedule=run"],
+    "one LR decay, teacher lr 1e-4": ["optim.schedule=run", "optim.teacher_lr=0.0001"],
     "LSQ paper init, float BN stats": ["quant.step_init=lsq", "quant.bn_batches=0"],
 }
 
