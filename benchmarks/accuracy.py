@@ -58,11 +58,11 @@ def base_config(data_dir: Path, teacher: str, device: str, seed: int) -> RunConf
 def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
     """A finished run's summary, or the run (resumed if it was interrupted). A folder made with
     another configuration is never reused: that would report one configuration's numbers as
-    another's."""
+    another's (settings that this run's stages do not read may differ)."""
     run_dir = out / cfg.name
     if (run_dir / "config.yaml").is_file():
         old = pipeline.load_run_config(run_dir).model_dump(exclude={"device"})
-        changed = sorted(_diff(old, cfg.model_dump(exclude={"device"})))
+        changed = sorted(set(_diff(old, cfg.model_dump(exclude={"device"}))) - _unused(stages or pipeline.plan(cfg)))
         if changed:
             raise typer.BadParameter(
                 f"{run_dir} was made with other settings ({', '.join(changed[:4])}); move it away or pass another --out"
@@ -84,6 +84,16 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def _unused(stages: list[pipeline.Stage]) -> set[str]:
+    """Settings that have no effect on these stages."""
+    unused = set()
+    if not any(s.phase == "co_study" for s in stages):
+        unused.add("optim.teacher_lr")
+    if sum(s.quantized for s in stages) <= 1:  # one phase: one decay either way
+        unused.add("optim.schedule")
+    return unused
 
 
 def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path) -> dict[str, Path]:
