@@ -86,7 +86,7 @@ class ResidualNet(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _trained(model: nn.Module, bits: int, per_channel: bool, x: torch.Tensor) -> nn.Module:
+def _trained(model: nn.Module, bits: int, per_channel: bool, x: torch.Tensor, method: str = "lsq") -> nn.Module:
     """A model with realistic BatchNorm statistics and quantizers calibrated on data."""
     torch.manual_seed(0)
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
@@ -95,7 +95,7 @@ def _trained(model: nn.Module, bits: int, per_channel: bool, x: torch.Tensor) ->
     model.train()
     with torch.no_grad():
         model(x)
-    quantize_model(model, QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel))
+    quantize_model(model, QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel, method=method))
     calibrate(model, x)
     return model.eval()
 
@@ -109,11 +109,15 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize(("bits", "per_channel"), [(4, True), (2, False)])
-def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel):
+# interval grids have offsets: signed weights and the image input (off zero), MobileNetV2's linear bottlenecks
+@pytest.mark.parametrize(
+    ("bits", "per_channel", "method"),
+    [(4, True, "lsq"), (2, False, "lsq"), (2, True, "interval"), (4, False, "interval")],
+)
+def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel, method):
     torch.manual_seed(1)
     x = torch.randn(16, 3, 16, 16)
-    model = _trained(MODELS[name](), bits, per_channel, x)
+    model = _trained(MODELS[name](), bits, per_channel, x, method)
     out = IntEngine(*to_int_program(model))(x)
     with torch.no_grad():
         ref = model(x)
@@ -121,10 +125,11 @@ def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel):
     # The integer program is the fake-quant network computed exactly: it matches the float64
     # evaluation up to the 2^-32 fixed point. Against float32, only where float32 rounding tips a
     # value across a quantization boundary do the numbers move, by whole input steps.
-    assert (out - ref64).abs().max() <= 1e-6 * max(1.0, ref64.abs().max().item())
-    diff = (out.float() - ref).abs().flatten()
-    assert torch.quantile(diff, 0.9) <= 1e-4 * max(1.0, ref.abs().max().item())
-    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 15 / 16
+    tol = 1e-6 * max(1.0, ref64.abs().max().item())
+    assert (out - ref64).abs().max() <= tol
+    # every image on which the engine and the float32 model part is one where float32 departs from float64
+    moved = (out.float() - ref).abs().amax(1) > 100 * tol
+    assert ((ref.double() - ref64).abs().amax(1)[moved] > 50 * tol).all()
 
 
 def test_file_round_trip_sizes_and_manifest(tmp_path):
@@ -144,6 +149,15 @@ def test_file_round_trip_sizes_and_manifest(tmp_path):
         assert f.get_tensor("layer2_0_conv1.weight").numel() == 32 * 16 * 9 * 2 // 8
 
 
+def test_file_round_trip_of_an_interval_model(tmp_path):
+    """Unsigned codes counted from the lower bound, offsets and the extra terms survive the file."""
+    x = torch.randn(8, 3, 16, 16)
+    model = _trained(create_model("mobilenetv2_cifar", width_mult=0.25), 2, True, x, "interval")
+    save_int(tmp_path / "m.safetensors", *to_int_program(model), {})
+    engine, _ = load_int(tmp_path / "m.safetensors")
+    assert torch.equal(engine(x), IntEngine(*to_int_program(model))(x))
+
+
 def test_compare_reports_agreement():
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
@@ -158,10 +172,6 @@ def test_bad_inputs(tmp_path):
     model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
     with pytest.raises(QKDError, match="unknown export format 'tflite'; valid formats: int, onnx"):
         export_student(model, "tflite", tmp_path / "f.bin", x, {})
-    interval = quantize_model(create_model("tiny_cnn", in_channels=3), QuantConfig(method="interval"))
-    calibrate(interval, x)
-    with pytest.raises(QKDError, match="supports LSQ"):
-        to_int_program(interval)
     float_edges = quantize_model(create_model("tiny_cnn", in_channels=3), QuantConfig(first_last_bits=None))
     with pytest.raises(QKDError, match="not quantized on both"):
         to_int_program(float_edges)
@@ -171,4 +181,4 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(QKDError, match="not found"):
         load_int(tmp_path / "missing.safetensors")
     save_int(tmp_path / "ok.safetensors", *to_int_program(model), {})
-    assert load_int(tmp_path / "ok.safetensors")[1]["format"] == "qkd-int/2"
+    assert load_int(tmp_path / "ok.safetensors")[1]["format"] == "qkd-int/3"

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from qkd.errors import QKDError
-from qkd.export.intgraph import FRAC_BITS
+from qkd.export.intgraph import FRAC_BITS, TERMS
 
 INT32 = 2**31
 INT64_SAFE = 2**62  # headroom below int64 for the sums between layers
@@ -111,33 +111,62 @@ class IntEngine:
     def _layer_input(self, op: dict, x: Tensor) -> Tensor:
         lo, hi = op["a_range"]
         if x.is_floating_point():  # the network's input: quantized exactly as the fake-quant model does
+            if "a_interval" in op:  # the interval kernel's float32 maths (see qkd.quant.ste)
+                lower, upper = (torch.tensor(v, dtype=x.dtype) for v in op["a_interval"])
+                width = (upper - lower).clamp_min(1e-8)
+                z = (torch.minimum(torch.maximum(x, lower), upper) - lower) / width * hi
+                return torch.round(z).long()
             return torch.clamp(torch.round(x / op["a_scale"]), lo, hi).long()
-        # == clamp(shift_round(x, in_mult, in_shift), lo, hi), by thresholds (see ``thresholds``)
-        return lo + torch.bucketize(x, self.thresholds[op["name"]], right=True)
+        # == clamp(shift_round(x - in_offset, in_mult, in_shift), lo, hi), by thresholds (see ``thresholds``)
+        offset = self.t.get(f"{op['name']}.in_offset")
+        return lo + torch.bucketize(x if offset is None else x - offset, self.thresholds[op["name"]], right=True)
 
-    def _requant(self, op: dict, acc: Tensor) -> Tensor:
-        name = op["name"]
+    def _term(self, op: dict, key: str, acc: Tensor) -> Tensor:
+        """One integer term of the layer's output times its multiplier, in fixed point (offset terms carry
+        a second mantissa for the multiplier's remainder: ``mult * 2**-shift + mult_lo * 2**-shift_lo``)."""
         _check_range(acc, INT32, f"accumulator of '{op['module']}'")
-        mult, shift = (_channels(self.t[f"{name}.{k}"], acc.dim()) for k in ("mult", "shift"))
-        if bool((shift >= 1).all()):  # int32 accumulator times int32 mantissa: the product fits int64
-            out = torch.bitwise_right_shift(
-                acc * mult + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift
-            )
-        else:
-            out = shift_round(acc, mult, shift)
-        out = out + _channels(self.t[f"{name}.bias"], acc.dim())
+        out = None
+        for suffix in [f"_{key}", f"_{key}_lo"] if key else [""]:
+            mult, shift = (_channels(self.t[f"{op['name']}.{k}{suffix}"], acc.dim()) for k in ("mult", "shift"))
+            if bool((shift >= 1).all()):  # int32 accumulator times int32 mantissa: the product fits int64
+                part = torch.bitwise_right_shift(
+                    acc * mult + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift
+                )
+            else:
+                part = shift_round(acc, mult, shift)
+            out = part if out is None else out + part
+        return out
+
+    def _layer(self, op: dict, x: Tensor, linear) -> Tensor:
+        """``linear(input, weight)`` for each term the layer has (see ``intgraph.TERMS``), requantized and summed."""
+        name = op["name"]
+        xi, w = self._layer_input(op, x), self.t[f"{name}.weight"]
+        valid = torch.ones_like(xi[:1])  # the unpadded positions: the zero-offset input codes count there
+        operands = {
+            "": (xi, w),
+            "xsum": (xi, torch.ones_like(w)),
+            "wsum": (valid, w),
+            "count": (valid, torch.ones_like(w)),
+        }
+        out = None
+        for key in TERMS:
+            if f"{name}.mult{'_' + key if key else ''}" not in self.t:
+                continue
+            a, b = operands[key]
+            dtype = _exact_dtype(a, b)
+            term = self._term(op, key, torch.round(linear(a.to(dtype), b.to(dtype))).long())
+            out = term if out is None else out + term
+        out = out + _channels(self.t[f"{name}.bias"], out.dim())
         return _check_range(out, INT64_SAFE, f"output of '{op['module']}'")
 
     def _qconv2d(self, op: dict, x: Tensor) -> Tensor:
-        xi, w = self._layer_input(op, x), self.t[f"{op['name']}.weight"]
-        dtype = _exact_dtype(xi, w)
-        acc = F.conv2d(xi.to(dtype), w.to(dtype), None, op["stride"], op["padding"], op["dilation"], op["groups"])
-        return self._requant(op, torch.round(acc).long())
+        def conv(a: Tensor, w: Tensor) -> Tensor:
+            return F.conv2d(a, w, None, op["stride"], op["padding"], op["dilation"], op["groups"])
+
+        return self._layer(op, x, conv)
 
     def _qlinear(self, op: dict, x: Tensor) -> Tensor:
-        xi, w = self._layer_input(op, x), self.t[f"{op['name']}.weight"]
-        dtype = _exact_dtype(xi, w)
-        return self._requant(op, torch.round(F.linear(xi.to(dtype), w.to(dtype))).long())
+        return self._layer(op, x, F.linear)
 
     def _relu(self, op: dict, x: Tensor) -> Tensor:
         return x.clamp_min(0)

@@ -22,7 +22,8 @@ from qkd.export.intengine import IntEngine
 from qkd.export.intgraph import FRAC_BITS
 from qkd.export.packing import pack_bits, unpack_bits
 
-FORMAT = "qkd-int/2"
+FORMAT = "qkd-int/3"  # 3: affine (interval) grids, with the extra terms of intgraph.TERMS
+READS = ("qkd-int/2", FORMAT)  # a /2 file is a /3 file with LSQ grids only
 
 
 def _layer_ops(ops: list[dict]) -> dict[str, dict]:
@@ -39,8 +40,8 @@ def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor]
         if field == "weight":
             lo = layers[name]["w_range"][0]
             stored[key] = torch.from_numpy(pack_bits(value.numpy(), layers[name]["w_bits"], lo))
-        else:  # biases are int64 fixed point; multipliers and shifts fit int32
-            stored[key] = value if field == "bias" else value.to(torch.int32)
+        else:  # biases and input offsets are int64 fixed point; multipliers and shifts fit int32
+            stored[key] = value if field in ("bias", "in_offset") else value.to(torch.int32)
     manifest = {"format": FORMAT, "frac_bits": FRAC_BITS, **info, "ops": ops}
     text = json.dumps(manifest)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -61,8 +62,8 @@ def load_int(path: str | Path) -> tuple[IntEngine, dict[str, Any]]:
         stored = load_file(str(path))
     except Exception as e:
         raise QKDError(f"{path} is not a qkd integer checkpoint: {str(e).splitlines()[0]}") from None
-    if manifest.get("format") != FORMAT or manifest.get("frac_bits") != FRAC_BITS:
-        raise QKDError(f"{path} has format {manifest.get('format')}; this qkd reads {FORMAT}")
+    if manifest.get("format") not in READS or manifest.get("frac_bits") != FRAC_BITS:
+        raise QKDError(f"{path} has format {manifest.get('format')}; this qkd reads {', '.join(READS)}")
     layers = _layer_ops(manifest["ops"])
     tensors = {}
     for key, value in stored.items():

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from qkd.errors import QKDError
-from qkd.quant import LSQQuantizer, QConv2d, QLinear
+from qkd.quant import IntervalQuantizer, LSQQuantizer, QConv2d, QLinear
 
 FRAC_BITS = 32  # fixed-point fraction bits of the int64 tensors between layers (range +-2**30)
 _LEAVES = (QConv2d, QLinear, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Dropout,
@@ -48,14 +48,20 @@ def fixed_multiplier(m: Tensor) -> tuple[Tensor, Tensor]:
     return m0.long(), shift.long()
 
 
-def _int_range(q: LSQQuantizer) -> tuple[int, int]:
-    return int(q.qn), int(q.qp)
+# A layer's real output is a sum of integer terms, each with its own real multiplier (affine grids:
+# input ``oa + sa * ca``, weight ``ow[c] + sw[c] * cw``; padding contributes exact zeros):
+#   sa sw conv(ca, cw) + sa ow conv(ca, 1) + oa sw conv(valid, cw) + oa ow conv(valid, 1)
+# LSQ grids have zero offsets, so only the first term remains (the usual integer layer). The keys
+# name the terms: "" (codes x codes), "xsum" (input code sums), "wsum" and "count" (over the
+# unpadded window); a layer's file holds ``mult_<key>``/``shift_<key>`` only for the terms it has.
+TERMS = ("", "xsum", "wsum", "count")
 
 
 def _check_quantizers(name: str, layer: nn.Module) -> None:
     for q in (layer.weight_quant, layer.act_quant):
-        if not isinstance(q, LSQQuantizer):
-            raise QKDError(f"layer '{name}' uses a {type(q).__name__}; the integer engine supports LSQ quantizers")
+        if not isinstance(q, LSQQuantizer | IntervalQuantizer):
+            raise QKDError(f"layer '{name}' uses a {type(q).__name__}; the integer engine supports LSQ and "
+                           "interval quantizers")  # fmt: skip
         if q.bits is None or not q.enabled:
             raise QKDError(f"layer '{name}' is not quantized on both weights and input; the integer engine "
                            "needs every Conv/Linear quantized (set quant.first_last_bits to 8, not float)")  # fmt: skip
@@ -68,42 +74,54 @@ def _layer_op(name: str, layer: nn.Module) -> tuple[dict[str, Any], dict[str, Te
     _check_quantizers(name, layer)
     wq, aq = layer.weight_quant, layer.act_quant
     out_ch = layer.weight.shape[0]
-    w_step = wq.scale().double().reshape(-1).expand(out_ch)
+    w_step, w_off, w_lo, w_hi = (t.double().reshape(-1).expand(out_ch) if isinstance(t, Tensor) else t
+                                 for t in wq.affine())  # fmt: skip
+    a_step, a_off, a_lo, a_hi = aq.affine()
+    a_step, a_off = float(a_step), float(a_off)
     # the integers the fake-quant model uses, computed by its own quantizer (same float32 rounding)
-    w_int = torch.round(wq(layer.weight.detach()).double() / w_step.view(-1, *[1] * (layer.weight.dim() - 1)))
-    w_int = w_int.clamp(wq.qn, wq.qp).to(torch.int8)
-    a_step = float(aq.scale())
+    per_ch = (-1, *[1] * (layer.weight.dim() - 1))
+    w_int = torch.round((wq(layer.weight.detach()).double() - w_off.view(per_ch)) / w_step.view(per_ch))
+    w_int = w_int.clamp(w_lo, w_hi).to(torch.int16)
     op: dict[str, Any] = {
         "op": "qconv2d" if isinstance(layer, QConv2d) else "qlinear",
         "module": name,
-        "w_bits": wq.bits, "w_range": list(_int_range(wq)), "w_shape": list(layer.weight.shape),
-        "a_bits": aq.bits, "a_range": list(_int_range(aq)), "a_scale": a_step,
+        "w_bits": wq.bits, "w_range": [int(w_lo), int(w_hi)], "w_shape": list(layer.weight.shape),
+        "a_bits": aq.bits, "a_range": [int(a_lo), int(a_hi)], "a_scale": a_step, "a_offset": a_off,
     }  # fmt: skip
+    if isinstance(aq, IntervalQuantizer):  # the network's input is quantized with the quantizer's own float32 maths
+        op["a_interval"] = [float(aq.lower.detach()), float(aq.upper.detach())]
     if isinstance(layer, QConv2d):
         op.update(stride=list(layer.stride), padding=list(layer.padding), dilation=list(layer.dilation),
                   groups=layer.groups)  # fmt: skip
     bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(out_ch, dtype=torch.float64)
-    # real output = acc * a_step * w_step (+ bias); kept as float64 until the BN fold is known
-    tensors = {"weight": w_int, "scale": a_step * w_step, "bias": bias}
+    # real output = sum of terms (see TERMS) + bias; kept as float64 until the BN fold is known
+    scales = {"": a_step * w_step, "xsum": a_step * w_off, "wsum": a_off * w_step, "count": a_off * w_off}
+    tensors = {"weight": w_int, "bias": bias}
+    tensors.update({f"scale_{k}" if k else "scale": v for k, v in scales.items() if k == "" or bool(v.any())})
     return op, tensors
 
 
 def _fold_bn(tensors: dict[str, Tensor], bn: nn.BatchNorm2d) -> None:
     k = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    tensors["scale"] = tensors["scale"] * k
+    for key in [key for key in tensors if key.startswith("scale")]:
+        tensors[key] = tensors[key] * k
     tensors["bias"] = (tensors["bias"] - bn.running_mean.double()) * k + bn.bias.detach().double()
 
 
 def _finish_layer(op: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Turn float64 scale/bias into the integer requantization the engine uses."""
-    mult, shift = fixed_multiplier(tensors["scale"] * 2**FRAC_BITS)
-    in_mult, in_shift = fixed_multiplier(torch.tensor([2.0**-FRAC_BITS / op["a_scale"]], dtype=torch.float64))
-    return {
-        "weight": tensors["weight"],
-        "mult": mult, "shift": shift,
-        "bias": torch.round(tensors["bias"] * 2**FRAC_BITS).long(),
-        "in_mult": in_mult, "in_shift": in_shift,
-    }  # fmt: skip
+    """Turn float64 scales/bias into the integer requantization the engine uses."""
+    out = {"weight": tensors["weight"], "bias": torch.round(tensors["bias"] * 2**FRAC_BITS).long()}
+    for key, scale in tensors.items():
+        if key.startswith("scale"):
+            term = key[len("scale") :]
+            out[f"mult{term}"], out[f"shift{term}"] = m0, shift = fixed_multiplier(scale * 2**FRAC_BITS)
+            if term:  # offset terms are large and cancel one another: a second mantissa for the remainder
+                rest = scale * 2**FRAC_BITS - m0.double() * torch.pow(2.0, -shift.double())
+                out[f"mult{term}_lo"], out[f"shift{term}_lo"] = fixed_multiplier(rest)
+    out["in_mult"], out["in_shift"] = fixed_multiplier(torch.tensor([2.0**-FRAC_BITS / op["a_scale"]],
+                                                                    dtype=torch.float64))  # fmt: skip
+    out["in_offset"] = torch.tensor([round(op["a_offset"] * 2**FRAC_BITS)], dtype=torch.long)
+    return out
 
 
 def _slice_spec(index: Any) -> list:

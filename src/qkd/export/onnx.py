@@ -108,12 +108,8 @@ def _affine(name: str, q: Quantizer) -> tuple[Tensor, Tensor, int, int]:
     """(scale, offset, qn, qp) of an initialised quantizer, with the quantizer's own maths."""
     if not bool(q.initialized):
         raise QKDError(f"quantizer '{name}' was never initialised; calibrate or train the model before export")
-    if isinstance(q, LSQQuantizer):
-        return q.scale(), torch.zeros_like(q.scale()), q.qn, q.qp
-    if isinstance(q, IntervalQuantizer):
-        levels = 2**q.bits - 1
-        width = (q.upper - q.lower).detach().clamp_min(1e-8)  # as in the fake-quant kernel
-        return width / levels, q.lower.detach().clone(), 0, levels
+    if isinstance(q, LSQQuantizer | IntervalQuantizer):
+        return q.affine()
     raise QKDError(f"quantizer '{name}' is a {type(q).__name__}; ONNX export supports LSQ and interval quantizers")
 
 

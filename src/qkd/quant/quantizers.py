@@ -157,6 +157,11 @@ class Quantizer(nn.Module):
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def affine(self) -> tuple[Tensor, Tensor, int, int]:
+        """The grid in use as ``(scale, offset, qn, qp)``, detached: every output is
+        ``offset + scale * code`` with an integer ``qn <= code <= qp`` (what the exporters store)."""
+        raise NotImplementedError
+
 
 @_register("lsq")
 class LSQQuantizer(Quantizer):
@@ -189,6 +194,10 @@ class LSQQuantizer(Quantizer):
         """The step in use, detached: the real value of one integer unit."""
         return self._step().detach()
 
+    def affine(self) -> tuple[Tensor, Tensor, int, int]:
+        scale = self.scale()
+        return scale, torch.zeros_like(scale), self.qn, self.qp
+
 
 @_register("interval")
 class IntervalQuantizer(Quantizer):
@@ -217,6 +226,13 @@ class IntervalQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         lower = self.lower if self.signed else self.lower.detach()
         return interval_fake_quant(x, lower, self.upper, 2**self.bits, self._grad_scale(x))
+
+    def affine(self) -> tuple[Tensor, Tensor, int, int]:
+        # in float64: the grid itself, not one more float32 rounding of it (the exporters store what they need)
+        levels = 2**self.bits - 1
+        lower = self.lower.detach().double()
+        width = (self.upper.detach().double() - lower).clamp_min(1e-8)  # as in the fake-quant kernel
+        return width / levels, lower, 0, levels
 
 
 def make_quantizer(spec: QuantSpec, init: Tensor | None = None) -> Quantizer:
