@@ -46,6 +46,7 @@ VARIANTS = {
     "interval quantizer": ["quant.method=interval"],
     "one LR decay across phases": ["optim.schedule=run"],
     "one LR decay, teacher lr 1e-4": ["optim.schedule=run", "optim.teacher_lr=0.0001"],
+    "the same, interval quantizer": ["optim.schedule=run", "optim.teacher_lr=0.0001", "quant.method=interval"],
     "LSQ paper init, float BN stats": ["quant.step_init=lsq", "quant.bn_batches=0"],
 }
 
