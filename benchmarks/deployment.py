@@ -20,6 +20,7 @@ import torch
 import typer
 from throughput import machine, publish
 
+import qkd.export.onnx  # noqa: F401  (imported now, not halfway through a long run)
 from qkd import pipeline
 from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
 
