@@ -69,7 +69,8 @@ def export_student(student: nn.Module, fmt: str, path: Path, example: Tensor, in
         ops, tensors = to_int_program(student)
         save_int(path, ops, tensors, info)
         return load_int(path)[0]
-    from qkd.export.onnx import export_onnx, run_onnx
+    from qkd.export.onnx import export_onnx, onnx_runner
 
     export_onnx(student, example.cpu(), path)
-    return lambda x: torch.from_numpy(run_onnx(path, x.numpy()))
+    run = onnx_runner(path)  # one session for every batch
+    return lambda x: torch.from_numpy(run(x.numpy()))

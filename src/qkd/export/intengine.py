@@ -93,6 +93,7 @@ class IntEngine:
         self.ops = ops
         self.t = {k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()}
         self.thresholds = {}
+        self.last_use = {name: i for i, op in enumerate(ops) for name in op["in"]}
         for op in ops:
             if op["op"] in ("qconv2d", "qlinear"):
                 mult, shift = (int(self.t[f"{op['name']}.{k}"]) for k in ("in_mult", "in_shift"))
@@ -101,11 +102,14 @@ class IntEngine:
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         env: dict[str, Tensor] = {}
-        for op in self.ops:
-            args = [env[i] for i in op["in"]]
+        for i, op in enumerate(self.ops):
+            args = [env[name] for name in op["in"]]
             env[op["name"]] = getattr(self, "_" + op["op"])(op, *args) if op["op"] != "input" else x
             if op["op"] == "output":
                 return env[op["name"]]
+            for name in op["in"]:  # int64 activations are large: keep a value only until its last reader
+                if self.last_use[name] == i:
+                    del env[name]
         raise QKDError("integer program has no output op")
 
     def _layer_input(self, op: dict, x: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from qkd.errors import QKDError
 from qkd.quant import IntervalQuantizer, LSQQuantizer, Quantizer, quantizers
 
-__all__ = ["export_onnx", "run_onnx"]
+__all__ = ["export_onnx", "onnx_runner", "run_onnx"]
 
 _MIN_OPSET = 13  # per-axis (per-channel) QuantizeLinear/DequantizeLinear
 _INT4_MIN_OPSET = 21
@@ -314,8 +314,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     return path
 
 
-def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """Run an exported model with onnxruntime on the CPU; returns the first output (the logits)."""
+def onnx_runner(path: str | Path):
+    """One onnxruntime CPU session for an exported model; returns ``f(x) -> logits`` (numpy in and out)."""
     import onnxruntime as ort
 
     # onnxruntime's Clip->QuantizeLinear fusion rejects 4-bit zero points (ReLU6 before a UINT4
@@ -324,4 +324,9 @@ def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
         str(path), providers=["CPUExecutionProvider"], disabled_optimizers=["ClipQuantRewrite"]
     )
     name = session.get_inputs()[0].name
-    return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
+    """Run an exported model with onnxruntime on the CPU; returns the first output (the logits)."""
+    return onnx_runner(path)(x)
