@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import typer
-from throughput import machine, publish
+from throughput import command_line, machine, publish
 
 from qkd import pipeline
 from qkd.config import RunConfig, load_config
@@ -236,7 +236,7 @@ def main(
     prefix = ROOT / "docs" / f"accuracy-{budget}"
     (prefix.with_suffix(".json")).write_text(json.dumps({"budget": b, "float_test": fp, "runs": rows}, indent=1))
     figures = plots(rows, fp_mean, prefix)
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    command = command_line()
     text = (
         f"\n### CIFAR-10 (JPEG copy) accuracy study, budget {budget}, {time.strftime('%Y-%m-%d')}\n\n"
         f"Machine: {machine()}.\n"

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import typer
-from throughput import machine, publish
+from throughput import command_line, machine, publish
 
 import qkd.export.onnx  # noqa: F401  (imported now, not halfway through a long run)
 from qkd import pipeline
@@ -99,7 +98,7 @@ def main(runs: list[Path], limit: int | None = None, append: bool = True) -> Non
             f"| {100 * o['agreement']:.2f} / {100 * o['agreement_f64']:.2f} % | {o['max_logit_diff']:.1e} "
             f"| {100 * i['fake_quant_acc']:.2f} / {100 * i['engine_acc']:.2f} / {100 * o['engine_acc']:.2f} |"
         )
-    command = "python benchmarks/deployment.py " + " ".join(sys.argv[1:])
+    command = command_line()
     text = (
         f"\n### Deployment: packed integer checkpoint and ONNX against the fake-quant model, "
         f"{time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}.\nCommand: `{command.strip()}`\n\n"

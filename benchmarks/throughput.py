@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -45,6 +46,11 @@ class Variant:
     name: str
     step: Step
     note: str = ""
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it again (arguments quoted where needed)."""
+    return f"python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}".strip()
 
 
 def publish(text: str, append: bool = True) -> None:
@@ -307,7 +313,7 @@ def main(
     notes = {v.name: v.note for v in variants}
     tab = table(times, notes, batch_size, data_ips)
     summary = derived(times)
-    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    command = command_line()
     header = (
         f"### Training-step throughput, {time.strftime('%Y-%m-%d')}\n\n"
         f"Machine: {machine()}. Device {device}, kernels {kernels}, channels_last {channels_last}, amp {amp}; "

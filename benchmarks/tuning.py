@@ -15,13 +15,12 @@ import itertools
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import typer
 from accuracy import BUDGETS, ROOT, _run, base_config, float_step, method_config
-from throughput import machine, publish
+from throughput import command_line, machine, publish
 
 from qkd import pipeline
 from qkd.config import with_overrides
@@ -113,7 +112,7 @@ def main(
               "| bits | step init | BN batches | val % |", "|---|---|---:|---:|"]  # fmt: skip
     lines += [f"| {r['bits']} | {r['init']} | {r['bn']} | {100 * r['val']:.2f} |" for r in inits]
     (ROOT / "docs" / f"tuning-{budget}.json").write_text(json.dumps({"variants": rows, "init": inits}, indent=1))
-    command = "python benchmarks/tuning.py " + " ".join(sys.argv[1:])
+    command = command_line()
     text = (
         f"\n### Tuning on the validation split: W{bits}A{bits} {method}, budget {budget}, "
         f"{time.strftime('%Y-%m-%d')}\n\n"

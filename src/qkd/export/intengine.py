@@ -145,18 +145,18 @@ class IntEngine:
         """``linear(input, weight)`` for each term the layer has (see ``intgraph.TERMS``), requantized and summed."""
         name = op["name"]
         xi, w = self._layer_input(op, x), self.t[f"{name}.weight"]
-        valid = torch.ones_like(xi[:1])  # the unpadded positions: the zero-offset input codes count there
+        # what each term convolves; built only for the terms the layer has (LSQ layers: the first one)
         operands = {
-            "": (xi, w),
-            "xsum": (xi, torch.ones_like(w)),
-            "wsum": (valid, w),
-            "count": (valid, torch.ones_like(w)),
+            "": lambda: (xi, w),
+            "xsum": lambda: (xi, torch.ones_like(w)),
+            "wsum": lambda: (torch.ones_like(xi[:1]), w),  # ones on the unpadded positions
+            "count": lambda: (torch.ones_like(xi[:1]), torch.ones_like(w)),
         }
         out = None
         for key in TERMS:
             if f"{name}.mult{'_' + key if key else ''}" not in self.t:
                 continue
-            a, b = operands[key]
+            a, b = operands[key]()
             dtype = _exact_dtype(a, b)
             term = self._term(op, key, torch.round(linear(a.to(dtype), b.to(dtype))).long())
             out = term if out is None else out + term
