@@ -8,6 +8,10 @@ the test split gives only the final numbers. Each run is a normal ``qkd`` run fo
 
     python benchmarks/accuracy.py --budget cpu-short --bits 2 --bits 4
     python benchmarks/accuracy.py --budget paper --device cuda        # the paper's 30/100/70 epochs
+    python benchmarks/accuracy.py --budget gpu-short --bits 2 --bits 3 --bits 4 --device cuda --jobs 15
+
+``--jobs N`` runs N runs at once, each in its own process: one small CIFAR network leaves most of a GPU
+idle (its time goes in kernel launches), so several side by side finish far sooner than one after another.
 
 Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and
 matplotlib for the plots (``pip install -e .[bench]``).
@@ -17,12 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import torch
 import typer
 from throughput import command_line, machine, publish
 
@@ -35,6 +42,8 @@ BUDGETS = {
     # epochs: the quantized budget shared by every method; fp_epochs: step-0 float fine-tuning;
     # train_limit: training images per quantized epoch (None = all 45,000).
     "paper": {"epochs": 200, "fp_epochs": 15, "train_limit": None, "fp_train_limit": None},
+    "gpu-short": {"epochs": 30, "fp_epochs": 10, "train_limit": None, "fp_train_limit": None},
+    "gpu-probe": {"epochs": 6, "fp_epochs": 1, "train_limit": 6000, "fp_train_limit": 6000},  # times each phase
     "cpu-short": {"epochs": 10, "fp_epochs": 1, "train_limit": 10_000, "fp_train_limit": None},
     "smoke": {"epochs": 7, "fp_epochs": 1, "train_limit": 500, "fp_train_limit": 500},  # checks the mechanics only
 }
@@ -96,9 +105,35 @@ def _unused(stages: list[pipeline.Stage]) -> set[str]:
     return unused
 
 
-def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path) -> dict[str, Path]:
+def _run_job(cfg: RunConfig, out: Path, stages, threads: int) -> str:
+    torch.set_num_threads(threads)
+    _run(cfg, out, stages)
+    return cfg.name
+
+
+def run_all(jobs: list[tuple[RunConfig, list | None]], out: Path, parallel: int) -> None:
+    """Run (or reuse) each ``(config, stages)``, ``parallel`` at a time in worker processes (1: in this one).
+    A failed run does not stop the others; the failures are reported together at the end."""
+    if parallel <= 1:
+        for cfg, stages in jobs:
+            _run(cfg, out, stages)
+        return
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    failed = []
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job, cfg, out, stages, threads): cfg.name for cfg, stages in jobs}
+        for future in as_completed(futures):
+            try:
+                logging.info("finished %s", future.result())
+            except Exception as e:  # noqa: BLE001 - reported below, with the run's name
+                failed.append(f"{futures[future]}: {type(e).__name__}: {e}")
+    if failed:
+        raise RuntimeError("runs failed:\n" + "\n".join(failed))
+
+
+def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path, parallel: int = 1) -> dict[str, Path]:
     """Fine-tune the pretrained teacher and student on this data; returns their checkpoints."""
-    ckpts = {}
+    ckpts, jobs = {}, []
     for role in ("teacher", "student"):
         model = getattr(base, role).name
         cfg = base.model_copy(deep=True)
@@ -107,8 +142,9 @@ def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path) -> dict
         mcfg.checkpoint = str(data_dir / "weights" / PRETRAINED[model])
         mcfg.train_epochs, mcfg.lr = budget["fp_epochs"], 0.01
         cfg.data.train_limit = budget["fp_train_limit"]
-        _run(cfg, out, stages=[pipeline.float_stage(cfg, role)])
+        jobs.append((cfg, [pipeline.float_stage(cfg, role)]))
         ckpts[role] = out / cfg.name / "checkpoints" / f"fp_{role}.pt"
+    run_all(jobs, out, min(parallel, len(jobs)))
     return ckpts
 
 
@@ -211,6 +247,8 @@ def main(
     data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
     out: Path = ROOT / "runs",
     append: bool = True,
+    jobs: int = typer.Option(1, min=1, help="runs at once, each in its own process (for a GPU: 10-15)"),
+    epochs: int | None = typer.Option(None, min=1, help="quantized epochs per method instead of the budget's"),
 ) -> None:
     """Run (or resume) the study and write docs/accuracy-<budget>.json, plots and a RESULTS.md section."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -218,19 +256,18 @@ def main(
         raise typer.BadParameter(f"budget must be one of {', '.join(BUDGETS)}")
     if not (data_dir / "cifar10-jpeg-train.npz").is_file():
         raise typer.BadParameter(f"no cifar10-jpeg-train.npz in {data_dir}; pass --data-dir")
-    b, out = BUDGETS[budget], out / f"accuracy-{budget}"
+    b, out = dict(BUDGETS[budget]), out / f"accuracy-{budget}"
+    b["epochs"] = epochs or b["epochs"]
     t0, names, fp = time.time(), [], {}
     for seed in seeds:
         base = base_config(data_dir, teacher, device, seed)
-        ckpts = float_step(base, data_dir, b, out)
+        ckpts = float_step(base, data_dir, b, out, jobs)
         for role, path in ckpts.items():
             summary = json.loads((path.parent.parent / "summary.json").read_text())
             fp.setdefault(role, []).append(summary["stages"][f"fp_{role}"]["test"])
-        for w in bits:
-            for m in methods:
-                cfg = method_config(base, ckpts, b, w, m)
-                _run(cfg, out)
-                names.append(cfg.name)
+        cfgs = [method_config(base, ckpts, b, w, m) for w in bits for m in methods]
+        run_all([(cfg, None) for cfg in cfgs], out, jobs)
+        names += [cfg.name for cfg in cfgs]
     rows = collect(out, names)
     fp_mean = {k: statistics.mean(v) for k, v in fp.items()}
     prefix = ROOT / "docs" / f"accuracy-{budget}"
