@@ -290,6 +290,31 @@ def test_compiled_kernels_match_eager(channels_last):
     assert compiled[0][0].is_contiguous(memory_format=torch.channels_last) is channels_last
 
 
+@pytest.mark.slow
+def test_compiled_kernels_compile_once_for_training_and_evaluation():
+    """Training and evaluation share the compiled graphs: no variant per requires_grad, view or inference
+    tensor (they once made ResNet-20 compile ten graphs, and on CUDA hit dynamo's recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    from qkd.engine import Runtime, evaluate
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = quantize_model(create_model("resnet20", num_classes=10), QuantConfig(weight_bits=2, act_bits=2))
+    x, y = torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
+    calibrate(model, x)
+    ste.set_kernel_backend("compiled")
+    try:
+        before = counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            model(x).sum().backward()
+            evaluate(model, [(x, y)], Runtime())
+        assert ste.kernel_backend() == "compiled"
+        assert counters["stats"]["unique_graphs"] - before <= 3  # LSQ forward, backward (+1 size specialisation)
+    finally:
+        ste.set_kernel_backend("eager")
+
+
 def test_unknown_kernel_backend():
     with pytest.raises(ValueError, match="eager"):
         ste.set_kernel_backend("fast")

@@ -60,7 +60,9 @@ def train_epoch(phase, loader: Iterable, schedulers: list, rt: Runtime, desc: st
     return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1)}
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: inference tensors carry other dispatch keys, and each such variant made the
+# compiled fake-quant kernels recompile (on CUDA with autocast they hit dynamo's limit and fell back to eager)
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> float:
     """Top-1 accuracy of ``model`` in eval mode; the model's training flag is restored afterwards."""
     was_training = model.training

@@ -103,6 +103,9 @@ def _call(name: str, per_channel: bool, *args):
     its own static shape, cheaper to run eagerly than to compile for every layer.
     """
     if _backend["name"] == "compiled" and not per_channel:
+        # detached: the kernels run inside autograd Functions, and requires_grad or a view's base would
+        # otherwise each give the compiled graph one more variant (train vs eval, weights vs activations)
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         try:
             return _backend["kernels"][name](*args)
         except Exception as e:  # no C++ compiler, unsupported platform: stay correct, just slower
