@@ -8,10 +8,13 @@ the test split gives only the final numbers. Each run is a normal ``qkd`` run fo
 
     python benchmarks/accuracy.py --budget cpu-short --bits 2 --bits 4
     python benchmarks/accuracy.py --budget paper --device cuda        # the paper's 30/100/70 epochs
-    python benchmarks/accuracy.py --budget gpu-short --bits 2 --bits 3 --bits 4 --device cuda --jobs 15
+    python benchmarks/accuracy.py --budget gpu-short --bits 2 --bits 3 --bits 4 --device cuda --jobs 5
 
 ``--jobs N`` runs N runs at once, each in its own process: one small CIFAR network leaves most of a GPU
-idle (its time goes in kernel launches), so several side by side finish far sooner than one after another.
+idle (its time goes in kernel launches). Measured on an H200 (2026-11-27; the compiled kernels fell back to eager
+there, a bug fixed since): 15 ResNet-20
+runs side by side trained about 5,500 images/s in all, 5 (beside a MobileNetV2 run) about 4,800; the
+GPU time-slices between processes, so beyond a few jobs the total barely grows.
 
 Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and
 matplotlib for the plots (``pip install -e .[bench]``).
@@ -247,7 +250,7 @@ def main(
     data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
     out: Path = ROOT / "runs",
     append: bool = True,
-    jobs: int = typer.Option(1, min=1, help="runs at once, each in its own process (for a GPU: 10-15)"),
+    jobs: int = typer.Option(1, min=1, help="runs at once, each in its own process (for a GPU: about 5)"),
     epochs: int | None = typer.Option(None, min=1, help="quantized epochs per method instead of the budget's"),
 ) -> None:
     """Run (or resume) the study and write docs/accuracy-<budget>.json, plots and a RESULTS.md section."""
