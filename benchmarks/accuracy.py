@@ -11,10 +11,10 @@ the test split gives only the final numbers. Each run is a normal ``qkd`` run fo
     python benchmarks/accuracy.py --budget gpu-short --bits 2 --bits 3 --bits 4 --device cuda --jobs 5
 
 ``--jobs N`` runs N runs at once, each in its own process: one small CIFAR network leaves most of a GPU
-idle (its time goes in kernel launches). Measured on an H200 (2026-11-27; the compiled kernels fell back to eager
-there, a bug fixed since): 15 ResNet-20
-runs side by side trained about 5,500 images/s in all, 5 (beside a MobileNetV2 run) about 4,800; the
-GPU time-slices between processes, so beyond a few jobs the total barely grows.
+idle (its time goes in kernel launches). Measured on an H200 (2026-11-27; the compiled kernels fell back
+to eager there, a bug fixed since): 15 ResNet-20 runs side by side trained about 5,500 images/s in all,
+5 (beside a MobileNetV2 run) about 4,800; the GPU time-slices between processes, so beyond a few jobs
+the total barely grows.
 
 Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and
 matplotlib for the plots (``pip install -e .[bench]``).
