@@ -140,6 +140,12 @@ def test_evaluate_checkpoint_reports_quantized_and_float(tiny_config, tmp_path):
     assert result["quantized"] is True
     assert result["test"] == pytest.approx(summary["stages"]["1_self_study"]["test"])
     assert 0 <= result["test_fp"] <= 1
+    (run_dir / "checkpoints" / "last.pt").unlink()  # deleted to save space: the last stage's checkpoint serves
+    again = pipeline.evaluate_checkpoint(pipeline.load_run_config(run_dir), run_dir)
+    assert again["test"] == result["test"] and again["quantized"] is True
+    (run_dir / "checkpoints" / "1_self_study.pt").unlink()
+    with pytest.raises(QKDError, match="no student checkpoint"):
+        pipeline.evaluate_checkpoint(pipeline.load_run_config(run_dir), run_dir)
 
 
 def test_resume_of_a_float_only_run_keeps_its_stages(tiny_config, tmp_path):
