@@ -404,18 +404,17 @@ def resume(run_dir: str | Path, on_epoch_end: EpochHook | None = None) -> tuple[
     return run_dir, r.execute(on_epoch_end, optim)
 
 
-def _student_checkpoint(run_dir: Path) -> Path:
+def _student_checkpoint(r: Run) -> Path:
     """A run folder's ``last.pt``, or, where that was deleted (it also holds the optimizer state and is
     several times larger), the checkpoint of the run's last student stage (never an earlier one)."""
-    ckpt_dir = run_dir / "checkpoints"
-    if (ckpt_dir / "last.pt").is_file():
-        return ckpt_dir / "last.pt"
-    stages_file = run_dir / "stages.json"
+    if (r.ckpt_dir / "last.pt").is_file():
+        return r.ckpt_dir / "last.pt"
+    stages_file = r.run_dir / "stages.json"
     stages = json.loads(stages_file.read_text()) if stages_file.is_file() else []
     final = [s["key"] for s in stages if s.get("role", "student") == "student"][-1:]
-    if final and (ckpt_dir / f"{final[0]}.pt").is_file():
-        return ckpt_dir / f"{final[0]}.pt"
-    raise QKDError(f"{ckpt_dir} holds no student checkpoint (last.pt or a finished stage's): is the run finished?")
+    if final and (r.ckpt_dir / f"{final[0]}.pt").is_file():
+        return r.ckpt_dir / f"{final[0]}.pt"
+    raise QKDError(f"{r.ckpt_dir} holds no student checkpoint (last.pt or a finished stage's): is the run finished?")
 
 
 def load_student(cfg: RunConfig, target: str | Path, device: str | None = None) -> tuple[Run, bool]:
@@ -427,7 +426,7 @@ def load_student(cfg: RunConfig, target: str | Path, device: str | None = None) 
     if device:
         cfg.device = device
     r = Run(cfg, target if target.is_dir() else target.parent, stages=[])
-    ckpt = load_checkpoint(_student_checkpoint(target) if target.is_dir() else target)
+    ckpt = load_checkpoint(_student_checkpoint(r) if target.is_dir() else target)
     quantized = bool(ckpt.get("student_quantized", ckpt.get("quantized", False)))
     state = ckpt.get("student") or ckpt.get("state_dict")
     if state is None:
