@@ -392,13 +392,17 @@ def run(
     return run_dir, r.execute(on_epoch_end)
 
 
+def saved_stages(run_dir: Path) -> list[Stage] | None:
+    """The stages a run folder was started with (``stages.json``), or None for a folder without one."""
+    path = run_dir / "stages.json"
+    return [Stage(**s) for s in json.loads(path.read_text())] if path.is_file() else None
+
+
 def resume(run_dir: str | Path, on_epoch_end: EpochHook | None = None) -> tuple[Path, dict]:
     """Continue an interrupted run from its last checkpoint (a finished run just re-reports)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    stages_file = run_dir / "stages.json"
-    stages = [Stage(**s) for s in json.loads(stages_file.read_text())] if stages_file.is_file() else None
-    r = Run(cfg, run_dir, stages)
+    r = Run(cfg, run_dir, saved_stages(run_dir))
     last = r.ckpt_dir / "last.pt"
     optim = r.restore(load_checkpoint(last)) if last.is_file() else None
     return run_dir, r.execute(on_epoch_end, optim)
@@ -409,9 +413,7 @@ def _student_checkpoint(r: Run) -> Path:
     several times larger), the checkpoint of the run's last student stage (never an earlier one)."""
     if (r.ckpt_dir / "last.pt").is_file():
         return r.ckpt_dir / "last.pt"
-    stages_file = r.run_dir / "stages.json"
-    stages = json.loads(stages_file.read_text()) if stages_file.is_file() else []
-    final = [s["key"] for s in stages if s.get("role", "student") == "student"][-1:]
+    final = [s.key for s in saved_stages(r.run_dir) or [] if s.role == "student"][-1:]
     if final and (r.ckpt_dir / f"{final[0]}.pt").is_file():
         return r.ckpt_dir / f"{final[0]}.pt"
     raise QKDError(f"{r.ckpt_dir} holds no student checkpoint (last.pt or a finished stage's): is the run finished?")
