@@ -1,7 +1,8 @@
-"""Export trained runs to the packed integer format and to ONNX, and check both on the whole test split.
+"""Export trained runs to every format (packed integers, ONNX QDQ, ONNX integer) and check them on the test split.
 
-For each run folder: file sizes against the float32 checkpoint, and, for the integer engine and for
-onnxruntime, top-1 agreement with the fake-quant model, the largest logit difference and accuracy.
+For each run folder and format: the file size against the float32 checkpoint, and top-1 agreement
+with the fake-quant model, the largest logit difference and accuracy (the integer engine for the
+packed file, onnxruntime for the ONNX files).
 The fake-quant model is evaluated as trained (float32) and in float64: where float32 rounding puts a
 value on the other side of a quantization step, the float64 evaluation is the model's exact answer.
 
@@ -20,11 +21,12 @@ import typer
 from throughput import command_line, machine, publish
 
 import qkd.export.onnx  # noqa: F401  (imported now, not halfway through a long run)
+import qkd.export.onnx_int  # noqa: F401
 from qkd import pipeline
-from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
+from qkd.export.deploy import EXTENSIONS, compare, export_student, float_checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_VERSION = 2  # 2: also against the fake-quant model evaluated in float64
+ROW_VERSION = 3  # 2: also against the fake-quant model evaluated in float64; 3: the onnx-int format
 
 
 def check_run(run_dir: Path, limit: int | None) -> dict:
@@ -60,7 +62,7 @@ def _measure(run_dir: Path, limit: int | None) -> dict:
             "": {x.data_ptr(): student(x) for x, _ in batches},
             "_f64": {x.data_ptr(): student64(x.double()) for x, _ in batches},
         }
-    for fmt, ext in (("int", "safetensors"), ("onnx", "onnx")):
+    for fmt, ext in EXTENSIONS.items():
         path = run_dir / "export" / f"student-{fmt}.{ext}"
         t0 = time.perf_counter()
         engine = export_student(student, fmt, path, example, {"model": cfg.student.name})
@@ -83,24 +85,22 @@ def main(runs: list[Path], limit: int | None = None, append: bool = True) -> Non
     """Check every run; print a table, write docs/deployment.json, append to docs/RESULTS.md."""
     rows = [check_run(run, limit) for run in runs]
     lines = [
-        "| run | model | bits | float32 KiB | int KiB | onnx KiB | test images "
-        "| int agreement (float32 / float64 ref) | int max logit diff (float32 / float64 ref) "
-        "| onnx agreement (float32 / float64 ref) | onnx max logit diff (float32 ref) "
-        "| fake-quant / int / onnx acc % |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | model | bits | format | KiB (float32 KiB) | test images | agreement, float32 / float64 ref "
+        "| max logit diff, float32 / float64 ref | accuracy % (fake-quant) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        i, o = r["int"], r["onnx"]
-        lines.append(
-            f"| {r['run']} | {r['model']} | {r['bits']} | {r['float_kib']:.0f} | {i['kib']:.0f} | {o['kib']:.0f} "
-            f"| {i['images']} | {100 * i['agreement']:.2f} / {100 * i['agreement_f64']:.2f} % "
-            f"| {i['max_logit_diff']:.1e} / {i['max_logit_diff_f64']:.1e} "
-            f"| {100 * o['agreement']:.2f} / {100 * o['agreement_f64']:.2f} % | {o['max_logit_diff']:.1e} "
-            f"| {100 * i['fake_quant_acc']:.2f} / {100 * i['engine_acc']:.2f} / {100 * o['engine_acc']:.2f} |"
-        )
+        for fmt in EXTENSIONS:
+            e = r[fmt]
+            lines.append(
+                f"| {r['run']} | {r['model']} | {r['bits']} | {fmt} | {e['kib']:.0f} ({r['float_kib']:.0f}) "
+                f"| {e['images']} | {100 * e['agreement']:.2f} / {100 * e['agreement_f64']:.2f} % "
+                f"| {e['max_logit_diff']:.1e} / {e['max_logit_diff_f64']:.1e} "
+                f"| {100 * e['engine_acc']:.2f} ({100 * e['fake_quant_acc']:.2f}) |"
+            )
     command = command_line()
     text = (
-        f"\n### Deployment: packed integer checkpoint and ONNX against the fake-quant model, "
+        f"\n### Deployment: packed integers, ONNX QDQ and ONNX integer against the fake-quant model, "
         f"{time.strftime('%Y-%m-%d')}\n\nMachine: {machine()}.\nCommand: `{command.strip()}`\n\n"
         + "\n".join(lines)
         + "\n"

@@ -108,13 +108,14 @@ def test_eval_of_a_checkpoint_file_with_its_config(tmp_path):
 def test_export_int_and_onnx_and_eval_engines(tmp_path):
     res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
-    for fmt, ext in (("int", "safetensors"), ("onnx", "onnx")):
+    for fmt, ext in (("int", "safetensors"), ("onnx", "onnx"), ("onnx-int", "onnx")):
         res = qkd("export", str(tmp_path / "r"), "--format", fmt)
         assert res.returncode == 0, res.stderr
         assert (tmp_path / "r" / "export" / f"student-{fmt}.{ext}").is_file()
         assert "smaller" in res.stdout and "top-1 agreement" in res.stdout
-    res = qkd("eval", str(tmp_path / "r"), "--engine", "int")
-    assert res.returncode == 0 and "agreement" in res.stdout
+    for engine in ("int", "onnx-int"):
+        res = qkd("eval", str(tmp_path / "r"), "--engine", engine)
+        assert res.returncode == 0 and "agreement" in res.stdout
     res = qkd("export", str(tmp_path / "r"), "--format", "tflite")
     assert res.returncode == 2 and "unknown export format 'tflite'" in res.stderr
     res = qkd("run", *TINY, "--name", "fp", "--out", str(tmp_path), "method=qat", "student.train_epochs=1", "epochs=1")

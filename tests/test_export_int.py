@@ -3,10 +3,12 @@
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 from safetensors import safe_open
 from torch import nn
 
@@ -14,7 +16,9 @@ from qkd.errors import QKDError
 from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
 from qkd.export.intengine import IntEngine, shift_round, thresholds
 from qkd.export.intfile import load_int, save_int
-from qkd.export.intgraph import fixed_multiplier, to_int_program
+from qkd.export.intgraph import fixed_multiplier, to_int_program, to_real_program
+from qkd.export.onnx import onnx_runner
+from qkd.export.onnx_int import export_onnx_int
 from qkd.export.packing import pack_bits, unpack_bits
 from qkd.models import create_model
 from qkd.quant import QuantConfig, calibrate, quantize_model
@@ -132,6 +136,33 @@ def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel, me
     assert ((ref.double() - ref64).abs().amax(1)[moved] > 50 * tol).all()
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    ("bits", "per_channel", "method"),
+    [(4, True, "lsq"), (2, False, "lsq"), (2, True, "interval"), (4, False, "interval")],
+)
+def test_integer_onnx_gives_the_exact_fake_quant_answers(tmp_path, name, bits, per_channel, method):
+    """ConvInteger/MatMulInteger accumulate the integer codes, float64 requantizes: the float64 model's logits."""
+    torch.manual_seed(1)
+    x = torch.randn(16, 3, 16, 16)
+    model = _trained(MODELS[name](), bits, per_channel, x, method)
+    path = export_onnx_int(model, x[:2], tmp_path / "m.onnx")
+    out = onnx_runner(path)(x.numpy())
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double()).numpy()
+    assert out.dtype == np.float64 and np.abs(out - ref64).max() <= 1e-10 * max(1.0, np.abs(ref64).max())
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert not ops & {"Conv", "Gemm", "MatMul", "QuantizeLinear"}, "every layer must run as an integer op"
+    layers = [n for n in graph.node if n.op_type in ("ConvInteger", "MatMulInteger") and n.name.endswith("Integer")]
+    assert len(layers) == sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith(".weight")}
+    _, program = to_real_program(model)
+    for key, w in stored.items():  # the integer codes themselves, in 8-bit types (linear: transposed)
+        want = program[key].numpy()
+        assert w.dtype in (np.int8, np.uint8) and np.array_equal(w if w.shape == want.shape else w.T, want)
+
+
 def test_file_round_trip_sizes_and_manifest(tmp_path):
     x = torch.randn(16, 3, 16, 16)
     model = _trained(create_model("resnet20"), 2, True, x)
@@ -161,8 +192,12 @@ def test_file_round_trip_of_an_interval_model(tmp_path):
 def test_compare_reports_agreement():
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
-    result = compare(IntEngine(*to_int_program(model)), model, [(x, y)])
-    assert result["images"] == 8 and result["agreement"] == 1.0
+    result = compare(IntEngine(*to_int_program(model)), model, [(x, y)], exact=True)
+    assert result["images"] == 8 and result["agreement"] == result["agreement_f64"] == 1.0
+    assert result["max_logit_diff_f64"] < 1e-6
+    with torch.no_grad():
+        reversed_ = compare(lambda t: -model(t), model, [(x, y)], exact=True)
+    assert reversed_["agreement"] < 1 and reversed_["agreement_f64"] < 1 and reversed_["max_logit_diff_f64"] > 0.1
 
 
 def test_bad_inputs(tmp_path):
@@ -170,7 +205,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(QKDError, match="no quantized layers"):
         export_student(create_model("tiny_cnn", in_channels=3), "int", tmp_path / "f.safetensors", x, {})
     model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
-    with pytest.raises(QKDError, match="unknown export format 'tflite'; valid formats: int, onnx"):
+    with pytest.raises(QKDError, match="unknown export format 'tflite'; valid formats: int, onnx, onnx-int"):
         export_student(model, "tflite", tmp_path / "f.bin", x, {})
     float_edges = quantize_model(create_model("tiny_cnn", in_channels=3), QuantConfig(first_last_bits=None))
     with pytest.raises(QKDError, match="not quantized on both"):

@@ -143,7 +143,9 @@ def train_fp(
     typer.echo(f"checkpoint: {run_dir / 'checkpoints' / f'fp_{role}.pt'}  (use as {role}.checkpoint=...)")
 
 
-Engine = Annotated[str, typer.Option(help="torch (the fake-quant model), int (integer engine) or onnx.")]
+Engine = Annotated[
+    str, typer.Option(help="torch (the fake-quant model), int (integer engine), onnx (QDQ) or onnx-int (ConvInteger).")
+]
 Verify = Annotated[int, typer.Option(help="Test images on which the export is checked against the trained model.")]
 
 
@@ -173,14 +175,14 @@ def eval_(
     if engine == "torch":
         result = pipeline.evaluate_checkpoint(cfg, target, device)
     else:
-        from qkd.export.deploy import compare, export_student
+        from qkd.export.deploy import EXTENSIONS, compare, export_student
 
         r, _ = pipeline.load_student(cfg, target, "cpu")
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / ("student.onnx" if engine == "onnx" else "student.safetensors")
+            path = Path(tmp) / f"student.{EXTENSIONS.get(engine, 'bin')}"
             run = export_student(r.student, engine, path, next(iter(r.data.test))[0][:2], {})
-            result = {"engine": engine, **compare(run, r.student, r.data.test)}
-    percent = ("acc", "agreement", "val", "test", "fp")
+            result = {"engine": engine, **compare(run, r.student, r.data.test, exact=True)}
+    percent = ("acc", "agreement", "agreement_f64", "val", "test", "fp")
     for k, v in result.items():
         typer.echo(f"{k:16s} {_pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
 
@@ -189,17 +191,24 @@ def eval_(
 def export(
     target: Annotated[Path, typer.Argument(help="A run folder, or a checkpoint file with a config.")],
     args: ConfigArgs = None,
-    format: Annotated[str, typer.Option("--format", help="int (packed integers, safetensors) or onnx (QDQ).")] = "int",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="int (packed integers, safetensors), onnx (QDQ, runs in float32) or onnx-int (integer convolutions "
+            "and float64 requantization: the trained model's exact answers).",
+        ),
+    ] = "int",
     out: Annotated[Path | None, typer.Option(help="Output file (default: <run>/export/student.<ext>).")] = None,
     verify: Verify = 1000,
 ) -> None:
     """Export the quantized student and check it against the trained model on test images."""
     from qkd import pipeline
-    from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
+    from qkd.export.deploy import EXTENSIONS, compare, export_student, float_checkpoint_bytes
 
     cfg = _student_cfg(target, args, None)
     r, _ = pipeline.load_student(cfg, target, "cpu")
-    ext = {"int": "safetensors", "onnx": "onnx"}.get(format, format)
+    ext = EXTENSIONS.get(format, format)
     path = out or (target if target.is_dir() else target.parent) / "export" / f"student-{format}.{ext}"
     q = cfg.quant
     info = {"model": cfg.student.name, "weight_bits": q.weight_bits, "act_bits": q.act_bits,
@@ -209,10 +218,12 @@ def export(
     typer.echo(
         f"wrote {path}: {size / 1024:.1f} KiB; float32 checkpoint {fp / 1024:.1f} KiB ({fp / size:.1f}x smaller)"
     )
-    check = compare(run, r.student, r.data.test, limit=verify)
+    check = compare(run, r.student, r.data.test, limit=verify, exact=True)
     typer.echo(
-        f"checked on {check['images']} test images: top-1 agreement {100 * check['agreement']:.2f} %, "
-        f"max |logit diff| {check['max_logit_diff']:.2e}, accuracy {100 * check['engine_acc']:.2f} % "
+        f"checked on {check['images']} test images against the trained model: top-1 agreement "
+        f"{100 * check['agreement_f64']:.2f} % with its exact (float64) answers, {100 * check['agreement']:.2f} % "
+        f"with its float32 evaluation; max |logit diff| {check['max_logit_diff_f64']:.2e} / "
+        f"{check['max_logit_diff']:.2e}; accuracy {100 * check['engine_acc']:.2f} % "
         f"(fake-quant {100 * check['fake_quant_acc']:.2f} %)"
     )
 

@@ -19,7 +19,9 @@ from qkd.export.intfile import load_int, save_int
 from qkd.export.intgraph import to_int_program
 from qkd.quant import dequantize_model, is_quantized
 
-FORMATS = ("int", "onnx")
+# format -> file extension: packed integers; ONNX with QDQ nodes; ONNX with integer convolutions
+EXTENSIONS = {"int": "safetensors", "onnx": "onnx", "onnx-int": "onnx"}
+FORMATS = tuple(EXTENSIONS)
 
 
 def float_checkpoint_bytes(student: nn.Module) -> int:
@@ -31,30 +33,46 @@ def float_checkpoint_bytes(student: nn.Module) -> int:
 
 
 def compare(
-    engine: Callable[[Tensor], Tensor], model: Callable[[Tensor], Tensor], batches: Iterable, limit: int | None = None
+    engine: Callable[[Tensor], Tensor],
+    model: Callable[[Tensor], Tensor],
+    batches: Iterable,
+    limit: int | None = None,
+    exact: bool = False,
 ) -> dict:
     """Top-1 agreement and max |logit difference| between ``engine`` and the fake-quant ``model``
     (a module, or any callable giving its logits), and both accuracies, over ``batches`` (at most
-    ``limit`` images)."""
+    ``limit`` images). ``exact`` (``model`` a module) adds ``agreement_f64`` and ``max_logit_diff_f64``:
+    the same against ``model`` evaluated in float64, its exact answer, which float32 rounding can
+    move across a quantization step (the float32 figures then count that rounding too)."""
     if isinstance(model, nn.Module):
         model = model.eval().cpu()
-    seen = agree = right_engine = right_model = 0
-    max_diff = 0.0
+        model64 = copy.deepcopy(model).double() if exact else None
+    elif exact:
+        raise TypeError("exact=True needs the model as a module")
+    seen = agree = agree64 = right_engine = right_model = 0
+    max_diff = max_diff64 = 0.0
     with torch.no_grad():
         for x, y in batches:
             x, y = x.cpu().contiguous(), y.cpu()
             if limit is not None:
                 x, y = x[: limit - seen], y[: limit - seen]
-            ref, out = model(x), torch.as_tensor(engine(x)).float()
+            ref, out = model(x), torch.as_tensor(engine(x))
             agree += int((ref.argmax(1) == out.argmax(1)).sum())
             right_engine += int((out.argmax(1) == y).sum())
             right_model += int((ref.argmax(1) == y).sum())
-            max_diff = max(max_diff, float((ref - out).abs().max()))
+            max_diff = max(max_diff, float((ref - out.float()).abs().max()))
+            if exact:
+                ref64 = model64(x.double())
+                agree64 += int((ref64.argmax(1) == out.argmax(1)).sum())
+                max_diff64 = max(max_diff64, float((ref64 - out.double()).abs().max()))
             seen += len(y)
             if limit is not None and seen >= limit:
                 break
-    return {"images": seen, "agreement": agree / seen, "max_logit_diff": max_diff,
-            "engine_acc": right_engine / seen, "fake_quant_acc": right_model / seen}  # fmt: skip
+    result = {"images": seen, "agreement": agree / seen, "max_logit_diff": max_diff,
+              "engine_acc": right_engine / seen, "fake_quant_acc": right_model / seen}  # fmt: skip
+    if exact:
+        result.update(agreement_f64=agree64 / seen, max_logit_diff_f64=max_diff64)
+    return result
 
 
 def export_student(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict) -> Callable[[Tensor], Tensor]:
@@ -71,6 +89,11 @@ def export_student(student: nn.Module, fmt: str, path: Path, example: Tensor, in
         return load_int(path)[0]
     from qkd.export.onnx import export_onnx, onnx_runner
 
-    export_onnx(student, example.cpu(), path)
+    if fmt == "onnx":
+        export_onnx(student, example.cpu(), path)
+    else:
+        from qkd.export.onnx_int import export_onnx_int
+
+        export_onnx_int(student, example.cpu(), path)
     run = onnx_runner(path)  # one session for every batch
     return lambda x: torch.from_numpy(run(x.numpy()))

@@ -212,8 +212,8 @@ class _Builder:
             raise QKDError(f"tensor method .{node.target}() is not supported by the integer engine")
 
 
-def to_int_program(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
-    """Trace a quantized model (in eval mode) into integer ops and tensors named ``<op>.<field>``."""
+def _trace(model: nn.Module) -> _Builder:
+    """The traced program of a quantized model (in eval mode), its layers' float64 requantization still pending."""
     model = model.eval()
     try:
         graph = _Tracer().trace(model)
@@ -231,7 +231,19 @@ def to_int_program(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, Te
             handlers[node.op](node)
     if not b.pending:
         raise QKDError("the model has no quantized layers; export the student of a quantized run")
-    tensors = {
-        f"{name}.{k}": v for name, (_, t) in b.pending.items() for k, v in _finish_layer(b.pending[name][0], t).items()
-    }
+    return b
+
+
+def to_real_program(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """The same ops as :func:`to_int_program`, each layer's tensors still real: integer ``weight`` codes,
+    float64 ``bias`` and ``scale[_<term>]`` (see ``TERMS``) with BatchNorm folded in. Between layers the
+    values are real numbers; the ONNX integer export computes them in float64."""
+    b = _trace(model)
+    return b.ops, {f"{name}.{k}": v for name, (_, t) in b.pending.items() for k, v in t.items()}
+
+
+def to_int_program(model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Trace a quantized model (in eval mode) into integer ops and tensors named ``<op>.<field>``."""
+    b = _trace(model)
+    tensors = {f"{name}.{k}": v for name, (op, t) in b.pending.items() for k, v in _finish_layer(op, t).items()}
     return b.ops, tensors
