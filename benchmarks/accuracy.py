@@ -9,6 +9,11 @@ the test split gives only the final numbers. Each run is a normal ``qkd`` run fo
     python benchmarks/accuracy.py --budget cpu-short --bits 2 --bits 4
     python benchmarks/accuracy.py --budget paper --device cuda        # the paper's 30/100/70 epochs
     python benchmarks/accuracy.py --budget gpu-short --bits 2 --bits 3 --bits 4 --device cuda --jobs 5
+    python benchmarks/accuracy.py --bits 2 --set quant.method=interval --tag interval   # a variant, beside
+
+A variant (``--set`` overrides for every method, named by ``--tag``) keeps its runs in
+``runs/accuracy-<budget>-<tag>/`` and its JSON and plots in ``docs/accuracy-<budget>-<tag>*``; it
+shares the float step (step 0) with the plain study.
 
 ``--jobs N`` runs N runs at once, each in its own process: one small CIFAR network leaves most of a GPU
 idle (its time goes in kernel launches). Measured on an H200 (2026-11-27; the compiled kernels fell back
@@ -37,7 +42,7 @@ import typer
 from throughput import command_line, machine, publish
 
 from qkd import pipeline
-from qkd.config import RunConfig, load_config
+from qkd.config import RunConfig, load_config, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
@@ -151,8 +156,10 @@ def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path, paralle
     return ckpts
 
 
-def method_config(base: RunConfig, ckpts: dict[str, Path], budget: dict, bits: int, method: str) -> RunConfig:
-    cfg = base.model_copy(deep=True)
+def method_config(
+    base: RunConfig, ckpts: dict[str, Path], budget: dict, bits: int, method: str, overrides: list[str] = ()
+) -> RunConfig:
+    cfg = with_overrides(base, list(overrides)) if overrides else base.model_copy(deep=True)
     cfg.name = f"w{bits}a{bits}-{method}-{cfg.teacher.name}-s{cfg.seed}"
     cfg.method, cfg.epochs = method, budget["epochs"]
     cfg.data.train_limit = budget["train_limit"]
@@ -173,7 +180,8 @@ def collect(out: Path, names: list[str]) -> list[dict]:
 
 
 def table(rows: list[dict], fp: dict) -> str:
-    """Method x bits, test top-1 (mean over seeds, and each seed), with the float references."""
+    """Method x bits, test top-1 (mean over seeds, and each seed) and each seed's wall time, with the float
+    references."""
     cells: dict[tuple[str, int], list[float]] = {}
     walls: dict[tuple[str, int], list[float]] = {}
     for r in rows:
@@ -193,8 +201,9 @@ def table(rows: list[dict], fp: dict) -> str:
                 parts += ["", ""]
                 continue
             per_seed = "/".join(f"{a:.2f}" for a in acc)
+            wall = walls[(m, b)]
             parts += [f"{statistics.mean(acc):.2f}" + (f" ({per_seed})" if len(acc) > 1 else ""),
-                      f"{statistics.mean(walls[(m, b)]):.0f}"]  # fmt: skip
+                      "/".join(f"{w:.0f}" for w in wall)]  # fmt: skip
         lines.append(f"| {m} | " + " | ".join(parts) + " |")
     ref = f"Float references (test %): student {100 * fp['student']:.2f}, teacher {100 * fp['teacher']:.2f}."
     return "\n".join(lines) + "\n\n" + ref
@@ -252,6 +261,8 @@ def main(
     append: bool = True,
     jobs: int = typer.Option(1, min=1, help="runs at once, each in its own process (for a GPU: about 5)"),
     epochs: int | None = typer.Option(None, min=1, help="quantized epochs per method instead of the budget's"),
+    set_: list[str] = typer.Option([], "--set", help="config override for every method, e.g. quant.method=interval"),
+    tag: str = typer.Option("", help="name of the variant that --set makes (its runs, JSON and plots)"),
 ) -> None:
     """Run (or resume) the study and write docs/accuracy-<budget>.json, plots and a RESULTS.md section."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -259,26 +270,29 @@ def main(
         raise typer.BadParameter(f"budget must be one of {', '.join(BUDGETS)}")
     if not (data_dir / "cifar10-jpeg-train.npz").is_file():
         raise typer.BadParameter(f"no cifar10-jpeg-train.npz in {data_dir}; pass --data-dir")
-    b, out = dict(BUDGETS[budget]), out / f"accuracy-{budget}"
+    if bool(set_) != bool(tag):
+        raise typer.BadParameter("--set and --tag go together: a variant needs a name to keep its runs apart")
+    name = f"accuracy-{budget}" + (f"-{tag}" if tag else "")
+    b, fp_out, out = dict(BUDGETS[budget]), out / f"accuracy-{budget}", out / name
     b["epochs"] = epochs or b["epochs"]
     t0, names, fp = time.time(), [], {}
     for seed in seeds:
         base = base_config(data_dir, teacher, device, seed)
-        ckpts = float_step(base, data_dir, b, out, jobs)
+        ckpts = float_step(base, data_dir, b, fp_out, jobs)
         for role, path in ckpts.items():
             summary = json.loads((path.parent.parent / "summary.json").read_text())
             fp.setdefault(role, []).append(summary["stages"][f"fp_{role}"]["test"])
-        cfgs = [method_config(base, ckpts, b, w, m) for w in bits for m in methods]
+        cfgs = [method_config(base, ckpts, b, w, m, set_) for w in bits for m in methods]
         run_all([(cfg, None) for cfg in cfgs], out, jobs)
         names += [cfg.name for cfg in cfgs]
     rows = collect(out, names)
     fp_mean = {k: statistics.mean(v) for k, v in fp.items()}
-    prefix = ROOT / "docs" / f"accuracy-{budget}"
+    prefix = ROOT / "docs" / name
     (prefix.with_suffix(".json")).write_text(json.dumps({"budget": b, "float_test": fp, "runs": rows}, indent=1))
     figures = plots(rows, fp_mean, prefix)
-    command = command_line()
+    command, variant = command_line(), f", variant {tag} ({' '.join(set_)})" if tag else ""
     text = (
-        f"\n### CIFAR-10 (JPEG copy) accuracy study, budget {budget}, {time.strftime('%Y-%m-%d')}\n\n"
+        f"\n### CIFAR-10 (JPEG copy) accuracy study, budget {budget}{variant}, {time.strftime('%Y-%m-%d')}\n\n"
         f"Machine: {machine()}.\n"
         f"ResNet-20 student, {teacher} teacher, both fine-tuned from the pretrained checkpoints for "
         f"{b['fp_epochs']} epoch(s) on {b['fp_train_limit'] or 45_000} training images (step 0); "
