@@ -209,6 +209,10 @@ def table(rows: list[dict], fp: dict) -> str:
     return "\n".join(lines) + "\n\n" + ref
 
 
+def _seed(row: dict) -> int:
+    return int(row["run"].rsplit("-s", 1)[1])
+
+
 def plots(rows: list[dict], fp: dict, prefix: Path) -> list[Path]:
     try:
         import matplotlib
@@ -219,30 +223,39 @@ def plots(rows: list[dict], fp: dict, prefix: Path) -> list[Path]:
         print("matplotlib missing: no plots (pip install -e .[bench])", file=sys.stderr)
         return []
     made = []
+    colour = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    seeds = sorted({_seed(r) for r in rows})
+    style = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(seeds)}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in METHODS:
-        pts = sorted((r["summary"]["bits"]["weight"], 100 * list(r["summary"]["stages"].values())[-1]["test"])
-                     for r in rows if r["summary"]["method"] == m)  # fmt: skip
+    for m in METHODS:  # the mean over seeds as a line, each seed as a point
+        pts = [(r["summary"]["bits"]["weight"], 100 * list(r["summary"]["stages"].values())[-1]["test"])
+               for r in rows if r["summary"]["method"] == m]  # fmt: skip
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
+            by_bits = sorted({b for b, _ in pts})
+            ax.plot(by_bits, [statistics.mean(a for b, a in pts if b == x) for x in by_bits], color=colour[m], label=m)
+            ax.scatter(*zip(*pts), color=colour[m], s=12)
     ax.axhline(100 * fp["student"], color="gray", linestyle="--", label="float ResNet-20")
-    ax.set(xlabel="bits (W = A)", ylabel="test top-1 %", title="CIFAR-10 (JPEG), ResNet-20 student")
+    ax.set_xticks(sorted({r["summary"]["bits"]["weight"] for r in rows}))
+    title = "CIFAR-10 (JPEG), ResNet-20 student" + (f": mean of {len(seeds)} seeds (points)" if len(seeds) > 1 else "")
+    ax.set(xlabel="bits (W = A)", ylabel="test top-1 %", title=title)
     ax.legend()
     made.append(prefix.with_name(prefix.name + "-bits.png"))
     fig.savefig(made[-1], dpi=120, bbox_inches="tight")
     for bits in sorted({r["summary"]["bits"]["weight"] for r in rows}):
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in (r for r in rows if r["summary"]["bits"]["weight"] == bits):
-            acc = [100 * h["val_acc"] for h in r["history"]]
-            line = ax.plot(range(1, len(acc) + 1), acc, label=r["summary"]["method"])[0]
+            acc, m, seed = [100 * h["val_acc"] for h in r["history"]], r["summary"]["method"], _seed(r)
+            label = m if seed == seeds[0] else None
+            ax.plot(range(1, len(acc) + 1), acc, color=colour[m], linestyle=style[seed], label=label)
             epoch = 0
             for stage in r["summary"]["stages"].values():  # phase boundaries, in the method's colour
                 epoch += stage["epochs"]
                 if 0 < epoch < len(acc):
-                    ax.axvline(epoch + 0.5, color=line.get_color(), linestyle=":", alpha=0.6)
-        ax.set(
-            xlabel="epoch", ylabel="validation top-1 %", title=f"W{bits}A{bits}: per-epoch curves (dotted: phase ends)"
-        )
+                    ax.axvline(epoch + 0.5, color=colour[m], linestyle=":", alpha=0.6)
+        title = f"W{bits}A{bits}: per-epoch curves (dotted verticals: phase ends)"
+        if len(seeds) > 1:
+            title += "\n" + ", ".join(f"seed {s}: '{style[s]}'" for s in seeds)
+        ax.set(xlabel="epoch", ylabel="validation top-1 %", title=title)
         ax.legend()
         made.append(prefix.with_name(f"{prefix.name}-curves-w{bits}a{bits}.png"))
         fig.savefig(made[-1], dpi=120, bbox_inches="tight")
