@@ -123,7 +123,11 @@ class _Exporter:
         w = g.const(f"{name}.weight", weight, w_dtype)
         keys = [k for k in TERMS if f"{name}.scale{'_' + k if k else ''}" in t]
         # the offset terms of affine grids: ones in place of the codes of the weights and/or the input
-        ones_w = g.const(f"{name}.weight_ones", np.ones_like(weight), w_dtype) if {"xsum", "count"} & set(keys) else ""
+        ones_w = ""
+        if {"xsum", "count"} & set(keys):  # made at load time from the shape: no second weight tensor in the file
+            one = numpy_helper.from_array(np.ones(1, w_dtype), f"{name}.one_weight")
+            ones_w = g.node("ConstantOfShape", [g.const(f"{name}.weight_shape", weight.shape, np.int64)],
+                            f"{name}/weight_ones", value=one)  # fmt: skip
         ones_x = self._ones(op, codes) if {"wsum", "count"} & set(keys) else ""
         operands = {"": (codes, w), "xsum": (codes, ones_w), "wsum": (ones_x, w), "count": (ones_x, ones_w)}
         terms = []
