@@ -22,6 +22,7 @@ the offset terms of ``intgraph.TERMS`` as further integer convolutions, with one
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,8 @@ def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path) -> Path
     ``example`` is one input batch (its batch size is free in the file). Input ``input``: float32
     images; output ``output``: float64 logits. The file passes ``onnx.checker.check_model``.
     """
-    ops, tensors = to_real_program(model.float().cpu())
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model is left as it is
+    ops, tensors = to_real_program(model)
     inputs = [op["name"] for op in ops if op["op"] == "input"]
     if len(inputs) != 1:
         raise QKDError(f"the integer ONNX form takes a model with one input; this one has {len(inputs)}")
