@@ -180,30 +180,29 @@ def collect(out: Path, names: list[str]) -> list[dict]:
 
 
 def table(rows: list[dict], fp: dict) -> str:
-    """Method x bits, test top-1 (mean over seeds, and each seed) and each seed's wall time, with the float
-    references."""
-    cells: dict[tuple[str, int], list[float]] = {}
-    walls: dict[tuple[str, int], list[float]] = {}
+    """Method x bits: test top-1 (mean over seeds, and each seed), the final epoch's validation top-1 (mean;
+    what choices are made on) and each seed's wall time, with the float references."""
+    cells: dict[tuple[str, int], dict[str, list[float]]] = {}
     for r in rows:
         s = r["summary"]
-        final = list(s["stages"].values())[-1]
-        key = (s["method"], s["bits"]["weight"])
-        cells.setdefault(key, []).append(100 * final["test"])
-        walls.setdefault(key, []).append(s["wall_s"])
+        cell = cells.setdefault((s["method"], s["bits"]["weight"]), {"test": [], "val": [], "wall": []})
+        cell["test"].append(100 * list(s["stages"].values())[-1]["test"])
+        cell["val"].append(100 * r["history"][-1]["val_acc"])
+        cell["wall"].append(s["wall_s"])
     bits = sorted({b for _, b in cells}, reverse=True)
-    head = "| method | " + " | ".join(f"W{b}A{b} test % | wall s" for b in bits) + " |"
-    lines = [head, "|---|" + "---:|---:|" * len(bits)]
+    head = "| method | " + " | ".join(f"W{b}A{b} test % | val % | wall s" for b in bits) + " |"
+    lines = [head, "|---|" + "---:|---:|---:|" * len(bits)]
     for m in METHODS:
         parts = []
         for b in bits:
-            acc = cells.get((m, b))
-            if acc is None:
-                parts += ["", ""]
+            cell = cells.get((m, b))
+            if cell is None:
+                parts += ["", "", ""]
                 continue
-            per_seed = "/".join(f"{a:.2f}" for a in acc)
-            wall = walls[(m, b)]
-            parts += [f"{statistics.mean(acc):.2f}" + (f" ({per_seed})" if len(acc) > 1 else ""),
-                      "/".join(f"{w:.0f}" for w in wall)]  # fmt: skip
+            test = cell["test"]
+            per_seed = f" ({'/'.join(f'{a:.2f}' for a in test)})" if len(test) > 1 else ""
+            parts += [f"{statistics.mean(test):.2f}{per_seed}", f"{statistics.mean(cell['val']):.2f}",
+                      "/".join(f"{w:.0f}" for w in cell["wall"])]  # fmt: skip
         lines.append(f"| {m} | " + " | ".join(parts) + " |")
     ref = f"Float references (test %): student {100 * fp['student']:.2f}, teacher {100 * fp['teacher']:.2f}."
     return "\n".join(lines) + "\n\n" + ref
