@@ -157,7 +157,7 @@ def _mark_quantizers(model: nn.Module) -> list[_Grid]:
 
 
 # ----- the graph rewrite -----------------------------------------------------------------------------
-def _storage(qn: int, qp: int, int4: bool) -> tuple[int, int, int]:
+def storage_type(qn: int, qp: int, int4: bool) -> tuple[int, int, int]:
     """The narrowest ONNX integer type holding [qn, qp]: (type, its lowest code, its highest code)."""
     for dtype, lo, hi in _STORAGE:
         if lo <= qn and qp <= hi and (int4 or dtype not in _FOUR_BIT):
@@ -175,7 +175,7 @@ class _Rewriter:
 
     def __init__(self, prefix: str, grid: _Grid, int4: bool) -> None:
         self.prefix, self.grid = prefix, grid
-        self.dtype, lo, hi = _storage(grid.qn, grid.qp, int4)
+        self.dtype, lo, hi = storage_type(grid.qn, grid.qp, int4)
         self.clip = (grid.qn, grid.qp) != (lo, hi)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []

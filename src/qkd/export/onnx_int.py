@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from qkd.errors import QKDError
 from qkd.export.intgraph import TERMS, to_real_program
+from qkd.export.onnx import storage_type
 
 __all__ = ["export_onnx_int"]
 
@@ -42,12 +43,9 @@ _INT64_MAX = 2**63 - 1
 
 
 def _code_type(lo: int, hi: int) -> tuple[int, type]:
-    """UINT8 for codes in [0, 255], INT8 for [-128, 127]: the inputs ConvInteger/MatMulInteger take."""
-    if 0 <= lo and hi <= 255:
-        return TensorProto.UINT8, np.uint8
-    if -128 <= lo and hi <= 127:
-        return TensorProto.INT8, np.int8
-    raise QKDError(f"integer range [{lo}, {hi}] fits no 8-bit ONNX type; the integer ONNX form needs at most 8 bits")
+    """The 8-bit ONNX type (and its numpy type) holding codes in [lo, hi]: what ConvInteger/MatMulInteger take."""
+    dtype = storage_type(lo, hi, int4=False)[0]
+    return dtype, helper.tensor_dtype_to_np_dtype(dtype).type
 
 
 class _Graph:
