@@ -10,10 +10,11 @@ the test split gives only the final numbers. Each run is a normal ``qkd`` run fo
     python benchmarks/accuracy.py --budget paper --device cuda        # the paper's 30/100/70 epochs
     python benchmarks/accuracy.py --budget gpu-short --bits 2 --bits 3 --bits 4 --device cuda --jobs 5
     python benchmarks/accuracy.py --bits 2 --set quant.method=interval --tag interval   # a variant, beside
+    python benchmarks/accuracy.py --bits 3 --epochs 30                 # the budget's data, 3x the epochs
 
 A variant (``--set`` overrides for every method, named by ``--tag``) keeps its runs in
 ``runs/accuracy-<budget>-<tag>/`` and its JSON and plots in ``docs/accuracy-<budget>-<tag>*``; it
-shares the float step (step 0) with the plain study.
+shares the float step (step 0) with the plain study. ``--epochs N`` likewise adds ``-eN`` to those names.
 
 ``--jobs N`` runs N runs at once, each in its own process: one small CIFAR network leaves most of a GPU
 idle (its time goes in kernel launches). Measured on an H200 (2026-11-27; the compiled kernels fell back
@@ -284,7 +285,8 @@ def main(
         raise typer.BadParameter(f"no cifar10-jpeg-train.npz in {data_dir}; pass --data-dir")
     if bool(set_) != bool(tag):
         raise typer.BadParameter("--set and --tag go together: a variant needs a name to keep its runs apart")
-    name = f"accuracy-{budget}" + (f"-{tag}" if tag else "")
+    # Another epoch count or a variant gets its own folders: its runs share names with the plain study's.
+    name = f"accuracy-{budget}" + (f"-e{epochs}" if epochs else "") + (f"-{tag}" if tag else "")
     b, fp_out, out = dict(BUDGETS[budget]), out / f"accuracy-{budget}", out / name
     b["epochs"] = epochs or b["epochs"]
     t0, names, fp = time.time(), [], {}
