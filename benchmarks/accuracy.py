@@ -14,7 +14,8 @@ the test split gives only the final numbers. Each run is a normal ``qkd`` run fo
 
 A variant (``--set`` overrides for every method, named by ``--tag``) keeps its runs in
 ``runs/accuracy-<budget>-<tag>/`` and its JSON and plots in ``docs/accuracy-<budget>-<tag>*``; it
-shares the float step (step 0) with the plain study. ``--epochs N`` likewise adds ``-eN`` to those names.
+shares the float step (step 0) with the plain study. ``--epochs N`` likewise adds ``-eN`` to those names, and
+``--teacher resnet20`` (self-distillation: the float student is its own teacher) ``-resnet20-teacher``.
 
 ``--jobs N`` runs N runs at once, each in its own process: one small CIFAR network leaves most of a GPU
 idle (its time goes in kernel launches). Measured on an H200 (2026-11-27; the compiled kernels fell back
@@ -80,7 +81,8 @@ def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
     run_dir = out / cfg.name
     if (run_dir / "config.yaml").is_file():
         old = pipeline.load_run_config(run_dir).model_dump(exclude={"device"})
-        changed = sorted(set(_diff(old, cfg.model_dump(exclude={"device"}))) - _unused(stages or pipeline.plan(cfg)))
+        unused = _unused(stages or pipeline.plan(cfg))
+        changed = sorted(k for k in _diff(old, cfg.model_dump(exclude={"device"})) if not unused & _prefixes(k))
         if changed:
             raise typer.BadParameter(
                 f"{run_dir} was made with other settings ({', '.join(changed[:4])}); move it away or pass another --out"
@@ -104,9 +106,18 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _prefixes(key: str) -> set[str]:
+    """``a.b.c`` -> {``a``, ``a.b``, ``a.b.c``}."""
+    parts = key.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
 def _unused(stages: list[pipeline.Stage]) -> set[str]:
-    """Settings that have no effect on these stages."""
+    """Settings (or whole sections) that have no effect on these stages."""
     unused = set()
+    roles = {s.role for s in stages}
+    if not any(pipeline.PHASES[s.phase].uses_teacher for s in stages):  # the other model is never used
+        unused |= {"teacher", "student"} - roles
     if not any(s.phase == "co_study" for s in stages):
         unused.add("optim.teacher_lr")
     if sum(s.quantized for s in stages) <= 1:  # one phase: one decay either way
@@ -143,8 +154,11 @@ def run_all(jobs: list[tuple[RunConfig, list | None]], out: Path, parallel: int)
 def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path, parallel: int = 1) -> dict[str, Path]:
     """Fine-tune the pretrained teacher and student on this data; returns their checkpoints."""
     ckpts, jobs = {}, []
-    for role in ("teacher", "student"):
+    for role in ("student", "teacher"):
         model = getattr(base, role).name
+        if role == "teacher" and model == base.student.name:  # self-distillation: the float student teaches
+            ckpts[role] = ckpts["student"]
+            continue
         cfg = base.model_copy(deep=True)
         cfg.name = f"fp-{role}-{model}-s{cfg.seed}"
         mcfg = getattr(cfg, role)
@@ -285,8 +299,9 @@ def main(
         raise typer.BadParameter(f"no cifar10-jpeg-train.npz in {data_dir}; pass --data-dir")
     if bool(set_) != bool(tag):
         raise typer.BadParameter("--set and --tag go together: a variant needs a name to keep its runs apart")
-    # Another epoch count or a variant gets its own folders: its runs share names with the plain study's.
+    # Another epoch count, variant or teacher gets its own folders (runs, JSON, plots) beside the plain study.
     name = f"accuracy-{budget}" + (f"-e{epochs}" if epochs else "") + (f"-{tag}" if tag else "")
+    name += f"-{teacher}-teacher" if teacher != "resnet56" else ""
     b, fp_out, out = dict(BUDGETS[budget]), out / f"accuracy-{budget}", out / name
     b["epochs"] = epochs or b["epochs"]
     t0, names, fp = time.time(), [], {}
@@ -295,7 +310,7 @@ def main(
         ckpts = float_step(base, data_dir, b, fp_out, jobs)
         for role, path in ckpts.items():
             summary = json.loads((path.parent.parent / "summary.json").read_text())
-            fp.setdefault(role, []).append(summary["stages"][f"fp_{role}"]["test"])
+            fp.setdefault(role, []).append(summary["stages"][path.stem]["test"])
         cfgs = [method_config(base, ckpts, b, w, m, set_) for w in bits for m in methods]
         run_all([(cfg, None) for cfg in cfgs], out, jobs)
         names += [cfg.name for cfg in cfgs]
