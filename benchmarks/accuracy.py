@@ -320,10 +320,17 @@ def main(
     (prefix.with_suffix(".json")).write_text(json.dumps({"budget": b, "float_test": fp, "runs": rows}, indent=1))
     figures = plots(rows, fp_mean, prefix)
     command, variant = command_line(), f", variant {tag} ({' '.join(set_)})" if tag else ""
+    variant += f", {epochs} epochs" if epochs else ""
+    variant += f", {teacher} teacher" if teacher != "resnet56" else ""
+    models = (
+        f"ResNet-20 student, {teacher} teacher, both"
+        if teacher != base.student.name
+        else "ResNet-20 student, taught by its own float model (self-distillation),"
+    )
     text = (
         f"\n### CIFAR-10 (JPEG copy) accuracy study, budget {budget}{variant}, {time.strftime('%Y-%m-%d')}\n\n"
         f"Machine: {machine()}.\n"
-        f"ResNet-20 student, {teacher} teacher, both fine-tuned from the pretrained checkpoints for "
+        f"{models} fine-tuned from the pretrained checkpoints for "
         f"{b['fp_epochs']} epoch(s) on {b['fp_train_limit'] or 45_000} training images (step 0); "
         f"each method then trains {b['epochs']} epochs on {b['train_limit'] or 45_000} training images; "
         f"5,000 held out for validation; test = the 10,000 test images. "
