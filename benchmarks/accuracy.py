@@ -58,6 +58,7 @@ BUDGETS = {
     "smoke": {"epochs": 7, "fp_epochs": 1, "train_limit": 500, "fp_train_limit": 500},  # checks the mechanics only
 }
 PRETRAINED = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+TEACHER = "resnet56"  # the study's teacher; another one (--teacher) gets its own folders
 
 
 def base_config(data_dir: Path, teacher: str, device: str, seed: int) -> RunConfig:
@@ -152,7 +153,8 @@ def run_all(jobs: list[tuple[RunConfig, list | None]], out: Path, parallel: int)
 
 
 def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path, parallel: int = 1) -> dict[str, Path]:
-    """Fine-tune the pretrained teacher and student on this data; returns their checkpoints."""
+    """Fine-tune the pretrained teacher and student on this data; returns their checkpoints. A teacher of the
+    student's architecture (self-distillation) is the fine-tuned student itself, not a second copy."""
     ckpts, jobs = {}, []
     for role in ("student", "teacher"):
         model = getattr(base, role).name
@@ -281,7 +283,7 @@ def main(
     bits: list[int] = typer.Option([2, 4], help="bit-widths (W = A) to study"),
     methods: list[str] = typer.Option(METHODS, help="methods to run"),
     seeds: list[int] = typer.Option([0], help="seeds; each adds a full set of runs"),
-    teacher: str = "resnet56",
+    teacher: str = TEACHER,
     device: str = "auto",
     data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
     out: Path = ROOT / "runs",
@@ -301,7 +303,7 @@ def main(
         raise typer.BadParameter("--set and --tag go together: a variant needs a name to keep its runs apart")
     # Another epoch count, variant or teacher gets its own folders (runs, JSON, plots) beside the plain study.
     name = f"accuracy-{budget}" + (f"-e{epochs}" if epochs else "") + (f"-{tag}" if tag else "")
-    name += f"-{teacher}-teacher" if teacher != "resnet56" else ""
+    name += f"-{teacher}-teacher" if teacher != TEACHER else ""
     b, fp_out, out = dict(BUDGETS[budget]), out / f"accuracy-{budget}", out / name
     b["epochs"] = epochs or b["epochs"]
     t0, names, fp = time.time(), [], {}
@@ -321,7 +323,7 @@ def main(
     figures = plots(rows, fp_mean, prefix)
     command, variant = command_line(), f", variant {tag} ({' '.join(set_)})" if tag else ""
     variant += f", {epochs} epochs" if epochs else ""
-    variant += f", {teacher} teacher" if teacher != "resnet56" else ""
+    variant += f", {teacher} teacher" if teacher != TEACHER else ""
     models = (
         f"ResNet-20 student, {teacher} teacher, both"
         if teacher != base.student.name
