@@ -45,6 +45,8 @@ from throughput import command_line, machine, publish
 
 from qkd import pipeline
 from qkd.config import RunConfig, load_config, with_overrides
+from qkd.phases import PHASES
+from qkd.train import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
@@ -82,7 +84,7 @@ def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
     run_dir = out / cfg.name
     if (run_dir / "config.yaml").is_file():
         old = pipeline.load_run_config(run_dir).model_dump(exclude={"device"})
-        unused = _unused(stages or pipeline.plan(cfg))
+        unused = _unused(stages or pipeline.run_plan(cfg))
         changed = sorted(k for k in _diff(old, cfg.model_dump(exclude={"device"})) if not unused & _prefixes(k))
         if changed:
             raise typer.BadParameter(
@@ -113,11 +115,11 @@ def _prefixes(key: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
-def _unused(stages: list[pipeline.Stage]) -> set[str]:
+def _unused(stages: list[Stage]) -> set[str]:
     """Settings (or whole sections) that have no effect on these stages."""
     unused = set()
     roles = {s.role for s in stages}
-    if not any(pipeline.PHASES[s.phase].uses_teacher for s in stages):  # the other model is never used
+    if not any(PHASES[s.phase].uses_teacher for s in stages):  # the other model is never used
         unused |= {"teacher", "student"} - roles
     if not any(s.phase == "co_study" for s in stages):
         unused.add("optim.teacher_lr")
@@ -167,7 +169,7 @@ def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path, paralle
         mcfg.checkpoint = str(data_dir / "weights" / PRETRAINED[model])
         mcfg.train_epochs, mcfg.lr = budget["fp_epochs"], 0.01
         cfg.data.train_limit = budget["fp_train_limit"]
-        jobs.append((cfg, [pipeline.float_stage(cfg, role)]))
+        jobs.append((cfg, [pipeline.model_float_stage(cfg, role)]))
         ckpts[role] = out / cfg.name / "checkpoints" / f"fp_{role}.pt"
     run_all(jobs, out, min(parallel, len(jobs)))
     return ckpts

@@ -42,7 +42,7 @@ def check_run(run_dir: Path, limit: int | None) -> dict:
 def _measure(run_dir: Path, limit: int | None) -> dict:
     cfg = pipeline.load_run_config(run_dir)
     cfg.runtime.channels_last = False
-    r, quantized = pipeline.load_student(cfg, run_dir, "cpu")
+    r = pipeline.load_student(cfg, run_dir, "cpu")
     q = cfg.quant
     row = {"run": run_dir.name, "model": cfg.student.name, "bits": f"W{q.weight_bits}A{q.act_bits}",
            "float_kib": float_checkpoint_bytes(r.student) / 1024}  # fmt: skip

@@ -23,7 +23,7 @@ from qkd.export.intgraph import to_int_program
 def main(run: Path, limit: int = 10_000) -> None:
     cfg = pipeline.load_run_config(run)
     cfg.runtime.channels_last = False
-    r, _ = pipeline.load_student(cfg, run, "cpu")
+    r = pipeline.load_student(cfg, run, "cpu")
     m32 = r.student.eval().cpu()
     m64 = copy.deepcopy(m32).double()
     engine = IntEngine(*to_int_program(m32))

@@ -31,11 +31,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from qkd.data import TensorLoader
-from qkd.engine import Runtime
 from qkd.models import create_model
 from qkd.phases import CoStudy, SelfStudy, Tutor
 from qkd.quant import QuantConfig, calibrate, quantize_model
 from qkd.quant.ste import set_kernel_backend
+from qkd.train.loop import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 Step = Callable[[], None]

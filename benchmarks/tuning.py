@@ -24,8 +24,8 @@ from throughput import command_line, machine, publish
 
 from qkd import pipeline
 from qkd.config import with_overrides
-from qkd.engine import evaluate
 from qkd.quant import QuantConfig, calibrate, quantize_model, recalibrate_bn
+from qkd.train.loop import evaluate
 
 TUNE_BUDGETS = {
     # a third of cpu-short's image-epochs: rankings only, not final accuracies
@@ -55,7 +55,7 @@ def init_check(student_ckpt: Path, bits_list: list[int], device: str) -> list[di
     for each step initialisation with and without BatchNorm re-estimation."""
     cfg = pipeline.load_run_config(student_ckpt.parent.parent)
     cfg.device = device
-    r, _ = pipeline.load_student(cfg, student_ckpt)
+    r = pipeline.load_student(cfg, student_ckpt)
     rows = [{"bits": "float", "init": "-", "bn": "-", "val": evaluate(r.student, r.data.val, r.rt)}]
     for bits, init, bn in itertools.product(bits_list, ("lsq", "mse"), (0, 20)):
         model = quantize_model(copy.deepcopy(r.student), QuantConfig(weight_bits=bits, act_bits=bits, step_init=init))

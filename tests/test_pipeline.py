@@ -6,7 +6,8 @@ import torch
 from qkd import pipeline
 from qkd.checkpoint import load_checkpoint
 from qkd.errors import QKDError
-from qkd.pipeline import METHODS, plan, split_epochs
+from qkd.pipeline import run_plan as plan
+from qkd.train.stages import METHODS, split_epochs
 
 
 @pytest.mark.parametrize("total", [1, 7, 20, 200])
@@ -150,7 +151,7 @@ def test_evaluate_checkpoint_reports_quantized_and_float(tiny_config, tmp_path):
 
 def test_resume_of_a_float_only_run_keeps_its_stages(tiny_config, tmp_path):
     cfg = tiny_config("name=fp", "student.train_epochs=3")
-    stages = [pipeline.float_stage(cfg, "student")]
+    stages = [pipeline.model_float_stage(cfg, "student")]
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg, tmp_path, stages=stages, on_epoch_end=_Interrupt(1))
     _, summary = pipeline.resume(tmp_path / "fp")

@@ -139,7 +139,7 @@ def train_fp(
     if getattr(cfg, role).train_epochs == 0:
         raise QKDError(f"{role}.train_epochs is 0; set e.g. {role}.train_epochs=30")
     _setup_logging()
-    run_dir = _start(cfg, out, overwrite, stages=[pipeline.float_stage(cfg, role)])
+    run_dir = _start(cfg, out, overwrite, stages=[pipeline.model_float_stage(cfg, role)])
     typer.echo(f"checkpoint: {run_dir / 'checkpoints' / f'fp_{role}.pt'}  (use as {role}.checkpoint=...)")
 
 
@@ -177,7 +177,7 @@ def eval_(
     else:
         from qkd.export.deploy import EXTENSIONS, compare, export_student
 
-        r, _ = pipeline.load_student(cfg, target, "cpu")
+        r = pipeline.load_student(cfg, target, "cpu")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"student.{EXTENSIONS.get(engine, 'bin')}"
             run = export_student(r.student, engine, path, next(iter(r.data.test))[0][:2], {})
@@ -207,12 +207,12 @@ def export(
     from qkd.export.deploy import EXTENSIONS, compare, export_student, float_checkpoint_bytes
 
     cfg = _student_cfg(target, args, None)
-    r, _ = pipeline.load_student(cfg, target, "cpu")
+    r = pipeline.load_student(cfg, target, "cpu")
     ext = EXTENSIONS.get(format, format)
     path = out or (target if target.is_dir() else target.parent) / "export" / f"student-{format}.{ext}"
     q = cfg.quant
     info = {"model": cfg.student.name, "weight_bits": q.weight_bits, "act_bits": q.act_bits,
-            "mean": list(r.data.mean), "std": list(r.data.std), "num_classes": r.data.num_classes}  # fmt: skip
+            "mean": _listed(r.data.mean), "std": _listed(r.data.std), "num_classes": r.data.num_classes}  # fmt: skip
     run = export_student(r.student, format, path, next(iter(r.data.test))[0][:2], info)
     size, fp = path.stat().st_size, float_checkpoint_bytes(r.student)
     typer.echo(
@@ -228,6 +228,10 @@ def export(
     )
 
 
+def _listed(values) -> list | None:
+    return None if values is None else list(values)
+
+
 @app.command()
 def config(args: ConfigArgs = None) -> None:
     """Print the resolved config (preset + overrides) as YAML."""
@@ -239,7 +243,7 @@ def list_() -> None:
     """Models, data sets, methods and presets available by name."""
     from qkd.data import list_datasets
     from qkd.models import list_models
-    from qkd.pipeline import METHODS
+    from qkd.train import METHODS
 
     for title, names in (
         ("models", list_models()),

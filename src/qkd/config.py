@@ -11,7 +11,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from qkd.data.options import DataOptions
 from qkd.errors import QKDError
+from qkd.phases import Distill
 from qkd.quant import QuantConfig
 
 PhaseName = Literal["self_study", "co_study", "tutor"]
@@ -31,21 +33,6 @@ class ModelConfig(_Strict):
     lr: float = Field(0.05, gt=0, description="learning rate of that float training")
 
 
-class DataConfig(_Strict):
-    name: str = "digits"
-    root: str | None = None
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
-    val_size: float = Field(0.1, gt=0)
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    augment: bool = True
-    download: bool = False
-    num_workers: int = Field(2, ge=0)
-    limit: int | None = Field(None, ge=1, description="at most this many images per split (quick runs)")
-    train_limit: int | None = Field(None, ge=1, description="at most this many training images (val/test whole)")
-
-
 class OptimConfig(_Strict):
     """SGD with momentum and cosine decay; quantizer parameters in their own group."""
 
@@ -59,11 +46,6 @@ class OptimConfig(_Strict):
         "phase",
         description="cosine decay restarted in each quantized phase, or one decay across all of them",
     )
-
-
-class DistillConfig(_Strict):
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(1.0, ge=0)
 
 
 class RuntimeConfig(_Strict):
@@ -83,30 +65,49 @@ class PhaseConfig(_Strict):
     teacher_lr: float | None = Field(None, gt=0)
 
 
-class RunConfig(_Strict):
-    """Everything one ``qkd run`` needs. The defaults are the built-in digits demo."""
+Method = Literal["qkd", "qat", "kd", "ss+tu", "cs+tu"]
 
-    name: str | None = None
+
+class TrainConfig(_Strict):
+    """How a student is trained: method and budget, quantization, optimizer, distillation, runtime.
+
+    What :func:`qkd.fit` takes as keyword arguments, and the part of a run config that is not data or models.
+    """
+
     seed: int = 0
     device: str = "auto"
-    method: Literal["qkd", "qat", "kd", "ss+tu", "cs+tu"] = "qkd"
+    method: Method = "qkd"
     epochs: int = Field(20, ge=1, description="total budget shared by the method's phases")
     split: tuple[float, float, float] = (0.15, 0.5, 0.35)
     phases: list[PhaseConfig] | None = Field(None, description="explicit phases; overrides method/epochs")
-    data: DataConfig = Field(default_factory=DataConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    distill: Distill = Field(default_factory=Distill)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _check_split(self) -> TrainConfig:
+        if any(s < 0 for s in self.split) or sum(self.split) <= 0:
+            raise ValueError("split must be three non-negative fractions (self-study, co-study, tutor)")
+        return self
+
+
+class RunConfig(TrainConfig):
+    """Everything one ``qkd run`` needs: a :class:`TrainConfig` plus data and models by name.
+
+    The defaults are the built-in digits demo.
+    """
+
+    name: str | None = None
+    data: DataOptions = Field(default_factory=DataOptions)
     teacher: ModelConfig = Field(default_factory=lambda: ModelConfig(name="tiny_cnn_wide", train_epochs=15))
     student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="tiny_cnn", train_epochs=15))
     # The demo runs at 2 bits, where the phases visibly matter; the library default is 4.
     quant: QuantConfig = Field(default_factory=lambda: QuantConfig(weight_bits=2, act_bits=2))
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
-    @model_validator(mode="after")
-    def _check_split(self) -> RunConfig:
-        if any(s < 0 for s in self.split) or sum(self.split) <= 0:
-            raise ValueError("split must be three non-negative fractions (self-study, co-study, tutor)")
-        return self
+    def train_config(self) -> TrainConfig:
+        """The training part alone (what the trainer takes)."""
+        return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields)))
 
 
 def config_dir() -> Path:
@@ -163,9 +164,10 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
-def build_config(data: dict[str, Any]) -> RunConfig:
+def build_config(data: dict[str, Any], kind: type[TrainConfig] = RunConfig) -> TrainConfig:
+    """Validate ``data`` as a ``kind`` (a run config by default); every problem in one line."""
     try:
-        return RunConfig.model_validate(data)
+        return kind.model_validate(data)
     except ValidationError as e:
         raise QKDError(format_validation_error(e)) from None
 

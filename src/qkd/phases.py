@@ -18,8 +18,21 @@ from qkd.losses import cross_entropy, distillation_loss
 
 @dataclass
 class Distill:
+    """The distillation loss ``CE + alpha * T^2 * KL(p_teacher || p_student)``: ``temperature`` T, weight ``alpha``.
+
+    Also the ``distill`` section of a run config (pydantic validates this dataclass there).
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}
+
     temperature: float = 2.0
     alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
 
 class Phase:

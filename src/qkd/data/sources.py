@@ -14,14 +14,16 @@ from __future__ import annotations
 import copy
 import math
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from qkd.data.factory import from_factory as _from_factory
+from qkd.data.options import DataBundle, DataOptions
 from qkd.data.tensor_loader import TensorLoader
 from qkd.errors import QKDError
 
@@ -34,20 +36,6 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NPZ_EXPECTED = "expected uint8 x of shape (N,H,W,C) and int y of shape (N,)"
-
-
-@dataclass
-class DataBundle:
-    """Everything a training job needs from its data: three loaders and the shape facts for the model."""
-
-    train: Iterable  # TensorLoader or StreamLoader; yields (x, y) batches on the device
-    val: Iterable
-    test: Iterable
-    num_classes: int
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 @dataclass
@@ -69,25 +57,12 @@ class Arrays:
     flip: bool = False
 
 
-@dataclass(frozen=True)
-class _Options:
-    """build_data's keyword arguments, bundled so the helpers share one parameter."""
+@dataclass
+class _Options(DataOptions):
+    """The data options plus where the loaders serve from (device) and how they are seeded."""
 
-    batch_size: int
-    eval_batch_size: int
-    val_size: int | float
-    mean: Sequence[float] | None
-    std: Sequence[float] | None
-    augment: bool
-    num_workers: int
-    device: torch.device
-    seed: int
-    limit: int | None
-    train_limit: int | None = None
-
-    @property
-    def train_cap(self) -> int | None:
-        return self.train_limit if self.train_limit is not None else self.limit
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -222,50 +197,32 @@ def list_datasets() -> list[str]:
 
 
 def build_data(
-    name: str,
-    root: str | None = None,
-    *,
-    batch_size: int = 128,
-    eval_batch_size: int = 512,
-    val_size: int | float = 0.1,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    augment: bool = True,
-    download: bool = False,
-    num_workers: int = 2,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    limit: int | None = None,
-    train_limit: int | None = None,
+    options: DataOptions | str, root: str | None = None, *, device: str | torch.device = "cpu", seed: int = 0, **kw
 ) -> DataBundle:
-    """Build train/val/test loaders for data set ``name``; user mistakes raise :class:`QKDError`.
+    """Build train/val/test loaders from :class:`DataOptions` (or a name, ``root`` and its fields as keywords).
 
     ``val_size`` (a fraction < 1, or a count) is carved out of the training split, stratified and seeded;
     ``limit`` keeps a stratified, seeded subsample of at most that many images per split (quick runs);
     ``train_limit`` does so for the training split alone (short studies that still report on the full test);
     explicit ``mean``/``std`` override the source's defaults (e.g. the ImageNet statistics that the
-    pretrained CIFAR ResNets expect).
+    pretrained CIFAR ResNets expect). User mistakes raise :class:`QKDError`.
+
+    >>> bundle = build_data("digits", batch_size=64)
     """
-    key = name.strip().lower()
+    try:
+        opts = DataOptions(name=options, root=root, **kw) if isinstance(options, str) else options
+    except (TypeError, ValueError) as e:
+        raise QKDError(str(e)) from None
+    key = opts.name.strip().lower()
+    if ":" in key:
+        return _from_factory(opts, _device(device), seed)
     if key not in _ARRAY_SOURCES and key not in _STREAM_SOURCES:
-        raise QKDError(f"unknown data set '{name}'; valid data sets: {', '.join(list_datasets())}")
-    opts = _Options(
-        batch_size,
-        eval_batch_size,
-        val_size,
-        mean,
-        std,
-        augment,
-        num_workers,
-        _device(device),
-        seed,
-        limit,
-        train_limit,
-    )
-    _check_options(opts)
+        raise QKDError(f"unknown data set '{opts.name}'; valid: {', '.join(list_datasets())}, or an import path "
+                       "mypkg.module:function")  # fmt: skip
+    o = _Options(**{f.name: getattr(opts, f.name) for f in fields(DataOptions)}, device=_device(device), seed=seed)
     if key in _STREAM_SOURCES:
-        return _STREAM_SOURCES[key](root, opts)
-    return _bundle_from_arrays(_ARRAY_SOURCES[key](root, download), opts)
+        return _STREAM_SOURCES[key](o.root, o)
+    return _bundle_from_arrays(_ARRAY_SOURCES[key](o.root, o.download), o)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -276,18 +233,6 @@ def _device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QKDError(f"device '{device}' requested but CUDA is not available; use device=cpu")
     return dev
-
-
-def _check_options(o: _Options) -> None:
-    if o.batch_size < 1 or o.eval_batch_size < 1:
-        raise QKDError(f"batch sizes must be >= 1, got {o.batch_size} and {o.eval_batch_size}")
-    if not o.val_size > 0:
-        raise QKDError(f"data.val_size must be > 0 (a fraction < 1 or a count), got {o.val_size}")
-    for name, value in (("limit", o.limit), ("train_limit", o.train_limit)):
-        if value is not None and value < 1:
-            raise QKDError(f"data.{name} must be >= 1 or unset, got {value}")
-    if o.num_workers < 0:
-        raise QKDError(f"num_workers must be >= 0, got {o.num_workers}")
 
 
 # ------------------------------------------------------------------------------------ splits and stats

@@ -6,7 +6,6 @@ function takes ``num_classes`` so one call site can build a teacher and a studen
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from qkd.errors import QKDError
+from qkd.plugins import call_accepting, is_import_path, load_object
 
 ModelFn = TypeVar("ModelFn", bound=Callable[..., nn.Module])
 
@@ -47,22 +47,42 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
-    """Build a registered model; bad names or arguments become a QKDError rather than a traceback."""
-    fn = _REGISTRY.get(name)
+def create_model(name: str, num_classes: int | None = 10, offered: dict[str, Any] | None = None,
+                 **kwargs: Any) -> nn.Module:  # fmt: skip
+    """Build a model by name; bad names or arguments become a QKDError rather than a traceback.
+
+    ``name`` is a registered model (``qkd list``), ``timm:<name>`` (timm installed: ``pip install
+    qkd[timm]``), or a factory by import path, ``mypkg.nets:build``. ``num_classes`` (unless None) and
+    ``kwargs`` are passed; ``offered`` keywords (e.g. ``in_channels``) only where the function takes them.
+    """
+    if name.startswith("timm:"):
+        return _create_timm(name.removeprefix("timm:"), num_classes, **kwargs)
+    fn = load_object(name, "model factory") if is_import_path(name) else _REGISTRY.get(name)
     if fn is None:
-        raise QKDError(f"unknown model '{name}'; valid models: {', '.join(list_models())}")
+        raise QKDError(f"unknown model '{name}'; valid models: {', '.join(list_models())}, timm:<name>, "
+                       "or an import path mypkg.module:function")  # fmt: skip
+    given = kwargs | ({} if num_classes is None else {"num_classes": num_classes})
+    model = call_accepting(fn, f"model '{name}'", offered or {}, given)
+    if not isinstance(model, nn.Module):
+        raise QKDError(f"model '{name}' returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _create_timm(name: str, num_classes: int | None, **kwargs: Any) -> nn.Module:
+    """A timm model by name, never downloading: start from a local ``checkpoint`` instead of ``pretrained``."""
     try:
-        inspect.signature(fn).bind(num_classes=num_classes, **kwargs)
+        import timm
+    except ImportError:
+        raise QKDError(f"model 'timm:{name}' needs timm: pip install 'qkd[timm]'") from None
+    if not timm.is_model(name):
+        raise QKDError(f"timm has no model '{name}' (timm.list_models() lists them)")
+    if kwargs.get("pretrained"):
+        raise QKDError(f"timm:{name}: pretrained=true downloads weights; set the model's checkpoint to a local file")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs, **({} if num_classes is None else
+                                                                      {"num_classes": num_classes}))  # fmt: skip
     except TypeError as exc:
-        raise QKDError(f"model '{name}' does not accept these arguments: {exc}") from None
-    return fn(num_classes=num_classes, **kwargs)
-
-
-def accepts(name: str, param: str) -> bool:
-    """Whether model ``name`` takes the keyword ``param`` (e.g. ``in_channels``); False if unknown."""
-    fn = _REGISTRY.get(name)
-    return fn is not None and param in inspect.signature(fn).parameters
+        raise QKDError(f"model 'timm:{name}' does not accept these arguments: {exc}") from None
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> None:

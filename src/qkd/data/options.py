@@ -1,0 +1,65 @@
+"""The data options, defined once: the ``data`` section of a run config and :func:`build_data`'s arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass
+class DataOptions:
+    """Which data and how it is served.
+
+    - ``name``: a built-in source (``qkd list``) or a factory by import path, ``mypkg.data:loaders``;
+      ``root`` the folder or file it reads.
+    - ``batch_size`` (training) and ``eval_batch_size``; ``val_size``: a fraction (< 1) or a count of
+      training images carved out as the validation split; ``mean``/``std``: normalisation (None: the
+      source's own); ``augment``: random crop and flip where the source allows them; ``download``: fetch
+      when you have a network; ``num_workers``: loader processes for streamed images.
+    - ``limit``: at most this many images per split (quick runs); ``train_limit``: for the training split
+      alone (val/test whole).
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
+
+    name: str = "digits"
+    root: str | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    val_size: float = 0.1
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    augment: bool = True
+    download: bool = False
+    num_workers: int = 2
+    limit: int | None = None
+    train_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+        if not self.val_size > 0:
+            raise ValueError(f"data.val_size must be > 0 (a fraction < 1 or a count), got {self.val_size}")
+        for name, value in (("limit", self.limit), ("train_limit", self.train_limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be >= 1 or unset, got {value}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def train_cap(self) -> int | None:
+        return self.train_limit if self.train_limit is not None else self.limit
+
+
+@dataclass
+class DataBundle:
+    """Everything a training job needs from its data: three loaders and the shape facts for the model."""
+
+    train: Iterable  # yields (x, y) batches: TensorLoader, StreamLoader or a user factory's loader
+    val: Iterable
+    test: Iterable | None
+    num_classes: int | None  # None: a user factory did not say (then models are built without it)
+    in_channels: int
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None  # the normalisation the loaders apply (None: unknown)
+    std: tuple[float, ...] | None = None

@@ -1,0 +1,339 @@
+"""The trainer: a list of stages over plain modules and any source of batches, with persistence.
+
+Works on any ``nn.Module`` student and teacher and any iterable of ``(x, y)`` batches; the CLI's
+config path builds its models and data by name and then runs this same trainer. With a run folder, a
+checkpoint is written after every epoch and at every stage boundary; an interrupted run resumes from
+the last one and, with the same seed on the CPU, ends bit-identical to an uninterrupted run, because
+every epoch's randomness is derived from (seed, stage, epoch): the global torch seed is set before
+each epoch (a ``DataLoader``'s shuffling and workers draw from it) and a source with ``set_epoch``
+gets that seed too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qkd.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from qkd.config import TrainConfig
+from qkd.dist import broadcast_state, is_main_process, resolve_device
+from qkd.errors import QKDError
+from qkd.phases import PHASES, Phase
+from qkd.quant import calibrate, quantize_model, recalibrate_bn
+from qkd.quant.ste import set_kernel_backend
+from qkd.train import rundir
+from qkd.train.loop import Runtime, train_epoch
+from qkd.train.loop import evaluate as top1
+from qkd.train.optim import build_optimizer, build_scheduler
+from qkd.train.stages import Stage, method_name, plan
+
+log = logging.getLogger("qkd")
+
+EpochHook = Callable[[dict], None]
+EvalFn = Callable[[nn.Module, Iterable], float]
+_CALIBRATION_STAGE = 999  # the seed slot of the batches that initialise the quantizers
+
+
+def epoch_seed(seed: int, stage: int, epoch: int) -> int:
+    return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**31)
+
+
+class Batches:
+    """A replayable source of ``(x, y)`` batches: an iterable (``DataLoader``, ``TensorLoader``, list)
+    or a zero-argument factory returning one (a generator function). ``len`` is the batches per epoch:
+    the source's own, or ``steps`` for sources without one."""
+
+    def __init__(self, source: Any, steps: int | None = None, what: str = "train") -> None:
+        if source is None or not (callable(source) or isinstance(source, Iterable)):
+            raise QKDError(f"{what} data must be an iterable of (x, y) batches or a function returning one")
+        if isinstance(source, Iterator):
+            raise QKDError(f"{what} data is a one-pass iterator (e.g. a generator); pass the function that makes it, "
+                           "so that every epoch gets a fresh pass")  # fmt: skip
+        self.source, self.steps, self.what = source, steps, what
+
+    def __len__(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        try:
+            return len(self.source)
+        except TypeError:
+            raise QKDError(
+                f"{self.what} data has no len(); pass steps_per_epoch=N (batches per epoch) for the schedules"
+            ) from None
+
+    def epoch(self, seed: int) -> Iterable:
+        """The batches of one pass, with every random draw seeded from ``seed``."""
+        torch.manual_seed(seed)
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(seed)
+        batches = self.source if isinstance(self.source, Iterable) else self.source()
+        return itertools.islice(batches, self.steps) if self.steps is not None else batches
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` hands back: the trained models, the summary, and where it was written."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    summary: dict
+    run_dir: Path | None
+
+
+class Trainer:
+    """Runs QKD (or a baseline) on any student and teacher; see :func:`qkd.fit` for the short form.
+
+    >>> trainer = Trainer(student, teacher, train_loader, val_loader, config=TrainConfig(method="qkd", epochs=10),
+    ...                   out="runs/mine")
+    >>> result = trainer.fit()            # result.student is the trained low-bit model
+    >>> Trainer(...same arguments...).fit(resume=True)   # after an interruption
+
+    ``stages`` replaces the plan made from ``config`` (float stages first, as :func:`~qkd.train.stages.plan`);
+    ``evaluate(model, loader) -> float`` replaces top-1 accuracy; ``on_epoch_end(record)`` is called after
+    every epoch with that epoch's metrics; ``describe`` adds to the summary (e.g. model names) and ``record``,
+    when given, is written as ``config.yaml`` in place of the training settings.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        train: Any = None,
+        val: Any = None,
+        test: Any = None,
+        *,
+        config: TrainConfig | None = None,
+        stages: list[Stage] | None = None,
+        out: str | Path | None = None,
+        evaluate: EvalFn | None = None,
+        on_epoch_end: EpochHook | None = None,
+        steps_per_epoch: int | None = None,
+        describe: dict | None = None,
+        record: dict | None = None,
+    ) -> None:
+        self.cfg = config or TrainConfig()
+        self.stages = stages if stages is not None else plan(self.cfg)
+        self.run_dir = Path(out) if out is not None else None
+        self.device = resolve_device(self.cfg.device)
+        rt = self.cfg.runtime
+        self.rt = Runtime(self.device, rt.channels_last, rt.amp)
+        set_kernel_backend(rt.kernels)
+        self.train = Batches(train, steps_per_epoch)
+        self.evals = {k: v for k, v in (("val", val), ("test", test)) if v is not None}
+        self.evaluate_fn = evaluate or (lambda model, loader: top1(model, loader, self.rt))
+        self.on_epoch_end = on_epoch_end
+        if any(s.uses_teacher for s in self.stages) and teacher is None:
+            used = ", ".join(s.key for s in self.stages if s.uses_teacher)
+            raise QKDError(f"stages {used} need a teacher; pass teacher=... or use method='qat' (no teacher)")
+        self.student = self._place(student)
+        self.teacher = self._place(teacher) if teacher is not None else None
+        self.describe = {"student": type(student).__name__, "teacher": type(teacher).__name__ if teacher else None}
+        self.describe.update(describe or {})
+        self.record = record or {"created_by": rundir.PYTHON_API, **self.cfg.model_dump(mode="json"),
+                                 "models": {k: self.describe[k] for k in ("student", "teacher")}}  # fmt: skip
+        self.state = {"stage": 0, "epoch": 0, "history": [], "results": {}, "student_quantized": False}
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        layout = torch.channels_last if self.rt.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=layout)
+
+    # ----- the run -----------------------------------------------------------------------------
+    def fit(self, resume: bool = False, overwrite: bool = False) -> FitResult:
+        """Run the remaining stages; with ``resume``, continue from the run folder's last checkpoint
+        (a finished run only reports). Returns the trained models and the summary (``summary.json``)."""
+        optim_state = self._open(resume, overwrite)
+        while self.state["stage"] < len(self.stages):
+            i = self.state["stage"]
+            stage = self.stages[i]
+            if stage.quantized and not self.state["student_quantized"]:
+                self._record_float_results()
+                self._quantize_student()
+            self._run_stage(i, stage, optim_state if self.state["epoch"] > 0 else None)
+            optim_state = None
+        summary = self.summary()
+        self._write_json(summary, "summary.json")
+        return FitResult(self.student, self.teacher, summary, self.run_dir)
+
+    def _open(self, resume: bool, overwrite: bool) -> dict | None:
+        """Start the run folder, or read its last checkpoint back; returns the optimizer state to resume."""
+        if self.run_dir is None:
+            if resume:
+                raise QKDError("resume=True needs the run folder: pass out=...")
+            return None
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if not resume:
+            rundir.check_new(self.run_dir, overwrite)
+            rundir.init(self.run_dir, self.record, self.stages)
+            return None
+        self._check_same_settings()
+        return self.restore(load_checkpoint(last)) if last.is_file() else None
+
+    def _check_same_settings(self) -> None:
+        saved = rundir.read_config(self.run_dir)
+        changed = sorted(k for k, v in self.record.items() if k not in ("device", "name") and saved.get(k) != v)
+        if changed:
+            raise QKDError(f"cannot resume {self.run_dir}: its settings differ in {', '.join(changed)}; "
+                           "resume with the same settings, or start a new run folder")  # fmt: skip
+        self.stages = rundir.saved_stages(self.run_dir) or self.stages
+
+    def restore(self, ckpt: dict) -> dict:
+        """Load a ``last.pt`` snapshot; returns the optimizer/scheduler states it holds."""
+        if ckpt["student_quantized"]:
+            self._quantize_student(calibrate_batch=False)
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            if model is not None and ckpt.get(name) is not None:
+                load_state(model, ckpt[name], f"the {name} of {self.run_dir}")
+        self.state = {k: ckpt[k] for k in self.state}
+        return ckpt.get("optim") or {}
+
+    def _quantize_student(self, calibrate_batch: bool = True) -> None:
+        self._place(quantize_model(self.student, self.cfg.quant))
+        if calibrate_batch:
+            batches = (self.rt.batch(b)[0] for b in self.train.epoch(epoch_seed(self.cfg.seed, _CALIBRATION_STAGE, 0)))
+            calibrate(self.student, next(batches))
+            # BN statistics of the quantized network (under autocast, as training runs)
+            with self.rt.autocast():
+                recalibrate_bn(self.student, itertools.islice(batches, self.cfg.quant.bn_batches))
+            broadcast_state(self.student)  # every rank starts from rank 0's quantizer steps and BN statistics
+        self.state["student_quantized"] = True
+
+    def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
+        """The metric (top-1 accuracy unless ``evaluate`` was given) on each evaluation split."""
+        return {name: self.evaluate_fn(model, loader) for name, loader in self.evals.items()}
+
+    def _record_float_results(self) -> None:
+        results = self.state["results"]
+        if self.teacher is not None and "teacher_fp" not in results:
+            results["teacher_fp"] = self.evaluate_splits(self.teacher)
+        results["student_fp"] = self.evaluate_splits(self.student)
+
+    def _phase_for(self, stage: Stage) -> tuple[Phase, nn.Module]:
+        trained = self.teacher if stage.role == "teacher" else self.student
+        opts = {"student": build_optimizer(trained, stage.lr, self.cfg.optim)}
+        cls = PHASES[stage.phase]
+        if cls.trains_teacher:
+            opts["teacher"] = build_optimizer(self.teacher, stage.teacher_lr, self.cfg.optim)
+        teacher = None if stage.role == "teacher" else self.teacher
+        return cls(trained, teacher, opts, self.cfg.distill), trained
+
+    def _run_stage(self, i: int, stage: Stage, resume_optim: dict | None) -> None:
+        phase, trained = self._phase_for(stage)
+        scheds = [build_scheduler(o, self.stages, i, len(self.train), self.cfg.optim.schedule)
+                  for o in phase.optimizers.values()]  # fmt: skip
+        if resume_optim:
+            for name, o in phase.optimizers.items():
+                o.load_state_dict(resume_optim["opt"][name])
+            for s, sd in zip(scheds, resume_optim["sched"]):
+                s.load_state_dict(sd)
+        for epoch in range(self.state["epoch"], stage.epochs):
+            self._run_epoch(i, stage, epoch, phase, trained, scheds)
+            optim = {
+                "opt": {n: o.state_dict() for n, o in phase.optimizers.items()},
+                "sched": [s.state_dict() for s in scheds],
+            }
+            self._save(self._snapshot({"optim": optim}), "last.pt")
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self.state["history"][-1])
+        self._finish_stage(i, stage, trained)
+
+    def _run_epoch(self, i: int, stage: Stage, epoch: int, phase: Phase, trained: nn.Module, scheds: list) -> None:
+        batches = self.train.epoch(epoch_seed(self.cfg.seed, i, epoch))
+        t0 = time.perf_counter()
+        metrics = train_epoch(phase, batches, scheds, self.rt, desc=f"{stage.key} {epoch + 1}")
+        if "val" in self.evals:
+            metrics["val_acc"] = self.evaluate_fn(trained, self.evals["val"])
+            if stage.phase == "co_study":
+                metrics["teacher_val_acc"] = self.evaluate_fn(self.teacher, self.evals["val"])
+        record = {
+            "stage": stage.key,
+            "epoch": epoch + 1,
+            "epochs": stage.epochs,
+            **metrics,
+            "lr": scheds[0].get_last_lr()[0],
+            "time_s": time.perf_counter() - t0,
+        }
+        self.state["history"].append(record)
+        self.state["epoch"] = epoch + 1
+        self._write_metrics()
+        if is_main_process():
+            log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def _finish_stage(self, i: int, stage: Stage, trained: nn.Module) -> None:
+        result = {
+            "phase": stage.phase,
+            "epochs": stage.epochs,
+            "quantized": stage.quantized,
+            "wall_s": sum(r["time_s"] for r in self.state["history"] if r["stage"] == stage.key),
+        }
+        result.update(self.evaluate_splits(trained))
+        if stage.phase == "co_study":
+            result["teacher"] = self.evaluate_splits(self.teacher)
+        self.state["results"].setdefault("stages", {})[stage.key] = result
+        boundary = {
+            "state_dict": trained.state_dict(),
+            "model": self.describe[stage.role],
+            "quantized": stage.quantized,
+            "result": result,
+        }
+        self._save(boundary, f"{stage.key}.pt")
+        self.state["stage"], self.state["epoch"] = i + 1, 0
+        self._save(self._snapshot(), "last.pt")
+
+    # ----- persistence -------------------------------------------------------------------------
+    def _snapshot(self, extra: dict | None = None) -> dict:
+        return {
+            **self.state,
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            **(extra or {}),
+        }
+
+    def _save(self, state: dict, name: str) -> None:
+        if self.run_dir is not None:
+            save_checkpoint(state, self.run_dir / "checkpoints" / name)
+
+    def _write_json(self, obj: Any, name: str) -> None:
+        if self.run_dir is not None:
+            write_json(obj, self.run_dir / name)
+
+    def _write_metrics(self) -> None:
+        if self.run_dir is not None:
+            lines = "".join(json.dumps(r) + "\n" for r in self.state["history"])
+            write_text(lines, self.run_dir / "metrics.jsonl")
+
+    def summary(self) -> dict:
+        q = self.cfg.quant
+        return {
+            "name": self.run_dir.name if self.run_dir is not None else None,
+            "method": method_name(self.cfg),
+            "bits": {
+                "weight": q.weight_bits,
+                "act": q.act_bits,
+                "first_last": q.first_last_bits,
+                "quantizer": q.method,
+                "per_channel": q.per_channel,
+            },
+            "teacher": self.describe["teacher"],
+            "student": self.describe["student"],
+            "device": str(self.device),
+            **self.state["results"],
+            "wall_s": sum(r["time_s"] for r in self.state["history"]),
+        }
+
+
+def load_state(model: nn.Module, state: dict, what: str) -> None:
+    """``load_state_dict`` with a one-line error naming the first mismatch."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise QKDError(f"checkpoint does not fit {what}: {detail}") from None
