@@ -126,27 +126,23 @@ def _identity(t: Tensor) -> Tensor:
 
 
 # ----- the fused autograd functions ------------------------------------------------------------------
-def _flat(x: Tensor, per_channel: bool) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """A 1-D view of ``x`` in memory order and its inverse, for per-tensor parameters.
+Reshape = Callable[[Tensor], Tensor]
+
+
+def _flattener(x: Tensor, per_channel: bool) -> tuple[Reshape, Reshape]:
+    """How to read a tensor shaped like ``x`` as 1-D, and the inverse, for per-tensor parameters.
 
     Elementwise maths does not care about layout, and one contiguous dimension lets the compiled
-    loop vectorise whatever the memory format (channels_last activations included).
+    loop vectorise. Contiguous and channels_last tensors are read in memory order (a view, no copy);
+    any other layout (a slice, a transpose, an ``expand``) in row-major order, copied. The input and
+    its gradient go through the same function, so their elements always line up.
     """
-    if per_channel:
-        return x, _identity
-    if x.is_contiguous():
-        return x.view(-1), lambda t: t.view(x.shape)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        nhwc = x.permute(0, 2, 3, 1)
-        return nhwc.reshape(-1), lambda t: t.view(nhwc.shape).permute(0, 3, 1, 2)
-    return x, _identity
-
-
-def _like(g: Tensor, x: Tensor) -> Tensor:
-    """``g`` in ``x``'s memory layout, so that both flatten in the same order."""
+    if per_channel:  # weights: broadcasting against (C, 1, ...) parameters works on any layout
+        return _identity, _identity
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return g.contiguous(memory_format=torch.channels_last)
-    return g.contiguous()
+        n, c, h, w = x.shape
+        return (lambda t: t.permute(0, 2, 3, 1).reshape(-1)), (lambda t: t.view(n, h, w, c).permute(0, 3, 1, 2))
+    return (lambda t: t.reshape(-1)), (lambda t: t.view(x.shape))
 
 
 class _LSQFunction(torch.autograd.Function):
@@ -155,15 +151,15 @@ class _LSQFunction(torch.autograd.Function):
         ctx.save_for_backward(x, step)
         per_channel = step.dim() > 0
         ctx.args = (_const(qn, x.device), _const(qp, x.device), gscale, per_channel)
-        xf, unflat = _flat(x, per_channel)
-        return unflat(_call("_lsq_fwd", per_channel, xf, step, *ctx.args[:2]).to(x.dtype))
+        flat, unflat = _flattener(x, per_channel)
+        return unflat(_call("_lsq_fwd", per_channel, flat(x), step, *ctx.args[:2]).to(x.dtype))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, step = ctx.saved_tensors
         qn, qp, gscale, per_channel = ctx.args
-        (xf, unflat), (gf, _) = _flat(x, per_channel), _flat(_like(g, x), per_channel)
-        gx, gstep = _call("_lsq_bwd", per_channel, gf, xf, step, qn, qp, per_channel)
+        flat, unflat = _flattener(x, per_channel)
+        gx, gstep = _call("_lsq_bwd", per_channel, flat(g), flat(x), step, qn, qp, per_channel)
         return unflat(gx.to(x.dtype)), gstep * gscale, None, None, None
 
 
@@ -173,15 +169,15 @@ class _IntervalFunction(torch.autograd.Function):
         ctx.save_for_backward(x, lower, upper)
         per_channel = upper.dim() > 0
         ctx.args = (_const(levels - 1, x.device), gscale, per_channel)
-        xf, unflat = _flat(x, per_channel)
-        return unflat(_call("_interval_fwd", per_channel, xf, lower, upper, ctx.args[0]).to(x.dtype))
+        flat, unflat = _flattener(x, per_channel)
+        return unflat(_call("_interval_fwd", per_channel, flat(x), lower, upper, ctx.args[0]).to(x.dtype))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, lower, upper = ctx.saved_tensors
         n, gscale, per_channel = ctx.args
-        (xf, unflat), (gf, _) = _flat(x, per_channel), _flat(_like(g, x), per_channel)
-        gx, glower, gupper = _call("_interval_bwd", per_channel, gf, xf, lower, upper, n, per_channel)
+        flat, unflat = _flattener(x, per_channel)
+        gx, glower, gupper = _call("_interval_bwd", per_channel, flat(g), flat(x), lower, upper, n, per_channel)
         return unflat(gx.to(x.dtype)), glower * gscale, gupper * gscale, None, None
 
 
