@@ -1,11 +1,36 @@
 """qkd: Quantization-aware Knowledge Distillation (Kim et al., arXiv:1911.12491).
 
+QKD on your own model and data, in one call (self-study, co-study, tutoring; see README):
+
 >>> import qkd
+>>> result = qkd.fit(student, teacher, train_loader, val_loader, method="qkd", epochs=30,
+...                  quant=qkd.QuantConfig(weight_bits=4, act_bits=4), out="runs/mine")
+>>> result.student                       # the trained low-bit model (fake-quant, exportable)
+>>> print(qkd.quantization_summary(result.student))   # every layer's bits, or why it stayed float
+
+Or only the quantization, for your own training loop:
+
 >>> student = qkd.quantize_model(my_float_model, qkd.QuantConfig(weight_bits=4, act_bits=4))
 """
 
+from qkd.config import TrainConfig
 from qkd.errors import QKDError
-from qkd.quant import QuantConfig, quantization_disabled, quantize_model
+from qkd.phases import Distill
+from qkd.quant import QuantConfig, quantization_disabled, quantization_summary, quantize_model
+from qkd.train import METHODS, FitResult, Trainer, fit
 
 __version__ = "0.1.0"
-__all__ = ["QKDError", "QuantConfig", "quantization_disabled", "quantize_model", "__version__"]
+__all__ = [
+    "METHODS",
+    "Distill",
+    "FitResult",
+    "QKDError",
+    "QuantConfig",
+    "TrainConfig",
+    "Trainer",
+    "__version__",
+    "fit",
+    "quantization_disabled",
+    "quantization_summary",
+    "quantize_model",
+]

@@ -8,8 +8,12 @@ from typing import Any
 from torch import nn
 
 from qkd.config import TrainConfig, build_config
+from qkd.errors import QKDError
 from qkd.quant import QuantConfig
+from qkd.train.stages import plan
 from qkd.train.trainer import EpochHook, EvalFn, FitResult, Trainer
+
+PRETRAIN_LR = 0.05  # as a model config's float training
 
 
 def fit(
@@ -28,6 +32,7 @@ def fit(
     evaluate: EvalFn | None = None,
     on_epoch_end: EpochHook | None = None,
     steps_per_epoch: int | None = None,
+    pretrain: dict[str, int | tuple[int, float]] | None = None,
     **settings: Any,
 ) -> FitResult:
     """Quantize ``student`` and train it with ``method`` (``qkd``, ``qat``, ``kd``, ``ss+tu``, ``cs+tu``).
@@ -40,13 +45,19 @@ def fit(
     ``phases=[{"name": "tutor", "epochs": 5}]`` (an explicit phase list), ``split``, ``optim={"lr": 0.01}``,
     ``distill={"temperature": 2}``, ``runtime``, ``seed``, ``device``. With ``out``, everything is written
     there (config, metrics, checkpoints, the per-layer quantization table, summary) and
-    ``resume=True`` continues an interrupted run exactly.
+    ``resume=True`` continues an interrupted run exactly. ``pretrain={"teacher": 10}`` (epochs, or
+    ``(epochs, lr)``; lr 0.05 by default) trains a model in float first, for models not yet trained.
 
     >>> result = qkd.fit(student, teacher, train_loader, val_loader, method="qkd", epochs=30,
     ...                  quant=qkd.QuantConfig(weight_bits=4, act_bits=4), out="runs/mine")
     >>> result.summary["stages"]["3_tutor"]["val"], result.student   # accuracy, the low-bit model
     """
     cfg = build_config({"method": method, "epochs": epochs, "quant": quant or QuantConfig(), **settings}, TrainConfig)
-    trainer = Trainer(student, teacher, train, val, test, config=cfg, out=out, evaluate=evaluate,
+    floats = {role: v if isinstance(v, tuple) else (v, PRETRAIN_LR) for role, v in (pretrain or {}).items()}
+    unknown = set(floats) - {"teacher", "student"}
+    if unknown:
+        raise QKDError(f"pretrain takes 'teacher' and 'student', not {sorted(unknown)}")
+    trainer = Trainer(student, teacher, train, val, test, config=cfg, stages=plan(cfg, floats), out=out,
+                      evaluate=evaluate,
                       on_epoch_end=on_epoch_end, steps_per_epoch=steps_per_epoch)  # fmt: skip
     return trainer.fit(resume=resume, overwrite=overwrite)

@@ -28,7 +28,7 @@ from qkd.config import TrainConfig
 from qkd.dist import broadcast_state, is_main_process, resolve_device
 from qkd.errors import QKDError
 from qkd.phases import PHASES, Phase
-from qkd.quant import calibrate, quantize_model, recalibrate_bn
+from qkd.quant import calibrate, quantization_summary, quantize_model, recalibrate_bn
 from qkd.quant.ste import set_kernel_backend
 from qkd.train import rundir
 from qkd.train.loop import Runtime, train_epoch
@@ -141,6 +141,7 @@ class Trainer:
         self.record = record or {"created_by": rundir.PYTHON_API, **self.cfg.model_dump(mode="json"),
                                  "models": {k: self.describe[k] for k in ("student", "teacher")}}  # fmt: skip
         self.state = {"stage": 0, "epoch": 0, "history": [], "results": {}, "student_quantized": False}
+        self.layers: dict | None = None  # quantized/float layer counts, once the student is quantized
 
     def _place(self, model: nn.Module) -> nn.Module:
         layout = torch.channels_last if self.rt.channels_last else torch.preserve_format
@@ -197,6 +198,11 @@ class Trainer:
 
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
         self._place(quantize_model(self.student, self.cfg.quant))
+        layers = quantization_summary(self.student)
+        self.layers = {"quantized": layers.n_quantized, "float": layers.n_float}
+        self._write_json(layers.to_dict(), "quantization.json")
+        if calibrate_batch and is_main_process():
+            log.info("student layers (also in quantization.json):\n%s", layers)
         if calibrate_batch:
             batches = (self.rt.batch(b)[0] for b in self.train.epoch(epoch_seed(self.cfg.seed, _CALIBRATION_STAGE, 0)))
             calibrate(self.student, next(batches))
@@ -325,6 +331,7 @@ class Trainer:
             "teacher": self.describe["teacher"],
             "student": self.describe["student"],
             "device": str(self.device),
+            "layers": self.layers,
             **self.state["results"],
             "wall_s": sum(r["time_s"] for r in self.state["history"]),
         }
