@@ -121,3 +121,47 @@ def test_export_int_and_onnx_and_eval_engines(tmp_path):
     res = qkd("run", *TINY, "--name", "fp", "--out", str(tmp_path), "method=qat", "student.train_epochs=1", "epochs=1")
     res = qkd("export", str(tmp_path / "fp" / "checkpoints" / "fp_student.pt"), *TINY)
     assert res.returncode == 2 and "no quantized layers" in res.stderr
+
+
+USER_CODE = """
+import torch
+from torch import nn
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def build(num_classes, width=8):
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+def loaders(batch_size, seed):
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
+    y = torch.tensor(d.target)
+    train = DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size=batch_size, shuffle=True)
+    return {"train": train, "val": DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=256),
+            "num_classes": 10}
+
+
+def wrong():
+    return 3
+"""
+
+
+def test_run_names_user_model_and_data_by_import_path(tmp_path):
+    (tmp_path / "mynets.py").write_text(USER_CODE)
+    args = ["method=qat", "epochs=1", "student.name=mynets:build", "student.kwargs={width: 4}",
+            "student.train_epochs=1", "data.name=mynets:loaders", "data.batch_size=200"]  # fmt: skip
+    res = qkd("run", *args, "--name", "u", "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "runs" / "u" / "summary.json").read_text())
+    assert summary["student"] == "mynets:build" and summary["layers"] == {"quantized": 2, "float": 0}
+    assert "test" not in summary["student_fp"]  # the factory gave no test split
+    for bad, message in (("student.name=mynets:nothing", "has no attribute 'nothing'"),
+                         ("student.name=nomodule:build", "cannot import nomodule"),
+                         ("data.name=mynets:wrong", "must return a DataBundle"),
+                         ("student.name=timm:resnet18", "timm")):  # fmt: skip
+        res = qkd("run", *args, bad, "--name", "bad", "--out", str(tmp_path / "runs"), cwd=tmp_path)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "runs" / "bad").exists()

@@ -189,3 +189,19 @@ def test_resnet20_checkpoint_accuracy() -> None:
         preds = model.eval()(images).argmax(1)
     accuracy = (preds == torch.from_numpy(y)).float().mean().item()
     assert accuracy > 0.75
+
+
+def test_models_by_import_path_and_timm_name():
+    model = create_model("torchvision.models:squeezenet1_0", num_classes=7)  # a factory by import path
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    with pytest.raises(QKDError, match="has no attribute 'nope'"):
+        create_model("torchvision.models:nope")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(QKDError, match=r"pip install 'qkd\[timm\]'"):
+            create_model("timm:resnet18")
+        return
+    assert create_model("timm:resnet18", num_classes=3)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(QKDError, match="timm has no model"):
+        create_model("timm:no_such_net")

@@ -62,14 +62,15 @@ def format_summary(summary: dict) -> str:
         if f"{who}_fp" in summary:
             fp, trained = summary[f"{who}_fp"], stages.get(f"fp_{who}", {})
             wall = f"{trained['wall_s']:.1f}" if trained else ""
-            rows.append((f"{who} FP ({summary[who]})", str(trained.get("epochs", 0)), _pct(fp["val"]),
-                         _pct(fp["test"]), "", wall))  # fmt: skip
+            rows.append((f"{who} FP ({summary[who]})", str(trained.get("epochs", 0)), _pct(fp.get("val")),
+                         _pct(fp.get("test")), "", wall))  # fmt: skip
     bits = summary["bits"]
     for key, r in stages.items():
         if r["quantized"]:
             label = f"student W{bits['weight'] or 'f'}A{bits['act'] or 'f'} after {key}"
-            teacher = _pct(r["teacher"]["test"]) if "teacher" in r else ""
-            rows.append((label, str(r["epochs"]), _pct(r["val"]), _pct(r["test"]), teacher, f"{r['wall_s']:.1f}"))
+            teacher = _pct(r["teacher"].get("test")) if "teacher" in r else ""
+            rows.append((label, str(r["epochs"]), _pct(r.get("val")), _pct(r.get("test")), teacher,
+                         f"{r['wall_s']:.1f}"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
