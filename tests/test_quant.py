@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torchvision.models import mobilenet_v2, resnet18
 
+from qkd.errors import QKDError
 from qkd.models import create_model
 from qkd.quant import (
     IntervalQuantizer,
@@ -561,9 +562,10 @@ def test_quantize_model_swaps_every_layer(float_model):
     with torch.no_grad():
         assert torch.equal(model(x), y)
 
-    # Quantizing twice does not double-wrap.
+    # Quantizing twice is refused and leaves the model as it was.
     mods = dict(model.named_modules())
-    quantize_model(model, QuantConfig(weight_bits=2, act_bits=2))
+    with pytest.raises(QKDError, match="already quantized.*reconfigure=True"):
+        quantize_model(model, QuantConfig(weight_bits=2, act_bits=2))
     assert dict(model.named_modules()) == mods
     for n, m in after.items():
         assert {c for c, _ in m.named_children()} == {"weight_quant", "act_quant"}

@@ -1,6 +1,14 @@
-"""Quantize any model by swapping its Conv2d/Linear layers in place (torchao-style).
+"""Quantize any model: every Conv/Linear-like layer is quantized, in place (torchao-style).
+
+Plain ``nn.Conv2d`` / ``nn.Linear`` layers (and subclasses that only add initialisation) are swapped
+for :class:`~qkd.quant.modules.QConv2d` / :class:`~qkd.quant.modules.QLinear`; every other
+Conv/Linear-like layer (Conv1d/3d, ConvTranspose, a subclass with its own forward) is quantized in
+place, keeping its forward (:class:`~qkd.quant.modules.QuantizedLayer`). Nothing is skipped silently:
+a layer that cannot be quantized is refused, and those left float are listed by
+:func:`~qkd.quant.summary.quantization_summary` with the reason.
 
 >>> model = quantize_model(torchvision.models.resnet18(), QuantConfig(weight_bits=4, act_bits=4))
+>>> print(quantization_summary(model))
 >>> with quantization_disabled(model):
 ...     float_logits = model(x)  # the same network, evaluated in float
 """
@@ -8,18 +16,41 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
+import functools
+import inspect
+import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from qkd.quant.modules import QUANT_MODULES
+from qkd.errors import QKDError
+from qkd.quant.modules import (
+    FLOAT_REASON,
+    QUANT_MODULES,
+    SWAPPED,
+    QuantizedLayer,
+    dequantize_in_place,
+    is_quantized_layer,
+    quantize_in_place,
+)
 from qkd.quant.quantizers import QUANTIZERS, STEP_INITS, Quantizer, QuantSpec, parse_bits
 
 FilterFn = Callable[[nn.Module, str], bool]
+log = logging.getLogger("qkd")
+
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+# Why a layer is left float (what quantization_summary shows after "float: ").
+FILTERED = "excluded by filter_fn"
+EDGE = "first/last layer with first_last_bits=float"
+ALL_FLOAT = "weight_bits=float and act_bits=float"
+READ_DIRECTLY = "nn.MultiheadAttention reads its weight directly, not through its forward"
 
 
 @dataclass
@@ -38,7 +69,8 @@ class QuantConfig:
       practice); "same" uses ``weight_bits``/``act_bits`` there too, None keeps them float. A side
       whose ``weight_bits``/``act_bits`` is float stays float at the edges as well.
     - ``overrides``: module-name patterns (fnmatch, e.g. ``"layer3.*"``) mapped to
-      ``{"weight_bits": .., "act_bits": ..}``; later patterns win.
+      ``{"weight_bits": .., "act_bits": ..}``; later patterns win. A pattern must match at least one
+      Conv/Linear-like layer of the model (a typo is an error, not a silent no-op).
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
@@ -70,53 +102,197 @@ class QuantConfig:
 
     def bits_for(self, name: str, is_edge: bool) -> tuple[int | None, int | None]:
         """Weight and activation bits of the layer called ``name``."""
-        wb, ab = self.weight_bits, self.act_bits
+        return self.resolve(name, is_edge)[:2]
+
+    def resolve(self, name: str, is_edge: bool) -> tuple[int | None, int | None, str]:
+        """:meth:`bits_for` and the last rule that set a side to float (why the layer is float, if it is)."""
+        wb, ab, why = self.weight_bits, self.act_bits, ALL_FLOAT
         if is_edge and self.first_last_bits != "same":
             # A side configured as float stays float at the edges too (e.g. weight-only quantization).
             wb = None if wb is None else self.first_last_bits
             ab = None if ab is None else self.first_last_bits
+            why = EDGE if self.first_last_bits is None and (wb, ab) != (self.weight_bits, self.act_bits) else why
         for pattern, bits in self.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
                 wb, ab = bits.get("weight_bits", wb), bits.get("act_bits", ab)
-        return wb, ab
+                why = f"override pattern '{pattern}' sets float" if None in bits.values() else why
+        return wb, ab, why
+
+    def specs(self, weight_bits: int | None, act_bits: int | None) -> tuple[QuantSpec, QuantSpec]:
+        """The weight and input quantizer specs of a layer with these bits."""
+        common = {"method": self.method, "step_init": self.step_init}
+        return (
+            QuantSpec(weight_bits, signed=True, per_channel=self.per_channel, **common),
+            QuantSpec(act_bits, signed=None, per_channel=False, **common),
+        )
+
+
+def is_layer_like(module: nn.Module) -> bool:
+    """A Conv (1-3d, transposed too) or Linear layer, of any subclass, quantized or not."""
+    return isinstance(module, LAYER_TYPES)
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Quantize every plain Conv2d and Linear."""
-    return type(module) in QUANT_MODULES
+    """Select every Conv/Linear-like layer (any ``_ConvNd`` or ``nn.Linear``, subclasses included)."""
+    return is_layer_like(module)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What quantize_model does with one layer: swap it, quantize it in place, or leave it float."""
+
+    name: str
+    module: nn.Module
+    swap_to: type[nn.Module] | None = None
+    float_reason: str | None = None
 
 
 def quantize_model(
-    model: nn.Module, config: QuantConfig | None = None, filter_fn: FilterFn = default_filter
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    filter_fn: FilterFn = default_filter,
+    reconfigure: bool = False,
 ) -> nn.Module:
-    """Swap the layers ``filter_fn`` selects for quantized ones, in place, and return ``model``.
+    """Quantize every Conv/Linear-like layer ``filter_fn`` selects, in place, and return ``model``.
 
-    First and last layers are taken in module registration order, which is execution order for the
-    usual Sequential/ResNet definitions.
+    First and last layers are taken among the selected ones in module registration order, which is
+    execution order for the usual Sequential/ResNet definitions. A model that already holds quantized
+    layers is refused unless ``reconfigure=True``: then it is dequantized and quantized again with
+    ``config`` (weights kept, quantizers re-initialised from the weights; activation quantizers on the
+    next batch). Layers left float for a reason other than ``first_last_bits`` are logged as warnings.
     """
     config = config or QuantConfig()
-    targets = [(n, m) for n, m in model.named_modules() if n and filter_fn(m, n) and type(m) in QUANT_MODULES]
-    edges = {targets[0][0], targets[-1][0]} if targets else set()
-    for name, module in targets:
-        wb, ab = config.bits_for(name, name in edges)
-        wspec = QuantSpec(wb, signed=True, per_channel=config.per_channel, method=config.method,
-                          step_init=config.step_init)  # fmt: skip
-        aspec = QuantSpec(ab, signed=None, per_channel=False, method=config.method, step_init=config.step_init)
-        _set_submodule(model, name, QUANT_MODULES[type(module)].from_float(module, wspec, aspec))
+    if is_layer_like(model):
+        raise QKDError(f"quantize_model needs a model holding layers, not one {type(model).__name__}: wrap it first")
+    _check_overrides(config, [n for n, m in model.named_modules() if n and is_layer_like(m)])
+    _dequantize_for_reconfigure(model, reconfigure)
+    steps = [_plan(n, m, filter_fn) for n, m in model.named_modules() if n and is_layer_like(m)]
+    selected = [s.name for s in steps if s.float_reason is None]
+    edges = {selected[0], selected[-1]} if selected else set()
+    left_float = []
+    for step in steps:
+        layer, reason = step.module, step.float_reason
+        if reason is None:
+            wb, ab, why = config.resolve(step.name, step.name in edges)
+            layer = _quantize_layer(model, step, *config.specs(wb, ab))
+            reason = why if wb is None and ab is None else None
+        if reason is not None:
+            setattr(layer, FLOAT_REASON, reason)
+            left_float.append((step.name, reason))
+    _warn_float(left_float)
     return model
 
 
+def _check_overrides(config: QuantConfig, names: list[str]) -> None:
+    """Refuse an override pattern that matches no layer: a typo would otherwise change nothing."""
+    for pattern in config.overrides:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            near = difflib.get_close_matches(pattern, names, n=4, cutoff=0.3) or names[:4]
+            raise QKDError(
+                f"override pattern '{pattern}' matches no Conv/Linear layer; layers are named like {', '.join(near)}"
+            )
+
+
+def _dequantize_for_reconfigure(model: nn.Module, reconfigure: bool) -> None:
+    done = [n for n, _ in quantized_layers(model)]
+    if done and not reconfigure:
+        raise QKDError(
+            f"model already quantized ({len(done)} layers, e.g. '{done[0]}'); "
+            "call dequantize_model first or pass reconfigure=True"
+        )
+    dequantize_model(model)  # also forgets the float reasons of the last quantization
+
+
+def _plan(name: str, module: nn.Module, filter_fn: FilterFn) -> _Step:
+    """How to quantize one layer; QKDError for a selected layer that cannot be quantized."""
+    if not filter_fn(module, name):
+        return _Step(name, module, float_reason=FILTERED)
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return _Step(name, module, float_reason=READ_DIRECTLY)
+    swap_to = next((q for base, q in QUANT_MODULES.items() if _behaves_as(module, base)), None)
+    why_not = _unquantizable(module, in_place=swap_to is None)
+    if why_not:
+        kind = type(module).__name__
+        raise QKDError(f"cannot quantize layer '{name}' ({kind}): {why_not}; exclude it with filter_fn")
+    return _Step(name, module, swap_to=swap_to)
+
+
+@functools.cache
+def _plain_attributes(base: type[nn.Module]) -> frozenset[str]:
+    """The instance attributes of a plain ``base`` layer."""
+    layer = nn.Conv2d(1, 1, 1) if base is nn.Conv2d else nn.Linear(1, 1)
+    return frozenset(vars(layer)) | {FLOAT_REASON}
+
+
+def _behaves_as(module: nn.Module, base: type[nn.Module]) -> bool:
+    """``module`` is a ``base``, or a subclass with ``base``'s forward and no state of its own (only
+    its initialisation differs): its swapped form then loses nothing."""
+    cls = type(module)
+    if cls is base:
+        return True
+    same_code = all(getattr(cls, f, None) is getattr(base, f, None) for f in ("forward", "_conv_forward"))
+    same_state = set(module._parameters) <= {"weight", "bias"} and not module._buffers and not module._modules
+    return isinstance(module, base) and same_code and same_state and set(vars(module)) <= _plain_attributes(base)
+
+
+def _unquantizable(module: nn.Module, in_place: bool) -> str | None:
+    """Why ``module`` cannot be quantized (swapped, or in place when ``in_place``), or None."""
+    weight = module._parameters.get("weight")
+    if parametrize.is_parametrized(module):
+        return "it already has parametrizations (e.g. weight_norm)"
+    if not isinstance(weight, nn.Parameter):
+        return "its weight is not a Parameter"
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "its weight is not materialised yet (a lazy layer): run one batch first"
+    if in_place and not _takes_input_first(type(module).forward):
+        return "its forward does not take the input as its first positional argument"
+    return None
+
+
+def _takes_input_first(forward: Callable) -> bool:
+    params = list(inspect.signature(forward).parameters.values())[1:]  # after self
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return bool(params) and params[0].kind in (*positional, inspect.Parameter.VAR_POSITIONAL)
+
+
+def _quantize_layer(model: nn.Module, step: _Step, weight_spec: QuantSpec, act_spec: QuantSpec) -> nn.Module:
+    if step.swap_to is None:
+        return quantize_in_place(step.module, weight_spec, act_spec)
+    layer = step.swap_to.from_float(step.module, weight_spec, act_spec)
+    _set_submodule(model, step.name, layer)
+    return layer
+
+
+def _warn_float(left_float: list[tuple[str, str]]) -> None:
+    """One warning per reason for layers left float, except those the first/last rule keeps float."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name, reason in left_float:
+        if reason != EDGE:
+            groups[reason].append(name)
+    for reason, names in groups.items():
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        log.warning("quantize_model: %d layer(s) left float (%s): %s%s", len(names), reason, ", ".join(names[:5]), more)
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Swap quantized layers back for float ones sharing the same parameters, in place."""
+    """Undo :func:`quantize_model`, in place: float layers of the original classes, same parameters."""
     for name, module in list(model.named_modules()):
-        if hasattr(module, "to_float") and hasattr(module, "weight_quant"):
+        if isinstance(module, QuantizedLayer):
+            dequantize_in_place(module)
+        elif isinstance(module, SWAPPED):
             _set_submodule(model, name, module.to_float())
+        module.__dict__.pop(FLOAT_REASON, None)
     return model
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every quantized layer of ``model`` (swapped or in place) with its qualified name."""
+    return ((n, m) for n, m in model.named_modules() if is_quantized_layer(m))
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:

@@ -37,7 +37,10 @@ class QuantSpec:
     """How one tensor is quantized.
 
     ``signed=None`` decides from data on the first tensor seen (activations after ReLU are unsigned).
-    ``per_channel`` gives each output channel (dim 0) its own parameters; weights only.
+    ``per_channel`` gives each output channel its own parameters; weights only. ``channel_dim`` is the
+    weight dimension holding the output channels: 0 for Conv/Linear, 1 for ConvTranspose (weights of
+    shape ``(in, out / groups, ...)``); the quantizer moves it to dim 0 to quantize, so parameters and
+    :meth:`Quantizer.affine` are shaped ``(C, 1, ...)`` for that moved layout.
     ``step_init`` sets the LSQ step from data: ``mse`` (the step that minimises the quantization error
     of the first tensor seen, searched over clipping ranges) or ``lsq`` (the LSQ paper's
     ``2 * mean|x| / sqrt(Qp)``).
@@ -50,9 +53,12 @@ class QuantSpec:
     per_channel: bool = False
     method: str = "lsq"
     step_init: str = "mse"
+    channel_dim: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", parse_bits(self.bits))
+        if self.channel_dim not in (0, 1):
+            raise ValueError(f"channel_dim must be 0 or 1; got {self.channel_dim!r}")
         if self.method not in QUANTIZERS:
             raise ValueError(f"unknown quantizer '{self.method}'; valid: {', '.join(sorted(QUANTIZERS))}")
         if self.step_init not in STEP_INITS:
@@ -102,13 +108,15 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = spec.bits
         self.per_channel = spec.per_channel
+        self.channel_dim = spec.channel_dim if spec.per_channel else 0
         self.step_init = spec.step_init
         self.auto_sign = spec.signed is None
         self.enabled = True
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(bool(spec.signed)))
-        shape = _channel_shape(init, spec.per_channel) if init is not None else ()
-        self._make_params(shape)
+        if init is not None:
+            init = init.transpose(0, self.channel_dim)
+        self._make_params(_channel_shape(init, spec.per_channel) if init is not None else ())
         if init is not None and self.bits is not None:
             self.initialize(init)
 
@@ -127,6 +135,11 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return x
+        if self.channel_dim:  # the parameters and kernels expect the channels in dim 0
+            return self._init_and_quantize(x.transpose(0, self.channel_dim)).transpose(0, self.channel_dim)
+        return self._init_and_quantize(x)
+
+    def _init_and_quantize(self, x: Tensor) -> Tensor:
         if not self.initialized:
             self.initialize(x)
         return self.quantize(x)
@@ -145,7 +158,8 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         bits = "float" if self.bits is None else f"{self.bits}"
-        return f"bits={bits}, signed={bool(self.signed)}, per_channel={self.per_channel}"
+        dim = f", channel_dim={self.channel_dim}" if self.channel_dim else ""
+        return f"bits={bits}, signed={bool(self.signed)}, per_channel={self.per_channel}{dim}"
 
     # Subclasses define their parameters, their initialisation and the quantization itself.
     def _make_params(self, shape: tuple[int, ...]) -> None:
