@@ -140,6 +140,8 @@ def test_fit_bad_input_is_one_line():
         qkd.fit(UserNet(8), None, train, val, method="kd", epochs=1)
     with pytest.raises(QKDError, match="method"):
         qkd.fit(UserNet(8), UserNet(8), train, val, method="qdk", epochs=1)
+    with pytest.raises(QKDError, match="already quantized"):
+        qkd.fit(qkd.quantize_model(UserNet(8)), None, train, val, method="qat", epochs=1)
     with pytest.raises(QKDError, match="optim.lr"):
         qkd.fit(UserNet(8), None, train, val, method="qat", optim={"lr": -1})
 

@@ -297,7 +297,7 @@ def test_compiled_kernels_compile_once_for_training_and_evaluation():
     tensor (they once made ResNet-20 compile ten graphs, and on CUDA hit dynamo's recompile limit)."""
     from torch._dynamo.utils import counters
 
-    from qkd.engine import Runtime, evaluate
+    from qkd.train.loop import Runtime, evaluate
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -217,8 +217,8 @@ def build_data(
     if ":" in key:
         return _from_factory(opts, _device(device), seed)
     if key not in _ARRAY_SOURCES and key not in _STREAM_SOURCES:
-        raise QKDError(f"unknown data set '{opts.name}'; valid: {', '.join(list_datasets())}, or an import path "
-                       "mypkg.module:function")  # fmt: skip
+        valid = ", ".join(list_datasets())
+        raise QKDError(f"unknown data set '{opts.name}'; valid data sets: {valid}, or pkg.module:function")
     o = _Options(**{f.name: getattr(opts, f.name) for f in fields(DataOptions)}, device=_device(device), seed=seed)
     if key in _STREAM_SOURCES:
         return _STREAM_SOURCES[key](o.root, o)

@@ -28,7 +28,7 @@ from qkd.config import TrainConfig
 from qkd.dist import broadcast_state, is_main_process, resolve_device
 from qkd.errors import QKDError
 from qkd.phases import PHASES, Phase
-from qkd.quant import calibrate, quantization_summary, quantize_model, recalibrate_bn
+from qkd.quant import calibrate, quantization_summary, quantize_model, quantized_layers, recalibrate_bn
 from qkd.quant.ste import set_kernel_backend
 from qkd.train import rundir
 from qkd.train.loop import Runtime, train_epoch
@@ -134,6 +134,9 @@ class Trainer:
         if any(s.uses_teacher for s in self.stages) and teacher is None:
             used = ", ".join(s.key for s in self.stages if s.uses_teacher)
             raise QKDError(f"stages {used} need a teacher; pass teacher=... or use method='qat' (no teacher)")
+        if next(quantized_layers(student), None) is not None:
+            raise QKDError("the student is already quantized; pass its float model (the trainer quantizes it "
+                           "with the quant settings) or dequantize_model() it first")  # fmt: skip
         self.student = self._place(student)
         self.teacher = self._place(teacher) if teacher is not None else None
         self.describe = {"student": type(student).__name__, "teacher": type(teacher).__name__ if teacher else None}
