@@ -153,3 +153,13 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=2, out=tmp_path / "r", resume=True)
     with pytest.raises(QKDError, match="exists"):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r")
+
+
+def test_resume_starts_a_run_not_yet_there_and_refuses_other_stages(tmp_path):
+    train, val = _loaders()
+    first = qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r", resume=True)
+    again = qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r", resume=True)
+    assert again.summary == first.summary  # finished: only reports
+    with pytest.raises(QKDError, match="differ in stages"):
+        qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, pretrain={"student": 1}, out=tmp_path / "r",
+                resume=True)  # fmt: skip

@@ -153,7 +153,7 @@ class Trainer:
     # ----- the run -----------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> FitResult:
         """Run the remaining stages; with ``resume``, continue from the run folder's last checkpoint
-        (a finished run only reports). Returns the trained models and the summary (``summary.json``)."""
+        (a finished run only reports; a folder with no run yet starts one). Returns the trained models and the summary (``summary.json``)."""
         optim_state = self._open(resume, overwrite)
         while self.state["stage"] < len(self.stages):
             i = self.state["stage"]
@@ -174,7 +174,7 @@ class Trainer:
                 raise QKDError("resume=True needs the run folder: pass out=...")
             return None
         last = self.run_dir / "checkpoints" / "last.pt"
-        if not resume:
+        if not resume or not (self.run_dir / "config.yaml").is_file():  # resume=True starts a run not yet there
             rundir.check_new(self.run_dir, overwrite)
             rundir.init(self.run_dir, self.record, self.stages)
             return None
@@ -184,10 +184,12 @@ class Trainer:
     def _check_same_settings(self) -> None:
         saved = rundir.read_config(self.run_dir)
         changed = sorted(k for k, v in self.record.items() if k not in ("device", "name") and saved.get(k) != v)
+        stages = rundir.saved_stages(self.run_dir)
+        if stages is not None and stages != self.stages:
+            changed.append("stages (pretrain, phases or epochs)")
         if changed:
             raise QKDError(f"cannot resume {self.run_dir}: its settings differ in {', '.join(changed)}; "
                            "resume with the same settings, or start a new run folder")  # fmt: skip
-        self.stages = rundir.saved_stages(self.run_dir) or self.stages
 
     def restore(self, ckpt: dict) -> dict:
         """Load a ``last.pt`` snapshot; returns the optimizer/scheduler states it holds."""
