@@ -152,8 +152,10 @@ class Trainer:
 
     # ----- the run -----------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> FitResult:
-        """Run the remaining stages; with ``resume``, continue from the run folder's last checkpoint
-        (a finished run only reports; a folder with no run yet starts one). Returns the trained models and the summary (``summary.json``)."""
+        """Run the remaining stages and return the trained models and the summary (``summary.json``).
+
+        With ``resume``, continue from the run folder's last checkpoint (a finished run only reports; a
+        folder with no run yet starts one)."""
         optim_state = self._open(resume, overwrite)
         while self.state["stage"] < len(self.stages):
             i = self.state["stage"]
