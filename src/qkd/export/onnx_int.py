@@ -80,8 +80,8 @@ class _Exporter:
         return self.g
 
     # ----- layers ----------------------------------------------------------------------------------
-    def _codes(self, op: dict, x: str) -> str:
-        """The layer's input codes, as UINT8 or INT8."""
+    def _codes(self, op: dict, x: str, offset: int = 0) -> str:
+        """The layer's input codes, as UINT8 or INT8 (INT8 ``codes - offset`` when ``offset``)."""
         g, name, (lo, hi) = self.g, op["name"], op["a_range"]
         if x in self.inputs:  # the network's float32 input, with the fake-quant model's float32 maths
             if "a_interval" in op:
@@ -101,6 +101,10 @@ class _Exporter:
             z = g.node("Div", [x, g.const(f"{name}.in_step", op["a_scale"])], f"{name}/div")
             bounds = (g.const(f"{name}.lo", float(lo)), g.const(f"{name}.hi", float(hi)))
         z = g.node("Clip", [g.node("Round", [z], f"{name}/round"), *bounds], f"{name}/clip")
+        if offset:
+            dtype = np.float32 if x in self.inputs else np.float64
+            z = g.node("Sub", [z, g.const(f"{name}.code_offset", offset, dtype)], f"{name}/code_offset")
+            return g.node("Cast", [z], f"{name}/codes", to=TensorProto.INT8)
         return g.node("Cast", [z], f"{name}/codes", to=_code_type(lo, hi)[0])
 
     def _ones(self, op: dict, codes: str) -> str:
@@ -113,13 +117,17 @@ class _Exporter:
 
     def _layer(self, op: dict, x: str, integer_op: str, **attrs: Any) -> None:
         g, name, t = self.g, op["name"], self.t
-        codes = self._codes(op, x)
         weight = t[f"{name}.weight"].numpy()
         channel_shape: tuple[int, ...] = (-1, 1, 1) if integer_op == "ConvInteger" else (-1,)
         if integer_op == "MatMulInteger":
             weight = weight.T  # x (N, K) @ w (K, M)
         w_dtype = _code_type(*op["w_range"])[1]
         w = g.const(f"{name}.weight", weight, w_dtype)
+        # onnxruntime's uint8 x int8 MatMulInteger saturates pairs of products at int16 on x86 CPUs without
+        # VNNI (255 * 127 * 2 > 32767): unsigned codes above 127 go in as int8 ``codes - 128``, zero point -128
+        offset = 128 if integer_op == "MatMulInteger" and op["a_range"][1] > 127 and w_dtype == np.int8 else 0
+        codes = self._codes(op, x, offset)
+        zero_point = [g.const(f"{name}.code_zero_point", -offset, np.int8)] if offset else []
         keys = [k for k in TERMS if f"{name}.scale{'_' + k if k else ''}" in t]
         # the offset terms of affine grids: ones in place of the codes of the weights and/or the input
         ones_w = ""
@@ -128,7 +136,8 @@ class _Exporter:
             ones_w = g.node("ConstantOfShape", [g.const(f"{name}.weight_shape", weight.shape, np.int64)],
                             f"{name}/weight_ones", value=one)  # fmt: skip
         ones_x = self._ones(op, codes) if {"wsum", "count"} & set(keys) else ""
-        operands = {"": (codes, w), "xsum": (codes, ones_w), "wsum": (ones_x, w), "count": (ones_x, ones_w)}
+        operands = {"": (codes, w, *zero_point), "xsum": (codes, ones_w, *zero_point), "wsum": (ones_x, w),
+                    "count": (ones_x, ones_w)}  # fmt: skip
         terms = []
         for key in keys:
             suffix = f"_{key}" if key else ""
