@@ -216,4 +216,4 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(QKDError, match="not found"):
         load_int(tmp_path / "missing.safetensors")
     save_int(tmp_path / "ok.safetensors", *to_int_program(model), {})
-    assert load_int(tmp_path / "ok.safetensors")[1]["format"] == "qkd-int/3"
+    assert load_int(tmp_path / "ok.safetensors")[1]["format"] == "qkd-int/4"

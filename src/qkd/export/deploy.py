@@ -84,7 +84,7 @@ def export_student(student: nn.Module, fmt: str, path: Path, example: Tensor, in
     path.parent.mkdir(parents=True, exist_ok=True)
     student = student.eval().cpu()
     if fmt == "int":
-        ops, tensors = to_int_program(student)
+        ops, tensors = to_int_program(student, example.cpu())
         save_int(path, ops, tensors, info)
         return load_int(path)[0]
     from qkd.export.onnx import export_onnx, onnx_runner

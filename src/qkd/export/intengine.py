@@ -6,6 +6,23 @@ integer multiply (int32 mantissa, exact 64-bit product) and a rounding right shi
 layer's few input levels, a comparison with integer thresholds. Convolutions run as float
 convolutions of integer values, exact by construction (see ``_exact_dtype``), so the results are
 those of integer hardware.
+
+Between layers the values are int64 fixed point (``value * 2**FRAC_BITS``) and every op but two is
+integer-only, each with at most one rounding (half up):
+
+- exact (no rounding): ReLU, ReLU6, residual sums, constant sums, concatenation, chunk/split/slice,
+  zero pads, reshapes and permutations (channel shuffle), flatten, max pooling;
+- integer, rounded once: Hardsigmoid ``relu6(x + 3) / 6``, Hardswish ``x * relu6(x + 3) / 6`` and the
+  product of two activations (the squeeze-excitation gate ``scale * x``) as exact 64 x 64-bit products
+  (``mul_round``); a BatchNorm that follows no layer and a product with a constant as int32 mantissa
+  and shift; average, adaptive-average and global-average pooling as exact window sums divided by the
+  window size.
+- **float64**: Sigmoid and SiLU. The fixed-point value is converted to float64, the function computed
+  with PyTorch's float64 ``sigmoid`` and the result rounded back to the fixed point (2**-32), so they
+  are exact to float64 rounding, as the ONNX integer form computes them too, but not integer-only.
+
+The network's logits are read as float64 (``value / 2**FRAC_BITS``); float32 appears only in
+quantizing the network's input, with the first layer's own float32 maths.
 """
 
 from __future__ import annotations
@@ -18,10 +35,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from qkd.errors import QKDError
-from qkd.export.intgraph import FRAC_BITS, TERMS
+from qkd.export.intgraph import FRAC_BITS, LAYERS, OPS, TERMS, pool_windows
 
 INT32 = 2**31
 INT64_SAFE = 2**62  # headroom below int64 for the sums between layers
+ONE = 2**FRAC_BITS  # 1.0 in the fixed point
+_LOW = 2**32 - 1
 
 
 def shift_round(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
@@ -45,6 +64,26 @@ def shift_round(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
                       torch.bitwise_left_shift(low, (-shift).clamp(0, 62)))  # fmt: skip
     small = torch.bitwise_left_shift(high, (31 - shift).clamp(0, 62)) + low
     return torch.where(shift >= 32, big, small)
+
+
+def mul_round(a: Tensor, b: Tensor, div: int = 1) -> Tensor:
+    """``round(a * b / (div * 2**32))`` (round half up) for int64 ``a``, ``b`` and a small ``div > 0``, exactly.
+
+    The 128-bit product is kept as ``high * 2**32 + low`` with ``0 <= low < 2**32``: with
+    ``a = ah * 2**32 + al`` (the same for ``b``) and ``al = alh * 2**16 + all``,
+    ``a * b = (ah bh 2**32 + ah bl + al bh) 2**32 + al bl`` and ``al bl = alh bl 2**16 + all bl``, each
+    partial product within int64 while ``|a|, |b| < 2**62`` and ``|a * b| / 2**32 < 2**62``.
+    """
+    ah, al = torch.bitwise_right_shift(a, 32), torch.bitwise_and(a, _LOW)
+    bh, bl = torch.bitwise_right_shift(b, 32), torch.bitwise_and(b, _LOW)
+    alh, all_ = torch.bitwise_right_shift(al, 16), torch.bitwise_and(al, 2**16 - 1)
+    t = alh * bl  # < 2**48
+    low = torch.bitwise_left_shift(torch.bitwise_and(t, 2**16 - 1), 16) + all_ * bl  # < 2**49
+    high = torch.bitwise_left_shift(ah * bh, 32) + ah * bl + al * bh + torch.bitwise_right_shift(t, 16)
+    high, low = high + torch.bitwise_right_shift(low, 32), torch.bitwise_and(low, _LOW)
+    q = torch.div(high, div, rounding_mode="floor")
+    rest = (high - q * div) * 2**32 + low  # the remainder, below div * 2**32
+    return q + torch.div(2 * rest + div * 2**32, 2 * div * 2**32, rounding_mode="floor")
 
 
 def thresholds(mult: int, shift: int, lo: int, hi: int) -> list[int]:
@@ -95,7 +134,9 @@ class IntEngine:
         self.thresholds = {}
         self.last_use = {name: i for i, op in enumerate(ops) for name in op["in"]}
         for op in ops:
-            if op["op"] in ("qconv2d", "qlinear"):
+            if op["op"] not in OPS:
+                raise QKDError(f"integer program op '{op['op']}' ({op['name']}) is unknown to this qkd")
+            if op["op"] in LAYERS:
                 mult, shift = (int(self.t[f"{op['name']}.{k}"]) for k in ("in_mult", "in_shift"))
                 self.thresholds[op["name"]] = torch.tensor(thresholds(mult, shift, *op["a_range"]))
 
@@ -172,31 +213,91 @@ class IntEngine:
     def _qlinear(self, op: dict, x: Tensor) -> Tensor:
         return self._layer(op, x, F.linear)
 
+    # ----- exact ops --------------------------------------------------------------------------------
     def _relu(self, op: dict, x: Tensor) -> Tensor:
         return x.clamp_min(0)
 
     def _relu6(self, op: dict, x: Tensor) -> Tensor:
-        return x.clamp(0, 6 * 2**FRAC_BITS)
+        return x.clamp(0, 6 * ONE)
 
     def _add(self, op: dict, a: Tensor, b: Tensor) -> Tensor:
         return _check_range(a + b, INT64_SAFE, "a residual sum")
+
+    def _add_const(self, op: dict, x: Tensor) -> Tensor:
+        return _check_range(x + round(op["value"] * ONE), INT64_SAFE, f"'{op['name']}'")
 
     def _slice(self, op: dict, x: Tensor) -> Tensor:
         index = tuple(Ellipsis if s == "..." else slice(*s) for s in op["index"])
         return x[index]
 
+    def _chunk(self, op: dict, x: Tensor) -> Tensor:
+        return torch.chunk(x, op["chunks"], op["dim"])[op["index"]]
+
+    def _cat(self, op: dict, *xs: Tensor) -> Tensor:
+        return torch.cat(xs, op["dim"])
+
     def _pad(self, op: dict, x: Tensor) -> Tensor:
         return F.pad(x, op["pad"])
 
-    def _mean_hw(self, op: dict, x: Tensor) -> Tensor:
-        n = x.shape[2] * x.shape[3]
-        return torch.div(2 * x.sum(dim=(2, 3), keepdim=True) + n, 2 * n, rounding_mode="floor")
+    def _reshape(self, op: dict, x: Tensor) -> Tensor:
+        return x.reshape(op["shape"])
 
-    def _maxpool(self, op: dict, x: Tensor) -> Tensor:
-        return F.max_pool2d(x.double(), op["kernel"], op["stride"], op["padding"]).long()
+    def _permute(self, op: dict, x: Tensor) -> Tensor:
+        return x.permute(op["perm"])
 
     def _flatten(self, op: dict, x: Tensor) -> Tensor:
         return torch.flatten(x, op["start_dim"])
 
+    def _maxpool(self, op: dict, x: Tensor) -> Tensor:  # int64 max pooling: a selection, exact
+        return F.max_pool2d(x, op["kernel"], op["stride"] or op["kernel"], op["padding"], op.get("dilation", 1),
+                            op.get("ceil_mode", False))  # fmt: skip
+
+    # ----- integer, rounded once ------------------------------------------------------------------
+    def _hardsigmoid(self, op: dict, x: Tensor) -> Tensor:
+        r = (x + 3 * ONE).clamp(0, 6 * ONE)
+        return torch.div(2 * r + 6, 12, rounding_mode="floor")
+
+    def _hardswish(self, op: dict, x: Tensor) -> Tensor:
+        # x for x >= 3, 0 for x <= -3; between them x * (x + 3) / 6 with one rounding
+        inner = x.clamp(-3 * ONE, 3 * ONE)
+        out = mul_round(inner, inner + 3 * ONE, 6)
+        return torch.where(x >= 3 * ONE, x, out)
+
+    def _mul(self, op: dict, a: Tensor, b: Tensor) -> Tensor:
+        if a.numel() and b.numel() and int(a.abs().max()) * int(b.abs().max()) >= INT64_SAFE * ONE:
+            raise QKDError(f"the product '{op['name']}' overflows the int64 fixed point")
+        return mul_round(a, b)
+
+    def _scale(self, op: dict, x: Tensor) -> Tensor:
+        return shift_round(x, torch.tensor(op["mult"]), torch.tensor(op["shift"]))
+
+    def _affine(self, op: dict, x: Tensor) -> Tensor:
+        mult, shift, bias = (_channels(self.t[f"{op['name']}.{k}"], x.dim()) for k in ("mult", "shift", "bias"))
+        return _check_range(shift_round(x, mult, shift) + bias, INT64_SAFE, f"BatchNorm '{op['module']}'")
+
+    def _mean_hw(self, op: dict, x: Tensor) -> Tensor:
+        n = x.shape[2] * x.shape[3]
+        out = torch.div(2 * x.sum(dim=(2, 3), keepdim=True) + n, 2 * n, rounding_mode="floor")
+        return out if op.get("keepdim", True) else out.flatten(1)
+
+    def _pool(self, op: dict, x: Tensor) -> Tensor:
+        """Window sums as ``rows @ x @ cols.T`` over 0/1 matrices (exact in int64), divided by the window sizes."""
+        (rows, n_rows), (cols, n_cols) = (pool_windows(op, x.shape[d], i) for i, d in enumerate((-2, -1)))
+        if x.numel() and int(x.abs().max()) * int(rows.sum(1).max()) * int(cols.sum(1).max()) >= INT64_SAFE // 2:
+            raise QKDError(f"the pooling '{op['name']}' overflows the int64 fixed point")
+        total = rows @ x @ cols.T
+        n = n_rows[:, None] * n_cols[None, :]
+        return torch.div(2 * total + n, 2 * n, rounding_mode="floor")
+
+    _avgpool = _adaptive_avgpool = _pool
+
+    # ----- float64 ----------------------------------------------------------------------------------
+    def _sigmoid(self, op: dict, x: Tensor) -> Tensor:
+        return torch.round(torch.sigmoid(x.double() / ONE) * ONE).long()
+
+    def _silu(self, op: dict, x: Tensor) -> Tensor:
+        v = x.double() / ONE
+        return torch.round(v * torch.sigmoid(v) * ONE).long()
+
     def _output(self, op: dict, x: Tensor) -> Tensor:
-        return x.double() / 2**FRAC_BITS
+        return x.double() / ONE

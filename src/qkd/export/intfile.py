@@ -19,15 +19,15 @@ from safetensors.torch import load_file, safe_open, save_file
 from qkd.checkpoint import _atomic_write
 from qkd.errors import QKDError
 from qkd.export.intengine import IntEngine
-from qkd.export.intgraph import FRAC_BITS
+from qkd.export.intgraph import FRAC_BITS, LAYERS
 from qkd.export.packing import pack_bits, unpack_bits
 
-FORMAT = "qkd-int/3"  # 3: affine (interval) grids, with the extra terms of intgraph.TERMS
-READS = ("qkd-int/2", FORMAT)  # a /2 file is a /3 file with LSQ grids only
+FORMAT = "qkd-int/4"  # 3: affine (interval) grids, with the extra terms of intgraph.TERMS; 4: torchvision's ops
+READS = ("qkd-int/2", "qkd-int/3", FORMAT)  # each a subset of the next: /2 has LSQ grids only, /3 no ops of /4
 
 
 def _layer_ops(ops: list[dict]) -> dict[str, dict]:
-    return {op["name"]: op for op in ops if op["op"] in ("qconv2d", "qlinear")}
+    return {op["name"]: op for op in ops if op["op"] in LAYERS}
 
 
 def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:

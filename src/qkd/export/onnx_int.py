@@ -14,6 +14,12 @@ propagates). This form pins the arithmetic down instead, from the same program a
   BatchNorm folded, ``Add`` the bias); residual sums, ReLU and pooling stay in float64 up to the next
   layer's quantization.
 
+The ops between layers are float64 ONNX ops. onnxruntime has no float64 kernels for HardSwish,
+HardSigmoid, AveragePool or GlobalAveragePool, so those are composed: Hardsigmoid as
+``Clip(x + 3, 0, 6) / 6``, Hardswish as ``x`` times that, SiLU as ``x * Sigmoid(x)``, average and
+adaptive-average pooling as ``MatMul`` with 0/1 window matrices on both spatial axes then ``Div`` by
+the window sizes (the spatial size is the export example's), global averages as ``ReduceMean``.
+
 Every rounding decision is then the exact model's up to float64 rounding (about 1e-16), so the file
 gives the float64 fake-quant model's predictions. Weights are stored as 8-bit integers (the integer
 ops take no 4-bit inputs): the file is about twice the QDQ file at 4 bits. Interval (affine) grids add
@@ -33,7 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
-from qkd.export.intgraph import TERMS, to_real_program
+from qkd.export.intgraph import SHAPE_OPS, TERMS, pool_windows, to_real_program
 from qkd.export.onnx import storage_type
 
 __all__ = ["export_onnx_int"]
@@ -72,6 +78,11 @@ class _Exporter:
         self.inputs = {op["name"] for op in ops if op["op"] == "input"}
         for x in self.inputs:
             self.g.node("Identity", ["input"], x)
+        # values that are still the float32 input (shape ops only): quantized with the first layer's float32 maths
+        self.raw = set(self.inputs)
+        for op in ops:
+            if op["op"] in SHAPE_OPS and op["in"] and all(i in self.raw for i in op["in"]):
+                self.raw.add(op["name"])
 
     def run(self) -> _Graph:
         for op in self.ops:
@@ -83,7 +94,7 @@ class _Exporter:
     def _codes(self, op: dict, x: str, offset: int = 0) -> str:
         """The layer's input codes, as UINT8 or INT8 (INT8 ``codes - offset`` when ``offset``)."""
         g, name, (lo, hi) = self.g, op["name"], op["a_range"]
-        if x in self.inputs:  # the network's float32 input, with the fake-quant model's float32 maths
+        if x in self.raw:  # the network's float32 input, with the fake-quant model's float32 maths
             if "a_interval" in op:
                 lower, upper = np.float32(op["a_interval"][0]), np.float32(op["a_interval"][1])
                 width = max(upper - lower, np.float32(1e-8))
@@ -102,7 +113,7 @@ class _Exporter:
             bounds = (g.const(f"{name}.lo", float(lo)), g.const(f"{name}.hi", float(hi)))
         z = g.node("Clip", [g.node("Round", [z], f"{name}/round"), *bounds], f"{name}/clip")
         if offset:
-            dtype = np.float32 if x in self.inputs else np.float64
+            dtype = np.float32 if x in self.raw else np.float64
             z = g.node("Sub", [z, g.const(f"{name}.code_offset", offset, dtype)], f"{name}/code_offset")
             return g.node("Cast", [z], f"{name}/codes", to=TensorProto.INT8)
         return g.node("Cast", [z], f"{name}/codes", to=_code_type(lo, hi)[0])
@@ -194,24 +205,87 @@ class _Exporter:
         axes = [-1 - i for i in range(len(pad) // 2)]
         g, name = self.g, op["name"]
         pads = g.const(f"{name}.pads", pad[0::2] + pad[1::2], np.int64)
-        g.node("Pad", [x, pads, g.const(f"{name}.value", 0.0), g.const(f"{name}.axes", axes, np.int64)], name)
+        zero = g.const(f"{name}.value", 0.0, np.float32 if x in self.raw else np.float64)
+        g.node("Pad", [x, pads, zero, g.const(f"{name}.axes", axes, np.int64)], name)
 
     def _mean_hw(self, op: dict, x: str) -> None:
         g, name = self.g, op["name"]
-        g.node("ReduceMean", [x, g.const(f"{name}.axes", [2, 3], np.int64)], name, keepdims=1)
+        axes = g.const(f"{name}.axes", [2, 3], np.int64)
+        g.node("ReduceMean", [x, axes], name, keepdims=int(op.get("keepdim", True)))
+
+    def _pool(self, op: dict, x: str) -> None:
+        """Separable window sums (see ``intgraph.pool_windows``): ``rows @ x @ cols.T / sizes``, in float64."""
+        if "in_hw" not in op:
+            raise QKDError(f"pooling '{op['name']}' has no input size: export with an example input")
+        g, name = self.g, op["name"]
+        (rows, n_rows), (cols, n_cols) = (pool_windows(op, size, i) for i, size in enumerate(op["in_hw"]))
+        total = g.node("MatMul", [g.const(f"{name}.rows", rows.double().numpy()), x], f"{name}/rows")
+        total = g.node("MatMul", [total, g.const(f"{name}.cols", cols.T.double().numpy())], f"{name}/sum")
+        sizes = (n_rows[:, None] * n_cols[None, :]).double().numpy()
+        g.node("Div", [total, g.const(f"{name}.sizes", sizes)], name)
+
+    _avgpool = _adaptive_avgpool = _pool
 
     def _maxpool(self, op: dict, x: str) -> None:
         def pair(v: Any) -> list[int]:
             return list(v) if isinstance(v, list | tuple) else [v, v]
 
         kernel, stride = pair(op["kernel"]), pair(op["stride"] or op["kernel"])
-        self.g.node("MaxPool", [x], op["name"], kernel_shape=kernel, strides=stride, pads=pair(op["padding"]) * 2)
+        self.g.node("MaxPool", [x], op["name"], kernel_shape=kernel, strides=stride, pads=pair(op["padding"]) * 2,
+                    dilations=pair(op.get("dilation", 1)), ceil_mode=int(op.get("ceil_mode", False)))  # fmt: skip
 
     def _flatten(self, op: dict, x: str) -> None:
         if op["start_dim"] != 1:
             raise QKDError(f"flatten from dim {op['start_dim']} in '{op['name']}': the integer ONNX form flattens "
                            "from dim 1")  # fmt: skip
         self.g.node("Flatten", [x], op["name"], axis=1)
+
+    def _reshape(self, op: dict, x: str) -> None:
+        g, name = self.g, op["name"]
+        g.node("Reshape", [x, g.const(f"{name}.shape", op["shape"], np.int64)], name)
+
+    def _permute(self, op: dict, x: str) -> None:
+        self.g.node("Transpose", [x], op["name"], perm=op["perm"])
+
+    def _cat(self, op: dict, *xs: str) -> None:
+        self.g.node("Concat", list(xs), op["name"], axis=op["dim"])
+
+    def _chunk(self, op: dict, x: str) -> None:
+        """``torch.chunk``: ``Split`` into as many parts (the same sizes: ceil(n / chunks), the last smaller)."""
+        name, n = op["name"], op["chunks"]
+        outs = [name if i == op["index"] else f"{name}/part{i}" for i in range(n)]
+        self.g.nodes.append(helper.make_node("Split", [x], outs, name=f"{name}/split", axis=op["dim"], num_outputs=n))
+
+    # ----- activations and products, in float64 ------------------------------------------------------
+    def _hardsigmoid(self, op: dict, x: str, out: str | None = None) -> str:
+        g, name = self.g, op["name"]
+        shifted = g.node("Add", [x, g.const(f"{name}.three", 3.0)], f"{name}/add3")
+        clipped = g.node("Clip", [shifted, g.const(f"{name}.zero", 0.0), g.const(f"{name}.six", 6.0)], f"{name}/clip")
+        return g.node("Div", [clipped, f"{name}.six"], out or name)
+
+    def _hardswish(self, op: dict, x: str) -> None:
+        self.g.node("Mul", [x, self._hardsigmoid(op, x, f"{op['name']}/hardsigmoid")], op["name"])
+
+    def _sigmoid(self, op: dict, x: str) -> None:
+        self.g.node("Sigmoid", [x], op["name"])
+
+    def _silu(self, op: dict, x: str) -> None:
+        self.g.node("Mul", [x, self.g.node("Sigmoid", [x], f"{op['name']}/sigmoid")], op["name"])
+
+    def _mul(self, op: dict, a: str, b: str) -> None:
+        self.g.node("Mul", [a, b], op["name"])
+
+    def _scale(self, op: dict, x: str) -> None:
+        self.g.node("Mul", [x, self.g.const(f"{op['name']}.factor", op["factor"])], op["name"])
+
+    def _add_const(self, op: dict, x: str) -> None:
+        self.g.node("Add", [x, self.g.const(f"{op['name']}.value", op["value"])], op["name"])
+
+    def _affine(self, op: dict, x: str) -> None:
+        g, name = self.g, op["name"]
+        scale = g.const(f"{name}.scale", self.t[f"{name}.scale"].numpy().reshape(-1, 1, 1))
+        shifted = g.node("Mul", [x, scale], f"{name}/scale")
+        g.node("Add", [shifted, g.const(f"{name}.bias", self.t[f"{name}.bias"].numpy().reshape(-1, 1, 1))], name)
 
     def _output(self, op: dict, x: str) -> None:
         self.g.node("Identity", [x], "output")
@@ -224,7 +298,7 @@ def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path) -> Path
     images; output ``output``: float64 logits. The file passes ``onnx.checker.check_model``.
     """
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model is left as it is
-    ops, tensors = to_real_program(model)
+    ops, tensors = to_real_program(model, example.float().cpu())
     inputs = [op["name"] for op in ops if op["op"] == "input"]
     if len(inputs) != 1:
         raise QKDError(f"the integer ONNX form takes a model with one input; this one has {len(inputs)}")
