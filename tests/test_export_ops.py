@@ -346,3 +346,25 @@ def test_in_place_conv1d_is_refused_by_name():
     model = _quantized(Conv1dNet(), 4, "lsq", x)
     with pytest.raises(QKDError, match="node 'conv1d' in module 'seq': conv1d is not supported by the integer engine"):
         to_int_program(model, x[:2])
+
+
+@pytest.mark.parametrize("name", ["se-hardsigmoid", "shufflenet", "same-pad"])
+def test_qdq_onnx_exports_the_new_ops(tmp_path, name):
+    """The QDQ form (torch.onnx): float32 arithmetic in the runtime, so compared with the float32 model."""
+    from qkd.export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    x = _inputs(8)
+    model = _quantized(SamePadNet() if name == "same-pad" else MODELS[name](), 4, "lsq", x)
+    run = onnx_runner(export_onnx(model, x[:2], tmp_path / "m.onnx"))
+    got = compare(lambda t: torch.from_numpy(run(t.numpy())), model, [(x, torch.zeros(8, dtype=torch.long))])
+    assert got["agreement"] == 1.0 and got["max_logit_diff"] < 1e-4, got
+
+
+def test_qdq_onnx_refuses_what_torch_onnx_cannot_write(tmp_path):
+    from qkd.export.onnx import export_onnx
+
+    x = _inputs(4)
+    model = _quantized(PoolNet(), 4, "lsq", x)
+    with pytest.raises(QKDError, match="torch.onnx cannot export this model in QDQ form .*adaptive_avg_pool2d"):
+        export_onnx(model, x[:2], tmp_path / "m.onnx")

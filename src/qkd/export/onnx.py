@@ -21,9 +21,11 @@ of depending on which fake-quant ranges the exporter happens to support.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,10 +272,24 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
 
 
 # ----- public API ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _refused_by_torch_onnx() -> Iterator[None]:
+    """An op the TorchScript exporter cannot write (e.g. adaptive pooling to a size that does not divide the
+    input) becomes a one-line QKDError naming it."""
+    try:
+        yield
+    except QKDError:
+        raise
+    except Exception as e:
+        reason = str(e).split(". Please feel free")[0].splitlines()[0]
+        raise QKDError(f"torch.onnx cannot export this model in QDQ form ({reason}); the onnx-int format has "
+                       "its own exporter") from None  # fmt: skip
+
+
 def _trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
     """Export the marked model with the TorchScript exporter (it keeps custom placeholder nodes)."""
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _refused_by_torch_onnx():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its deprecation
         torch.onnx.export(
             model,
