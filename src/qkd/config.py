@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from qkd.data.options import DataOptions
 from qkd.errors import QKDError
-from qkd.phases import Distill
+from qkd.phases import METHODS, Distill
 from qkd.quant import QuantConfig
 
 PhaseName = Literal["self_study", "co_study", "tutor"]
@@ -24,9 +24,9 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """A network: a zoo name, optional weights to start from, optional float training first."""
+    """A network: a name, optional weights to start from, optional float training first."""
 
-    name: str
+    name: str = Field(description="a zoo model (qkd list), timm:<name>, or a factory by import path pkg.module:fn")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     train_epochs: int = Field(0, ge=0, description="float training (from the checkpoint if given)")
@@ -65,7 +65,7 @@ class PhaseConfig(_Strict):
     teacher_lr: float | None = Field(None, gt=0)
 
 
-Method = Literal["qkd", "qat", "kd", "ss+tu", "cs+tu"]
+Method = Literal[tuple(METHODS)]
 
 
 class TrainConfig(_Strict):

@@ -1,8 +1,8 @@
-"""The three QKD phases: what each trains, with which loss.
+"""The three QKD phases: what each trains, with which loss; methods are lists of phases.
 
-A phase holds the student, the teacher and their optimizers, and knows one training step. The engine
+A phase holds the student, the teacher and their optimizers, and knows one training step. The loop
 only calls ``train_mode()`` and ``step(x, y)``; the pipeline builds the optimizers. Baselines are the
-same phases in other orders (see :mod:`qkd.pipeline`).
+same phases in other orders (``METHODS``, planned by :mod:`qkd.train.stages`).
 """
 
 from __future__ import annotations
@@ -120,3 +120,12 @@ class Tutor(Phase):
 
 
 PHASES: dict[str, type[Phase]] = {p.name: p for p in (SelfStudy, CoStudy, Tutor)}
+
+#: Methods are phase lists; the budget is split by the spec's 15/50/35 proportions, renormalised.
+METHODS: dict[str, tuple[str, ...]] = {
+    "qkd": ("self_study", "co_study", "tutor"),
+    "qat": ("self_study",),
+    "kd": ("tutor",),
+    "ss+tu": ("self_study", "tutor"),
+    "cs+tu": ("co_study", "tutor"),
+}

@@ -10,16 +10,8 @@ import math
 from dataclasses import dataclass
 
 from qkd.config import TrainConfig
-from qkd.phases import PHASES
+from qkd.phases import METHODS, PHASES
 
-#: Methods are phase lists; the budget is split by the spec's 15/50/35 proportions, renormalised.
-METHODS: dict[str, tuple[str, ...]] = {
-    "qkd": ("self_study", "co_study", "tutor"),
-    "qat": ("self_study",),
-    "kd": ("tutor",),
-    "ss+tu": ("self_study", "tutor"),
-    "cs+tu": ("co_study", "tutor"),
-}
 _SPLIT_INDEX = {"self_study": 0, "co_study": 1, "tutor": 2}
 
 
