@@ -125,8 +125,11 @@ def test_fit_without_a_run_folder_and_generator_factories():
     def stream():  # a generator function: every epoch calls it again
         yield from batches
 
+    def val_stream():
+        yield from val
+
     student = UserNet(8)
-    result = qkd.fit(student, None, stream, val, method="qat", epochs=1, steps_per_epoch=len(batches))
+    result = qkd.fit(student, None, stream, val_stream, method="qat", epochs=1, steps_per_epoch=len(batches))
     assert result.run_dir is None and result.summary["stages"]["1_self_study"]["val"] > 0
     with pytest.raises(QKDError, match="one-pass iterator"):
         qkd.fit(UserNet(8), None, stream(), val, method="qat", epochs=1)

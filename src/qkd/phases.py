@@ -1,7 +1,7 @@
 """The three QKD phases: what each trains, with which loss; methods are lists of phases.
 
 A phase holds the student, the teacher and their optimizers, and knows one training step. The loop
-only calls ``train_mode()`` and ``step(x, y)``; the pipeline builds the optimizers. Baselines are the
+only calls ``train_mode()`` and ``step(x, y)``; the trainer builds the optimizers. Baselines are the
 same phases in other orders (``METHODS``, planned by :mod:`qkd.train.stages`).
 """
 

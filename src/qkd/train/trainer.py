@@ -75,8 +75,11 @@ class Batches:
         torch.manual_seed(seed)
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(seed)
+        return self
+
+    def __iter__(self) -> Iterator:
         batches = self.source if isinstance(self.source, Iterable) else self.source()
-        return itertools.islice(batches, self.steps) if self.steps is not None else batches
+        return iter(itertools.islice(batches, self.steps) if self.steps is not None else batches)
 
 
 @dataclass
@@ -128,7 +131,7 @@ class Trainer:
         self.rt = Runtime(self.device, rt.channels_last, rt.amp)
         set_kernel_backend(rt.kernels)
         self.train = Batches(train, steps_per_epoch)
-        self.evals = {k: v for k, v in (("val", val), ("test", test)) if v is not None}
+        self.evals = {k: Batches(v, what=k) for k, v in (("val", val), ("test", test)) if v is not None}
         self.evaluate_fn = evaluate or (lambda model, loader: top1(model, loader, self.rt))
         self.on_epoch_end = on_epoch_end
         if any(s.uses_teacher for s in self.stages) and teacher is None:
