@@ -217,3 +217,21 @@ def test_bad_inputs(tmp_path):
         load_int(tmp_path / "missing.safetensors")
     save_int(tmp_path / "ok.safetensors", *to_int_program(model), {})
     assert load_int(tmp_path / "ok.safetensors")[1]["format"] == "qkd-int/4"
+
+
+def test_exact_reference_keeps_the_float32_input_codes():
+    """An input pixel whose float32 division by the step rounds the other way in float64: every export
+    quantizes the float32 input as the model does, and so does the float64 reference compare holds them to."""
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
+    step = model.features[0][0].act_quant.scale()
+    cand = torch.rand(2**22, generator=torch.Generator().manual_seed(1)) * 100 * step
+    ties = cand[torch.round(cand / step) != torch.round(cand.double() / step.double())]
+    n = min(len(ties), 8)
+    assert n > 0
+    x[:n, 0, 0, 0] = ties[:n]  # a pixel of each image: codes one step apart in float32 and float64
+    with torch.no_grad():
+        naive = copy.deepcopy(model).double()(x.double())
+    engine = IntEngine(*to_int_program(model))
+    result = compare(engine, model, [(x, torch.zeros(8, dtype=torch.long))], exact=True)
+    assert result["max_logit_diff_f64"] < 1e-6 < float((engine(x) - naive).abs().max())

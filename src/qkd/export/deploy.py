@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from qkd.errors import QKDError
 from qkd.export.intfile import load_int, save_int
 from qkd.export.intgraph import to_int_program
-from qkd.quant import dequantize_model, is_quantized
+from qkd.quant import Quantizer, dequantize_model, is_quantized, quantizers
 
 # format -> file extension: packed integers; ONNX with QDQ nodes; ONNX with integer convolutions
 EXTENSIONS = {"int": "safetensors", "onnx": "onnx", "onnx-int": "onnx"}
@@ -32,6 +33,45 @@ def float_checkpoint_bytes(student: nn.Module) -> int:
     return buf.tell()
 
 
+def _float_weight(layer: nn.Module) -> nn.Parameter:
+    """A quantized layer's float weight: the parameter its weight quantizer reads (swapped or in place)."""
+    return layer.parametrizations.weight.original if hasattr(layer, "parametrizations") else layer.weight
+
+
+def float64_reference(model: nn.Module) -> nn.Module:
+    """A float64 copy of the fake-quant ``model``: the exact answer an export is held to.
+
+    Two roundings stay those of ``model``, as every export has them: the weights' integer codes (quantized
+    once, with the float32 maths the network was trained with) and the codes of the network's float32
+    input where a layer quantizes it directly (its float32 division by the step). Redoing either in
+    float64 moves a value lying on a rounding boundary (about one in 2**24, so a few pixels of a batch
+    of 8-bit inputs) by a step, which is no difference of the export. Everything after them, every
+    activation between layers, is quantized in float64.
+    """
+    model64 = copy.deepcopy(model).double()
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "weight_quant", None), Quantizer)]
+    with torch.no_grad():  # float32 fake-quantized weights, which the float64 quantizers map to the same codes
+        for name, layer in layers:
+            if layer.weight_quant.active:
+                _float_weight(model64.get_submodule(name)).copy_(layer.weight_quant(_float_weight(layer)).double())
+    seen: dict[str, Tensor] = {}
+    model64.register_forward_pre_hook(lambda _, args: seen.update(input=args[0] if args else None))
+    float32 = dict(quantizers(model))
+    for name, q64 in quantizers(model64):
+        q64.register_forward_hook(partial(_input_codes_in_float32, float32[name], seen))
+    return model64
+
+
+def _input_codes_in_float32(q32: Quantizer, seen: dict, q64: Quantizer, args: tuple, out: Tensor) -> Tensor | None:
+    """Forward hook: where ``q64`` quantizes the network's input itself, the codes of the float32 quantizer."""
+    x = args[0]
+    if x is not seen.get("input") or not q64.active:
+        return None
+    step, offset, qn, qp = (t.double() if isinstance(t, Tensor) else t for t in q32.affine())
+    codes = torch.clamp(torch.round((q32(x.float()).double() - offset) / step), qn, qp)
+    return offset + step * codes
+
+
 def compare(
     engine: Callable[[Tensor], Tensor],
     model: Callable[[Tensor], Tensor],
@@ -42,11 +82,12 @@ def compare(
     """Top-1 agreement and max |logit difference| between ``engine`` and the fake-quant ``model``
     (a module, or any callable giving its logits), and both accuracies, over ``batches`` (at most
     ``limit`` images). ``exact`` (``model`` a module) adds ``agreement_f64`` and ``max_logit_diff_f64``:
-    the same against ``model`` evaluated in float64, its exact answer, which float32 rounding can
-    move across a quantization step (the float32 figures then count that rounding too)."""
+    the same against ``model`` evaluated in float64 (see :func:`float64_reference`), its exact answer,
+    which float32 rounding can move across a quantization step (the float32 figures then count that
+    rounding too)."""
     if isinstance(model, nn.Module):
         model = model.eval().cpu()
-        model64 = copy.deepcopy(model).double() if exact else None
+        model64 = float64_reference(model) if exact else None
     elif exact:
         raise TypeError("exact=True needs the model as a module")
     seen = agree = agree64 = right_engine = right_model = 0
