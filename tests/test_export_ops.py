@@ -368,3 +368,15 @@ def test_qdq_onnx_refuses_what_torch_onnx_cannot_write(tmp_path):
     model = _quantized(PoolNet(), 4, "lsq", x)
     with pytest.raises(QKDError, match="torch.onnx cannot export this model in QDQ form .*adaptive_avg_pool2d"):
         export_onnx(model, x[:2], tmp_path / "m.onnx")
+
+
+def test_file_round_trip_of_the_new_ops(tmp_path):
+    """The packed file keeps the standalone BatchNorm's multipliers and every op's attributes."""
+    from qkd.export.intfile import load_int, save_int
+
+    x = _inputs(4)
+    for make in (PoolNet, SplitCatNet, lambda: SENet(nn.SiLU, nn.Sigmoid)):
+        model = _quantized(make(), 4, "lsq", x)
+        program = to_int_program(model, x[:2])
+        engine, manifest = load_int(save_int(tmp_path / "m.safetensors", *program, {}))
+        assert manifest["format"] == "qkd-int/4" and torch.equal(engine(x), IntEngine(*program)(x))

@@ -10,8 +10,9 @@ those of integer hardware.
 Between layers the values are int64 fixed point (``value * 2**FRAC_BITS``) and every op but two is
 integer-only, each with at most one rounding (half up):
 
-- exact (no rounding): ReLU, ReLU6, residual sums, constant sums, concatenation, chunk/split/slice,
-  zero pads, reshapes and permutations (channel shuffle), flatten, max pooling;
+- exact (no rounding): ReLU, ReLU6, residual sums, sums with a constant (the constant held in the
+  fixed point), concatenation, chunk/split/slice, zero pads, reshapes and permutations (channel
+  shuffle), flatten, max pooling;
 - integer, rounded once: Hardsigmoid ``relu6(x + 3) / 6``, Hardswish ``x * relu6(x + 3) / 6`` and the
   product of two activations (the squeeze-excitation gate ``scale * x``) as exact 64 x 64-bit products
   (``mul_round``); a BatchNorm that follows no layer and a product with a constant as int32 mantissa
