@@ -40,7 +40,7 @@ from qkd.quant.modules import (
     is_quantized_layer,
     quantize_in_place,
 )
-from qkd.quant.quantizers import QUANTIZERS, STEP_INITS, Quantizer, QuantSpec, parse_bits
+from qkd.quant.quantizers import Quantizer, QuantSpec, check_choices, parse_bits
 
 FilterFn = Callable[[nn.Module, str], bool]
 log = logging.getLogger("qkd")
@@ -88,10 +88,7 @@ class QuantConfig:
         self.weight_bits, self.act_bits = parse_bits(self.weight_bits), parse_bits(self.act_bits)
         if self.first_last_bits != "same":
             self.first_last_bits = parse_bits(self.first_last_bits)
-        if self.method not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer '{self.method}'; valid: {', '.join(sorted(QUANTIZERS))}")
-        if self.step_init not in STEP_INITS:
-            raise ValueError(f"unknown step_init '{self.step_init}'; valid: {', '.join(STEP_INITS)}")
+        check_choices(self.method, self.step_init)
         if not isinstance(self.bn_batches, int) or self.bn_batches < 0:
             raise ValueError(f"bn_batches must be a non-negative integer; got {self.bn_batches!r}")
         for pattern, bits in self.overrides.items():

@@ -59,10 +59,15 @@ class QuantSpec:
         object.__setattr__(self, "bits", parse_bits(self.bits))
         if self.channel_dim not in (0, 1):
             raise ValueError(f"channel_dim must be 0 or 1; got {self.channel_dim!r}")
-        if self.method not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer '{self.method}'; valid: {', '.join(sorted(QUANTIZERS))}")
-        if self.step_init not in STEP_INITS:
-            raise ValueError(f"unknown step_init '{self.step_init}'; valid: {', '.join(STEP_INITS)}")
+        check_choices(self.method, self.step_init)
+
+
+def check_choices(method: str, step_init: str) -> None:
+    """A quantizer name and a step initialisation this module knows; ValueError naming the valid ones."""
+    if method not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer '{method}'; valid: {', '.join(sorted(QUANTIZERS))}")
+    if step_init not in STEP_INITS:
+        raise ValueError(f"unknown step_init '{step_init}'; valid: {', '.join(STEP_INITS)}")
 
 
 def _register(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
