@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from qkd.dist import is_main_process
+from qkd.errors import QKDError
 
 
 def _progress(loader: Iterable, desc: str) -> Iterable:
@@ -28,6 +29,9 @@ class Runtime:
     amp: bool = False
 
     def batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__
+            raise QKDError(f"a batch must be an (x, y) pair of tensors, got {what}; wrap the loader to yield (x, y)")
         x, y = batch
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
