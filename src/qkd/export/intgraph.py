@@ -66,7 +66,8 @@ _ARITHMETIC = {operator.add: "add", operator.iadd: "add", torch.add: "add", oper
                operator.itruediv: "div", torch.div: "div"}  # fmt: skip
 # shape arithmetic: evaluated on the example, never part of the program
 _SHAPE_OPERATORS = (operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv,
-                    operator.mod, len, int)  # fmt: skip
+                    operator.mod, len, int, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                    operator.ge, torch._assert)  # fmt: skip
 _SHAPE_METHODS = ("size", "dim")
 
 
@@ -86,7 +87,7 @@ def _is_in_place(m: nn.Module) -> bool:
     )
 
 
-def fixed_multiplier(m: Tensor) -> tuple[Tensor, Tensor]:
+def fixed_multiplier(m: Tensor, what: str = "a requantization multiplier") -> tuple[Tensor, Tensor]:
     """Real multipliers as (int32 mantissa, right shift): ``x * m ~= round(x * m0 / 2**s)`` (a left shift if s < 0)."""
     m = m.double()
     exp = torch.where(m != 0, torch.ceil(torch.log2(m.abs().clamp_min(1e-300))), torch.zeros_like(m))
@@ -95,7 +96,10 @@ def fixed_multiplier(m: Tensor) -> tuple[Tensor, Tensor]:
     m0, exp = torch.where(full, m0 / 2, m0), torch.where(full, exp + 1, exp)
     shift = 31 - exp
     if (shift < -30).any() or (shift > 93).any():
-        raise QKDError("a requantization multiplier is outside the int32 fixed-point range")
+        big = float(m.abs().max())
+        raise QKDError(f"{what} ({big:.3g}) is outside the int32 fixed-point range; activations this far from "
+                       "1 (often a network whose BatchNorm statistics were never set) do not fit the integer "
+                       "engine's int64 fixed point")  # fmt: skip
     return m0.long(), shift.long()
 
 
@@ -213,23 +217,24 @@ def _fold_bn(tensors: dict[str, Tensor], k: Tensor, b: Tensor) -> None:
 
 def _finish_layer(op: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Turn float64 scales/bias into the integer requantization the engine uses."""
+    what = f"the requantization multiplier of layer '{op['module']}'"
     out = {"weight": tensors["weight"], "bias": torch.round(tensors["bias"] * 2**FRAC_BITS).long()}
     for key, scale in tensors.items():
         if key.startswith("scale"):
             term = key[len("scale") :]
-            out[f"mult{term}"], out[f"shift{term}"] = m0, shift = fixed_multiplier(scale * 2**FRAC_BITS)
+            out[f"mult{term}"], out[f"shift{term}"] = m0, shift = fixed_multiplier(scale * 2**FRAC_BITS, what)
             if term:  # offset terms are large and cancel one another: a second mantissa for the remainder
                 rest = scale * 2**FRAC_BITS - m0.double() * torch.pow(2.0, -shift.double())
-                out[f"mult{term}_lo"], out[f"shift{term}_lo"] = fixed_multiplier(rest)
-    out["in_mult"], out["in_shift"] = fixed_multiplier(torch.tensor([2.0**-FRAC_BITS / op["a_scale"]],
-                                                                    dtype=torch.float64))  # fmt: skip
+                out[f"mult{term}_lo"], out[f"shift{term}_lo"] = fixed_multiplier(rest, what)
+    in_scale = torch.tensor([2.0**-FRAC_BITS / op["a_scale"]], dtype=torch.float64)
+    out["in_mult"], out["in_shift"] = fixed_multiplier(in_scale, f"the input requantization of layer '{op['module']}'")
     out["in_offset"] = torch.tensor([round(op["a_offset"] * 2**FRAC_BITS)], dtype=torch.long)
     return out
 
 
 def _finish_affine(op: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """A per-channel ``x * scale + bias`` between fixed-point values: int32 mantissa and shift, fixed-point bias."""
-    mult, shift = fixed_multiplier(tensors["scale"])
+    mult, shift = fixed_multiplier(tensors["scale"], f"the multiplier of BatchNorm '{op['module']}'")
     return {"mult": mult, "shift": shift, "bias": torch.round(tensors["bias"] * 2**FRAC_BITS).long()}
 
 
