@@ -128,6 +128,22 @@ class PoolNet(nn.Module):
         return self.fc(torch.flatten(self.adaptive(x), 1))
 
 
+class ArithmeticNet(nn.Module):
+    """Activations written out by hand: sums and products with constants, a product of two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _cbr(3, 8, nn.Identity)
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.head = Head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x * F.relu6(x + 3) / 6  # hardswish
+        x = self.conv(x) - 0.5
+        return self.head(torch.sigmoid(x) * 2.0)
+
+
 MODELS = {
     "hardswish": lambda: ActNet(nn.Hardswish),
     "hardsigmoid": lambda: ActNet(nn.Hardsigmoid),
@@ -138,6 +154,7 @@ MODELS = {
     "shufflenet": ShuffleNet,
     "split-cat": SplitCatNet,
     "pools": PoolNet,
+    "arithmetic": ArithmeticNet,
 }
 CASES = [(4, "lsq"), (2, "interval")]
 
