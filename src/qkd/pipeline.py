@@ -7,6 +7,7 @@ checkpoints are all built before a run folder is written, so bad input leaves no
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +69,10 @@ def trainer_for(cfg: RunConfig, run_dir: Path | None, stages: list[Stage] | None
                    record=cfg.model_dump(mode="json"))  # fmt: skip
 
 
-def run_dir_for(cfg: RunConfig, out_dir: str | Path) -> Path:
-    name = cfg.name or f"{cfg.data.name}-{cfg.student.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(out_dir) / name
-
-
 def new_run_dir(cfg: RunConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
     """The folder a new run will use; an existing one is refused unless ``overwrite``. Writes nothing."""
-    run_dir = run_dir_for(cfg, out_dir)
+    default = f"{cfg.data.name}-{cfg.student.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(out_dir) / (cfg.name or re.sub(r"[:/\\]", "-", default))  # import paths and timm: names
     rundir.check_new(run_dir, overwrite)
     return run_dir
 
