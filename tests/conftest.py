@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from qkd.config import load_config
 
@@ -10,6 +11,27 @@ SHARED_DATA = Path(os.environ.get("QKD_SHARED_DATA", Path(__file__).resolve().pa
 # A run small enough for unit tests: digits, a few epochs per stage.
 TINY = ["epochs=4", "teacher.train_epochs=1", "student.train_epochs=1", "teacher.kwargs={width: 8}",
         "data.batch_size=128"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster when other processes compete for the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class StopAfter:
+    """An ``on_epoch_end`` hook that raises KeyboardInterrupt after ``n`` epochs, as Ctrl-C would."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, record: dict) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
 
 
 @pytest.fixture

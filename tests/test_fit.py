@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import qkd
+from conftest import StopAfter
 from qkd.checkpoint import load_checkpoint
 from qkd.errors import QKDError
 
@@ -70,16 +71,6 @@ SETTINGS = dict(method="qkd", epochs=4, pretrain={"teacher": (3, 0.3), "student"
                 quant=qkd.QuantConfig(weight_bits=3, act_bits=3), optim={"lr": 0.1})  # fmt: skip
 
 
-class _StopAfter:
-    def __init__(self, n):
-        self.n = n
-
-    def __call__(self, record):
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
-
-
 def test_fit_user_model_and_dataloader_end_to_end_and_exact_resume(tmp_path):
     train, val = _loaders()
     student, teacher = _models()
@@ -96,7 +87,7 @@ def test_fit_user_model_and_dataloader_end_to_end_and_exact_resume(tmp_path):
 
     student, teacher = _models()
     with pytest.raises(KeyboardInterrupt):  # stopped mid co-study
-        qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=_StopAfter(6), **SETTINGS)
+        qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=StopAfter(6), **SETTINGS)
     student, teacher = _models()
     resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "part", resume=True, **SETTINGS)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["student"]

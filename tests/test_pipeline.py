@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from conftest import StopAfter
 from qkd import pipeline
 from qkd.checkpoint import load_checkpoint
 from qkd.errors import QKDError
@@ -54,18 +55,6 @@ def test_existing_run_folder_is_never_overwritten_silently(tiny_config, tmp_path
     assert "seed: 1" in (tmp_path / "r" / "config.yaml").read_text()
 
 
-class _Interrupt:
-    """Raise KeyboardInterrupt after ``n`` epochs, as Ctrl-C would."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __call__(self, record):
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
-
-
 # stopped inside the float stage, or mid co-study
 @pytest.mark.parametrize("stop_after, schedule", [(1, "phase"), (4, "phase"), (4, "run")])
 def test_resume_reaches_exactly_the_uninterrupted_result(tiny_config, tmp_path, stop_after, schedule):
@@ -73,7 +62,7 @@ def test_resume_reaches_exactly_the_uninterrupted_result(tiny_config, tmp_path, 
     _, full = pipeline.run(cfg.model_copy(update={"name": "full"}), tmp_path)
     part = cfg.model_copy(update={"name": "part"})
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(part, tmp_path, on_epoch_end=_Interrupt(stop_after))
+        pipeline.run(part, tmp_path, on_epoch_end=StopAfter(stop_after))
     assert not (tmp_path / "part" / "summary.json").exists()
     _, resumed = pipeline.resume(tmp_path / "part")
 
@@ -153,6 +142,6 @@ def test_resume_of_a_float_only_run_keeps_its_stages(tiny_config, tmp_path):
     cfg = tiny_config("name=fp", "student.train_epochs=3")
     stages = [pipeline.model_float_stage(cfg, "student")]
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run(cfg, tmp_path, stages=stages, on_epoch_end=_Interrupt(1))
+        pipeline.run(cfg, tmp_path, stages=stages, on_epoch_end=StopAfter(1))
     _, summary = pipeline.resume(tmp_path / "fp")
     assert list(summary["stages"]) == ["fp_student"]

@@ -46,13 +46,7 @@ PLAIN = (nn.Conv2d, nn.Linear)
 QUANT = (QConv2d, QLinear)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread is faster, and far faster when other processes compete for the 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(seed: int, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -32,12 +32,7 @@ from qkd.quant import (
 W3A3 = QuantConfig(weight_bits=3, act_bits=3, first_last_bits="same")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SameConv2d(nn.Conv2d):

@@ -35,12 +35,7 @@ LAYOUTS: dict[str, tuple[Callable[[int, int, int, int], Shape], Callable[[torch.
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
