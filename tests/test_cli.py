@@ -158,6 +158,8 @@ def test_run_names_user_model_and_data_by_import_path(tmp_path):
     summary = json.loads((tmp_path / "runs" / "u" / "summary.json").read_text())
     assert summary["student"] == "mynets:build" and summary["layers"] == {"quantized": 2, "float": 0}
     assert "test" not in summary["student_fp"]  # the factory gave no test split
+    res = qkd("export", str(tmp_path / "runs" / "u"), "--format", "int", cwd=tmp_path)
+    assert res.returncode == 0 and "validation images" in res.stdout and "agreement 100.00 %" in res.stdout, res.stderr
     for bad, message in (("student.name=mynets:nothing", "has no attribute 'nothing'"),
                          ("student.name=nomodule:build", "cannot import nomodule"),
                          ("data.name=mynets:wrong", "must return a DataBundle"),

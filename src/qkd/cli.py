@@ -181,8 +181,9 @@ def eval_(
         r = pipeline.load_student(cfg, target, "cpu")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"student.{EXTENSIONS.get(engine, 'bin')}"
-            run = export_student(r.student, engine, path, next(iter(r.data.test))[0][:2], {})
-            result = {"engine": engine, **compare(run, r.student, r.data.test, exact=True)}
+            split, images = _check_split(r.data)
+            run = export_student(r.student, engine, path, next(iter(images))[0][:2], {})
+            result = {"engine": engine, "split": split, **compare(run, r.student, images, exact=True)}
     percent = ("acc", "agreement", "agreement_f64", "val", "test", "fp")
     for k, v in result.items():
         typer.echo(f"{k:16s} {_pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
@@ -214,19 +215,25 @@ def export(
     q = cfg.quant
     info = {"model": cfg.student.name, "weight_bits": q.weight_bits, "act_bits": q.act_bits,
             "mean": _listed(r.data.mean), "std": _listed(r.data.std), "num_classes": r.data.num_classes}  # fmt: skip
-    run = export_student(r.student, format, path, next(iter(r.data.test))[0][:2], info)
+    split, images = _check_split(r.data)
+    run = export_student(r.student, format, path, next(iter(images))[0][:2], info)
     size, fp = path.stat().st_size, float_checkpoint_bytes(r.student)
     typer.echo(
         f"wrote {path}: {size / 1024:.1f} KiB; float32 checkpoint {fp / 1024:.1f} KiB ({fp / size:.1f}x smaller)"
     )
-    check = compare(run, r.student, r.data.test, limit=verify, exact=True)
+    check = compare(run, r.student, images, limit=verify, exact=True)
     typer.echo(
-        f"checked on {check['images']} test images against the trained model: top-1 agreement "
+        f"checked on {check['images']} {split} images against the trained model: top-1 agreement "
         f"{100 * check['agreement_f64']:.2f} % with its exact (float64) answers, {100 * check['agreement']:.2f} % "
         f"with its float32 evaluation; max |logit diff| {check['max_logit_diff_f64']:.2e} / "
         f"{check['max_logit_diff']:.2e}; accuracy {100 * check['engine_acc']:.2f} % "
         f"(fake-quant {100 * check['fake_quant_acc']:.2f} %)"
     )
+
+
+def _check_split(data) -> tuple[str, object]:
+    """The images an export is checked on: the test split, or validation where a data factory gives no test."""
+    return ("test", data.test) if data.test is not None else ("validation", data.val)
 
 
 def _listed(values) -> list | None:
