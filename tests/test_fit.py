@@ -86,9 +86,8 @@ def test_fit_user_model_and_dataloader_end_to_end_and_exact_resume(tmp_path):
     assert [row["name"] for row in layers] == ["stem.0", "block.branch.0", "down.0", "head"]
 
     student, teacher = _models()
-    with pytest.raises(KeyboardInterrupt):  # stopped mid co-study
+    with pytest.raises(KeyboardInterrupt):  # stopped mid co-study; resumed with the same objects, as in a notebook
         qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=StopAfter(6), **SETTINGS)
-    student, teacher = _models()
     resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "part", resume=True, **SETTINGS)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["student"]
     b = resumed.student.state_dict()

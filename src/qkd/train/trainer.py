@@ -28,7 +28,14 @@ from qkd.config import TrainConfig
 from qkd.dist import broadcast_state, is_main_process, resolve_device
 from qkd.errors import QKDError
 from qkd.phases import PHASES, Phase
-from qkd.quant import calibrate, quantization_summary, quantize_model, quantized_layers, recalibrate_bn
+from qkd.quant import (
+    calibrate,
+    dequantize_model,
+    quantization_summary,
+    quantize_model,
+    quantized_layers,
+    recalibrate_bn,
+)
 from qkd.quant.ste import set_kernel_backend
 from qkd.train import rundir
 from qkd.train.loop import Runtime, train_epoch
@@ -137,9 +144,6 @@ class Trainer:
         if any(s.uses_teacher for s in self.stages) and teacher is None:
             used = ", ".join(s.key for s in self.stages if s.uses_teacher)
             raise QKDError(f"stages {used} need a teacher; pass teacher=... or use method='qat' (no teacher)")
-        if next(quantized_layers(student), None) is not None:
-            raise QKDError("the student is already quantized; pass its float model (the trainer quantizes it "
-                           "with the quant settings) or dequantize_model() it first")  # fmt: skip
         self.student = self._place(student)
         self.teacher = self._place(teacher) if teacher is not None else None
         self.describe = {"student": type(student).__name__, "teacher": type(teacher).__name__ if teacher else None}
@@ -159,6 +163,7 @@ class Trainer:
 
         With ``resume``, continue from the run folder's last checkpoint (a finished run only reports; a
         folder with no run yet starts one)."""
+        self._check_float_student(resume)
         optim_state = self._open(resume, overwrite)
         while self.state["stage"] < len(self.stages):
             i = self.state["stage"]
@@ -171,6 +176,16 @@ class Trainer:
         summary = self.summary()
         self._write_json(summary, "summary.json")
         return FitResult(self.student, self.teacher, summary, self.run_dir)
+
+    def _check_float_student(self, resume: bool) -> None:
+        """The trainer quantizes the student itself. One quantized by an interrupted fit in this process
+        (resumed with the same objects) goes back to float: the checkpoint then sets every weight."""
+        if next(quantized_layers(self.student), None) is None:
+            return
+        if not resume:
+            raise QKDError("the student is already quantized; pass its float model (the trainer quantizes it "
+                           "with the quant settings) or dequantize_model() it first")  # fmt: skip
+        dequantize_model(self.student)
 
     def _open(self, resume: bool, overwrite: bool) -> dict | None:
         """Start the run folder, or read its last checkpoint back; returns the optimizer state to resume."""
