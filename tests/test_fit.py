@@ -127,7 +127,7 @@ def test_fit_without_a_run_folder_and_generator_factories():
         qkd.fit(UserNet(8), None, stream, val, method="qat", epochs=1)
 
 
-def test_fit_bad_input_is_one_line():
+def test_fit_bad_input_is_one_line(tmp_path):
     train, val = _loaders()
     with pytest.raises(QKDError, match="need a teacher"):
         qkd.fit(UserNet(8), None, train, val, method="kd", epochs=1)
@@ -135,6 +135,10 @@ def test_fit_bad_input_is_one_line():
         qkd.fit(UserNet(8), UserNet(8), train, val, method="qdk", epochs=1)
     with pytest.raises(QKDError, match="already quantized"):
         qkd.fit(qkd.quantize_model(UserNet(8)), None, train, val, method="qat", epochs=1)
+    with pytest.raises(QKDError, match="override pattern 'haed'"):  # found before the float stages run
+        qkd.fit(UserNet(8), None, train, val, method="qat", pretrain={"student": 1}, out=tmp_path / "typo",
+                quant=qkd.QuantConfig(overrides={"haed": {"weight_bits": 8}}))  # fmt: skip
+    assert not (tmp_path / "typo").exists()
     with pytest.raises(QKDError, match="optim.lr"):
         qkd.fit(UserNet(8), None, train, val, method="qat", optim={"lr": -1})
 

@@ -11,6 +11,7 @@ gets that seed too.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -163,7 +164,7 @@ class Trainer:
 
         With ``resume``, continue from the run folder's last checkpoint (a finished run only reports; a
         folder with no run yet starts one)."""
-        self._check_float_student(resume)
+        self._check_student(resume)
         optim_state = self._open(resume, overwrite)
         while self.state["stage"] < len(self.stages):
             i = self.state["stage"]
@@ -177,15 +178,20 @@ class Trainer:
         self._write_json(summary, "summary.json")
         return FitResult(self.student, self.teacher, summary, self.run_dir)
 
-    def _check_float_student(self, resume: bool) -> None:
-        """The trainer quantizes the student itself. One quantized by an interrupted fit in this process
-        (resumed with the same objects) goes back to float: the checkpoint then sets every weight."""
-        if next(quantized_layers(self.student), None) is None:
-            return
-        if not resume:
-            raise QKDError("the student is already quantized; pass its float model (the trainer quantizes it "
-                           "with the quant settings) or dequantize_model() it first")  # fmt: skip
-        dequantize_model(self.student)
+    def _check_student(self, resume: bool) -> None:
+        """Before anything is written: the student is float, and quantizes with these settings.
+
+        The trainer quantizes the student itself. One quantized by an interrupted fit in this process
+        (resumed with the same objects) goes back to float: the checkpoint then sets every weight. A
+        trial quantization of a copy finds a refused layer or a misspelt override now, not after the
+        float stages."""
+        if next(quantized_layers(self.student), None) is not None:
+            if not resume:
+                raise QKDError("the student is already quantized; pass its float model (the trainer quantizes it "
+                               "with the quant settings) or dequantize_model() it first")  # fmt: skip
+            dequantize_model(self.student)
+        if any(s.quantized for s in self.stages):
+            quantize_model(copy.deepcopy(self.student), self.cfg.quant)
 
     def _open(self, resume: bool, overwrite: bool) -> dict | None:
         """Start the run folder, or read its last checkpoint back; returns the optimizer state to resume."""
