@@ -8,10 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qkd.data.options import DataOptions
+from qkd.dist import DEVICES
 from qkd.errors import QKDError
 from qkd.phases import METHODS, Distill
 from qkd.quant import QuantConfig
@@ -75,7 +77,7 @@ class TrainConfig(_Strict):
     """
 
     seed: int = 0
-    device: str = "auto"
+    device: str = Field("auto", description=f"{DEVICES}; auto is CUDA when present")
     method: Method = "qkd"
     epochs: int = Field(20, ge=1, description="total budget shared by the method's phases")
     split: tuple[float, float, float] = (0.15, 0.5, 0.35)
@@ -84,6 +86,16 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     distill: Distill = Field(default_factory=Distill)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError(f"'{value}' is not a device; use {DEVICES}") from None
+        return value
 
     @model_validator(mode="after")
     def _check_split(self) -> TrainConfig:
@@ -98,12 +110,25 @@ class RunConfig(TrainConfig):
     The defaults are the built-in digits demo.
     """
 
-    name: str | None = None
+    name: str | None = Field(
+        None, description="run folder name, inside the --out folder (default: data-model-method-time)"
+    )
     data: DataOptions = Field(default_factory=DataOptions)
     teacher: ModelConfig = Field(default_factory=lambda: ModelConfig(name="tiny_cnn_wide", train_epochs=15))
     student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="tiny_cnn", train_epochs=15))
     # The demo runs at 2 bits, where the phases visibly matter; the library default is 4.
     quant: QuantConfig = Field(default_factory=lambda: QuantConfig(weight_bits=2, act_bits=2))
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        # a name is one folder: "a/b" would be runs/a/b, and cli.py keeps only its last part
+        if value is not None and (value in ("", ".", "..") or any(sep in value for sep in "/\\")):
+            raise ValueError(
+                f"'{value}' must be a single folder name (no '/' or '\\', not '.' or '..'); "
+                "give the parent folder with --out"
+            )
+        return value
 
     def train_config(self) -> TrainConfig:
         """The training part alone (what the trainer takes)."""
