@@ -9,6 +9,7 @@ continues), ``metrics.jsonl`` (one line per epoch), ``quantization.json`` (every
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,24 +25,40 @@ PYTHON_API = "qkd.fit"
 
 
 def check_new(run_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing, non-empty run folder unless ``overwrite``. Writes nothing."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise QKDError(f"run folder {run_dir} is a file; pick another --name or --out")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise QKDError(
-            f"run folder {run_dir} exists; resume it with --resume {run_dir} (fit(..., resume=True) from Python), "
-            "pick another name, or pass --overwrite"
-        )
+    """Refuse an existing, non-empty run folder unless ``overwrite``, and one that cannot be written. Writes nothing."""
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise QKDError(f"run folder {run_dir} is a file; pick another --name or --out")
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise QKDError(
+                f"run folder {run_dir} exists; resume it with --resume {run_dir} (fit(..., resume=True) from Python), "
+                "pick another name, or pass --overwrite"
+            )
+        _check_writable(run_dir)
+    except OSError as e:  # e.g. a parent folder that may not be searched
+        raise QKDError(f"cannot use run folder {run_dir}: {e.strerror or e}; choose another --out") from None
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists (where it will be made), must be writable."""
+    here = next(p for p in (run_dir, *run_dir.parents) if p.exists())  # "." or "/" at worst
+    if not here.is_dir():
+        raise QKDError(f"cannot make run folder {run_dir}: {here} is a file, not a folder; choose another --out")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise QKDError(f"cannot write run folder {run_dir}: {here} is not writable; choose another --out")
 
 
 def init(run_dir: Path, config: dict[str, Any], stages: list[Stage]) -> None:
     """Create (or, after an explicit overwrite, empty) ``run_dir`` and write its config and plan."""
-    if run_dir.exists():
-        for f in sorted(run_dir.rglob("*"), reverse=True):
-            f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(yaml.safe_dump(config, sort_keys=False), run_dir / "config.yaml")
-    write_json([asdict(s) for s in stages], run_dir / "stages.json")
+    try:
+        if run_dir.exists():
+            for f in sorted(run_dir.rglob("*"), reverse=True):
+                f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(yaml.safe_dump(config, sort_keys=False), run_dir / "config.yaml")
+        write_json([asdict(s) for s in stages], run_dir / "stages.json")
+    except OSError as e:
+        raise QKDError(f"cannot write run folder {run_dir}: {e.strerror or e}; choose another --out") from None
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
@@ -49,7 +66,12 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise QKDError(f"{run_dir} is not a run folder (no config.yaml)")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise QKDError(f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise QKDError(f"{path} is not valid YAML: {str(e).splitlines()[0]}; is this a run folder?") from None
     if not isinstance(data, dict):
         raise QKDError(f"{path} is not a run config (a mapping of keys to values)")
     return data
@@ -58,7 +80,14 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
 def saved_stages(run_dir: Path) -> list[Stage] | None:
     """The stages a run folder was started with (``stages.json``), or None for a folder without one."""
     path = run_dir / "stages.json"
-    return [Stage(**s) for s in json.loads(path.read_text())] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return [Stage(**s) for s in json.loads(path.read_text())]
+    except OSError as e:
+        raise QKDError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, TypeError) as e:  # not JSON, or not a list of stages
+        raise QKDError(f"{path} is not a list of stages ({e}); is this a run folder of this qkd?") from None
 
 
 def student_checkpoint(run_dir: Path) -> Path:
