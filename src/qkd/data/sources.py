@@ -25,6 +25,7 @@ from torch import Tensor
 from qkd.data.factory import from_factory as _from_factory
 from qkd.data.options import DataBundle, DataOptions
 from qkd.data.tensor_loader import TensorLoader
+from qkd.dist import resolve_device
 from qkd.errors import QKDError
 
 __all__ = ["Arrays", "DataBundle", "StreamLoader", "build_data", "list_datasets"]
@@ -86,6 +87,8 @@ def _load_cifar(root: str | None, download: bool, *, num_classes: int) -> Arrays
 
     cls, label = (CIFAR10, "CIFAR-10") if num_classes == 10 else (CIFAR100, "CIFAR-100")
     root = root or "data"
+    if Path(root).exists() and not Path(root).is_dir():
+        raise QKDError(f"data.root {root} is a file; {label} is read from (and downloaded to) a folder")
     try:
         train = cls(root, train=True, download=download)
         test = cls(root, train=False, download=download)
@@ -186,6 +189,8 @@ _ARRAY_SOURCES: dict[str, Callable[[str | None, bool], Arrays]] = {
     "cifar100": _load_cifar100,
     "npz": _load_npz,
 }
+#: built-in sources that read no files: a ``data.root`` given for one is a mistake, not a setting to ignore
+_NO_FILES = frozenset({"digits"})
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -219,6 +224,8 @@ def build_data(
     if key not in _ARRAY_SOURCES and key not in _STREAM_SOURCES:
         valid = ", ".join(list_datasets())
         raise QKDError(f"unknown data set '{opts.name}'; valid data sets: {valid}, or pkg.module:function")
+    if key in _NO_FILES and opts.root is not None:
+        raise QKDError(f"{key} is built in and reads no files; drop data.root (given: {opts.root})")
     o = _Options(**{f.name: getattr(opts, f.name) for f in fields(DataOptions)}, device=_device(device), seed=seed)
     if key in _STREAM_SOURCES:
         return _STREAM_SOURCES[key](o.root, o)
@@ -226,13 +233,7 @@ def build_data(
 
 
 def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise QKDError(f"invalid device '{device}': {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QKDError(f"device '{device}' requested but CUDA is not available; use device=cpu")
-    return dev
+    return resolve_device(str(device))
 
 
 # ------------------------------------------------------------------------------------ splits and stats
