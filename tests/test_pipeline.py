@@ -35,11 +35,22 @@ def test_run_writes_everything(tiny_config, tmp_path):
     run_dir, summary = pipeline.run(tiny_config("name=r"), tmp_path)
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints"}
     ckpts = {p.name for p in (run_dir / "checkpoints").iterdir()}
-    assert ckpts == {"last.pt", "fp_teacher.pt", "fp_student.pt", "1_self_study.pt", "2_co_study.pt", "3_tutor.pt"}
+    assert ckpts == {
+        "last.pt",
+        "previous.pt",
+        "fp_teacher.pt",
+        "fp_student.pt",
+        "1_self_study.pt",
+        "2_co_study.pt",
+        "3_tutor.pt",
+    }
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 1 + 1 + 4  # float teacher, float student, 4 quantized epochs
     assert json.loads((run_dir / "summary.json").read_text()) == summary
-    assert summary["bits"]["weight"] == 2 and {f"{s}.pt" for s in summary["stages"]} == ckpts - {"last.pt"}
+    assert summary["bits"]["weight"] == 2 and {f"{s}.pt" for s in summary["stages"]} == ckpts - {
+        "last.pt",
+        "previous.pt",
+    }
     for key in ("teacher_fp", "student_fp"):
         assert 0 <= summary[key]["test"] <= 1
     assert summary["stages"]["2_co_study"]["teacher"]["test"] > 0.1  # the co-studied teacher is reported

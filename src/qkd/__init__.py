@@ -13,13 +13,14 @@ Or only the quantization, for your own training loop:
 >>> student = qkd.quantize_model(my_float_model, qkd.QuantConfig(weight_bits=4, act_bits=4))
 """
 
+__version__ = "0.1.0"  # before the imports: modules below record it in checkpoints
+
 from qkd.config import TrainConfig
 from qkd.errors import QKDError
 from qkd.phases import Distill
 from qkd.quant import QuantConfig, quantization_disabled, quantization_summary, quantize_model
 from qkd.train import METHODS, FitResult, Trainer, fit
 
-__version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "Distill",

@@ -1,7 +1,9 @@
-"""Atomic writes: a crash mid-write never leaves a half-written checkpoint or result."""
+"""Atomic writes and checksummed checkpoints: a crash mid-write never leaves a half-written file,
+and a file damaged later (a bad disk, a truncated copy) is detected when it is read."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -20,7 +22,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, before_rename=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -29,26 +31,81 @@ def _atomic_write(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file, then rename over ``path`` (main process only)."""
-    if is_main_process():
-        _atomic_write(Path(path), lambda f: torch.save(state, f))
+CHECKSUM = "checksum"  # the key of a checkpoint's own SHA-256, over everything else it holds
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of a checkpoint's content: tensors by dtype, shape and bytes, the rest by ``repr``, dict keys
+    sorted, so the same content always gives the same digest, before saving and after loading."""
+    h = hashlib.sha256()
+
+    def feed(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                feed(o[k])
+            h.update(b"}")
+        elif isinstance(o, list | tuple):
+            h.update(b"[")
+            for v in o:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: str | None = None) -> None:
+    """``torch.save`` with a checksum to a temporary file, then rename over ``path`` (main process only).
+
+    ``keep_previous``: the name the file being replaced is kept under (``previous.pt``), so that a
+    damaged ``path`` still leaves an intact checkpoint one step older."""
+    if not is_main_process():
+        return
+    path = Path(path)
+    state = {**state, CHECKSUM: digest(state)}
+    previous = path.with_name(keep_previous) if keep_previous else None
+
+    def before_rename() -> None:
+        if previous is not None and path.is_file():
+            os.replace(path, previous)
+
+    _atomic_write(path, lambda f: torch.save(state, f), before_rename)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint, verified against its checksum (files written before checksums load unverified)."""
     path = Path(path)
     if not path.is_file():
         raise QKDError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise QKDError(f"cannot read checkpoint {path}: {e}") from None
+        raise QKDError(f"cannot read checkpoint {path} (damaged or not a checkpoint): {_first_line(e)}") from None
+    if isinstance(ckpt, dict) and CHECKSUM in ckpt:
+        saved = ckpt.pop(CHECKSUM)
+        if digest(ckpt) != saved:
+            raise QKDError(f"checkpoint {path} is damaged: its content does not match its checksum")
+    return ckpt
+
+
+def _first_line(e: Exception) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
 def write_json(obj: Any, path: str | Path) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from qkd.config import RunConfig, dump_config, list_presets, load_config
-from qkd.errors import QKDError
+from qkd.errors import QKDError, Stopped
 
 app = typer.Typer(
     add_completion=False,
@@ -32,7 +32,13 @@ Out = Annotated[Path, typer.Option(help="Parent folder of run folders.")]
 Name = Annotated[str | None, typer.Option(help="Run folder name (default: data-model-method-time).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 or auto (CUDA when present).")]
-Resume = Annotated[Path | None, typer.Option(help="Continue this interrupted run folder.")]
+Resume = Annotated[
+    Path | None,
+    typer.Option(
+        help="Continue this interrupted run folder; key=value arguments then change settings that leave "
+        "models and data as they are (optim.*, distill.*, runtime.*, device), e.g. optim.lr=0.01."
+    ),
+]
 Role = Annotated[str, typer.Option(help="Which model of the config to train: teacher or student.")]
 
 
@@ -57,25 +63,34 @@ def _pct(value: float | None) -> str:
 def format_summary(summary: dict) -> str:
     """The table printed at the end of a run: accuracies (%) on the validation and test splits."""
     stages = summary.get("stages", {})
-    rows = [("", "epochs", "val %", "test %", "teacher test %", "wall s")]
+    rows = [("", "epochs", "val %", "test %", "teacher test %", "wall s", "")]
     for who in ("teacher", "student"):
         if f"{who}_fp" in summary:
             fp, trained = summary[f"{who}_fp"], stages.get(f"fp_{who}", {})
             wall = f"{trained['wall_s']:.1f}" if trained else ""
             rows.append((f"{who} FP ({summary[who]})", str(trained.get("epochs", 0)), _pct(fp.get("val")),
-                         _pct(fp.get("test")), "", wall))  # fmt: skip
+                         _pct(fp.get("test")), "", wall, _chance(trained)))  # fmt: skip
     bits = summary["bits"]
     for key, r in stages.items():
         if r["quantized"]:
             label = f"student W{bits['weight'] or 'f'}A{bits['act'] or 'f'} after {key}"
             teacher = _pct(r["teacher"].get("test")) if "teacher" in r else ""
             rows.append((label, str(r["epochs"]), _pct(r.get("val")), _pct(r.get("test")), teacher,
-                         f"{r['wall_s']:.1f}"))  # fmt: skip
+                         f"{r['wall_s']:.1f}", _chance(r)))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+        "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
     ]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    lines[1:1] = ["-" * max(len(ln) for ln in lines)]
+    if summary.get("at_chance"):
+        lines.append(f"AT CHANCE: {', '.join(summary['at_chance'])} ended at chance accuracy: that model learned "
+                     "nothing (check the learning rate, the data and the checkpoint)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _chance(result: dict) -> str:
+    return "<- at chance" if result.get("at_chance") else ""
 
 
 def _report(run_dir: Path, summary: dict) -> None:
@@ -97,9 +112,11 @@ def run(
 
     _setup_logging()
     if resume is not None:
-        if args:
-            raise QKDError("--resume takes the run folder's own config; drop the config arguments")
-        _report(*_interruptible(lambda: pipeline.resume(resume), resume))
+        if args and "=" not in args[0]:
+            raise QKDError(
+                "--resume takes the run folder's own config; give only key=value changes (e.g. optim.lr=0.01)"
+            )
+        _report(*_interruptible(lambda: pipeline.resume(resume, args), resume))
         return
     cfg = _config(args, name, device)
     _start(cfg, out, overwrite)
@@ -117,7 +134,9 @@ def _start(cfg: RunConfig, out: Path, overwrite: bool, stages=None) -> Path:
 def _interruptible(fn, run_dir: Path):
     try:
         return fn()
-    except KeyboardInterrupt:
+    except Stopped:
+        raise
+    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, the last saved checkpoint is intact
         typer.echo(f"\ninterrupted; continue with: qkd run --resume {run_dir}", err=True)
         raise typer.Exit(130) from None
 
@@ -267,4 +286,7 @@ def main() -> None:
         app()
     except QKDError as e:
         typer.echo(f"qkd: error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
+    except Stopped as e:
+        typer.echo(f"qkd: {e}", err=True)
+        sys.exit(e.exit_code)

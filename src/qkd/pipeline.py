@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from qkd.checkpoint import load_checkpoint
-from qkd.config import ModelConfig, RunConfig, build_config
+from qkd.config import ModelConfig, RunConfig, build_config, with_overrides
 from qkd.data import DataBundle, build_data
 from qkd.dist import resolve_device
 from qkd.errors import QKDError
@@ -100,12 +100,30 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return build_config(data)
 
 
-def resume(run_dir: str | Path, on_epoch_end: EpochHook | None = None) -> tuple[Path, dict]:
-    """Continue an interrupted run from its last checkpoint (a finished run just re-reports)."""
+def resume(run_dir: str | Path, overrides: list[str] | None = None,
+           on_epoch_end: EpochHook | None = None) -> tuple[Path, dict]:  # fmt: skip
+    """Continue an interrupted run from its last checkpoint (a finished run just re-reports).
+
+    ``overrides`` (``key=value``) change settings that leave the models and data as they are, e.g. a lower
+    ``optim.lr`` after a divergence; the change is recorded in the run folder."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    trainer = trainer_for(cfg, run_dir, rundir.saved_stages(run_dir), on_epoch_end)
+    stages = rundir.saved_stages(run_dir)
+    if overrides:
+        cfg = with_overrides(cfg, overrides)
+        cfg.name = run_dir.name
+        stages = _replan(cfg, stages)
+    trainer = trainer_for(cfg, run_dir, stages, on_epoch_end)
     return run_dir, trainer.fit(resume=True).summary
+
+
+def _replan(cfg: RunConfig, saved: list[Stage] | None) -> list[Stage] | None:
+    """The saved plan with the learning rates of ``cfg`` (the trainer refuses any other difference)."""
+    fresh = {s.key: s for s in run_plan(cfg) + [model_float_stage(cfg, r) for r in ("teacher", "student")]}
+    if saved is None:
+        return None
+    return [replace(s, lr=fresh[s.key].lr, teacher_lr=fresh[s.key].teacher_lr) if s.key in fresh else s
+            for s in saved]  # fmt: skip
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from qkd.checkpoint import _atomic_write
 from qkd.errors import QKDError
@@ -30,6 +31,15 @@ def _layer_ops(ops: list[dict]) -> dict[str, dict]:
     return {op["name"]: op for op in ops if op["op"] in LAYERS}
 
 
+def write_export(path: str | Path, data: bytes) -> None:
+    """Write an exported file atomically (a temporary file renamed over ``path``) with the mode the umask gives;
+    a place that cannot take it is a one-line :class:`QKDError`. The ONNX exporters write through it too."""
+    try:
+        _atomic_write(Path(path), lambda f: f.write(data))
+    except OSError as e:
+        raise QKDError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
+
+
 def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Write the integer program atomically; returns the path. ``info`` goes into the manifest."""
     path = Path(path)
@@ -43,11 +53,8 @@ def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor]
         else:  # biases and input offsets are int64 fixed point; multipliers and shifts fit int32
             stored[key] = value if field in ("bias", "in_offset") else value.to(torch.int32)
     manifest = {"format": FORMAT, "frac_bits": FRAC_BITS, **info, "ops": ops}
-    text = json.dumps(manifest)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(stored, str(tmp), metadata={"qkd_manifest": text})
-    tmp.replace(path)
-    _atomic_write(path.with_name(path.name + ".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_export(path, safetensors_bytes(stored, metadata={"qkd_manifest": json.dumps(manifest)}))
+    write_export(path.with_name(path.name + ".json"), json.dumps(manifest, indent=1).encode())
     return path
 
 

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, version_converter
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
+from qkd.export.intfile import write_export
 from qkd.quant import IntervalQuantizer, LSQQuantizer, Quantizer, quantizers
 
 __all__ = ["export_onnx", "onnx_runner", "run_onnx"]
@@ -323,11 +324,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     if opset > _TORCHSCRIPT_MAX_OPSET:  # before the rewrite, so no 4-bit type meets an older opset
         onnx_model = version_converter.convert_version(onnx_model, opset)
     _rewrite(onnx_model, grids, int4=opset >= _INT4_MIN_OPSET)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_model, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
-    return path
+    onnx.checker.check_model(onnx_model, full_check=True)
+    write_export(path, onnx_model.SerializeToString())
+    return Path(path)
 
 
 def onnx_runner(path: str | Path):

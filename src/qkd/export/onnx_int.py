@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
+from qkd.export.intfile import write_export
 from qkd.export.intgraph import SHAPE_OPS, TERMS, pool_windows, to_real_program
 from qkd.export.onnx import storage_type
 
@@ -313,8 +314,6 @@ def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path) -> Path
         g.inits,
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qkd")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_model, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
-    return path
+    onnx.checker.check_model(onnx_model, full_check=True)
+    write_export(path, onnx_model.SerializeToString())
+    return Path(path)

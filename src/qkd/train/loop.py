@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +14,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from qkd.dist import is_main_process
-from qkd.errors import QKDError
+from qkd.errors import Diverged, QKDError
 
 
-def _progress(loader: Iterable, desc: str) -> Iterable:
+def _progress(batches: Iterable, desc: str, initial: int = 0, loader: Iterable | None = None) -> Iterable:
     # Bars only on an interactive terminal; logs in files stay one line per epoch.
     show = is_main_process() and sys.stderr.isatty()
-    return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    return tqdm(batches, desc=desc, leave=False, disable=not show, dynamic_ncols=True, initial=initial, total=total)
 
 
 @dataclass(frozen=True)
@@ -43,25 +50,115 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda")
 
 
-def train_epoch(phase, loader: Iterable, schedulers: list, rt: Runtime, desc: str = "train") -> dict:
+@dataclass
+class EpochState:
+    """Where a training epoch stands: a stopped epoch resumes from here with the same sums and random state."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    time_s: float = 0.0
+    rng: Tensor | None = None  # the CPU generator's state at the stop (CUDA generators: ``cuda_rng``)
+    cuda_rng: list[Tensor] | None = None
+
+
+class DivergenceGuard:
+    """Stops training at a non-finite loss, or at one ``ratio`` times above both its running level (an
+    exponential average) and the level it started from (so a loss that has fallen near zero may bounce).
+
+    Losses are read back every ``every`` steps (1 on the CPU; more on a GPU, where reading waits for it).
+    """
+
+    def __init__(self, ratio: float | None = 100.0, every: int = 1) -> None:
+        self.ratio, self.every = ratio, every
+        self.start: float | None = None
+        self.level: float | None = None
+        self._pending: list[tuple[int, Tensor]] = []
+
+    def observe(self, step: int, loss: Tensor, lr: float) -> None:
+        self._pending.append((step, loss.detach()))
+        self.lr = lr
+        if len(self._pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        values = torch.stack([loss.float() for _, loss in self._pending]).tolist()
+        steps = [step for step, _ in self._pending]
+        self._pending = []
+        for step, value in zip(steps, values):
+            self._check(step, value)
+
+    def _check(self, step: int, value: float) -> None:
+        if not math.isfinite(value):
+            raise Diverged(f"loss {value} at step {step + 1}")
+        if self.start is None:
+            self.start = self.level = value
+        if self.ratio is not None and value > self.ratio * max(self.level, self.start) and self.start > 0:
+            raise Diverged(f"loss {value:.4g} at step {step + 1}, {self.ratio:g}x above its running level "
+                           f"{self.level:.4g}")  # fmt: skip
+        self.level = 0.9 * self.level + 0.1 * value
+
+
+def train_epoch(
+    phase,
+    loader: Iterable,
+    schedulers: list,
+    rt: Runtime,
+    desc: str = "train",
+    *,
+    start: EpochState | None = None,
+    stop: Callable[[], bool] | None = None,
+    guard: DivergenceGuard | None = None,
+) -> tuple[dict | None, EpochState]:
     """Run ``phase.step`` over ``loader``; schedulers step per batch. Returns mean loss and accuracy.
 
-    Sums stay on the device so the loop never waits for the host.
+    ``start``: continue an epoch stopped earlier (its first ``start.step`` batches are drawn again, in the
+    same order, and not trained on). ``stop()``, polled after every step, ends the epoch early: the
+    metrics are then None and the state says where to continue. Sums stay on the device so the loop
+    never waits for the host.
     """
+    state = start or EpochState()
     phase.train_mode()
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    seen = 0
-    for batch in _progress(loader, desc):
+    loss_sum = torch.tensor(state.loss_sum, device=rt.device)
+    correct = torch.tensor(state.correct, device=rt.device, dtype=torch.long)
+    seen, t0 = state.seen, time.perf_counter() - state.time_s
+    batches = iter(loader)
+    if state.step:
+        _skip(batches, state)
+    step, classes = state.step, None
+    for step, batch in enumerate(_progress(batches, desc, state.step, loader), start=state.step):
         x, y = rt.batch(batch)
         with rt.autocast():
             loss, logits = phase.step(x, y)
         for sched in schedulers:
             sched.step()
-        loss_sum += loss * len(y)
+        if guard is not None:
+            guard.observe(step, loss, schedulers[0].get_last_lr()[0] if schedulers else float("nan"))
+        loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-    return {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1)}
+        seen, classes = seen + len(y), logits.shape[-1]
+        if stop is not None and stop():
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            return None, EpochState(step + 1, loss_sum.item(), correct.item(), seen, time.perf_counter() - t0,
+                                    torch.get_rng_state(), cuda)  # fmt: skip
+    if guard is not None:
+        guard.flush()
+    metrics = {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
+               "time_s": time.perf_counter() - t0, "num_classes": classes}  # fmt: skip
+    return metrics, EpochState(step + 1, loss_sum.item(), correct.item(), seen, metrics["time_s"])
+
+
+def _skip(batches: Iterator, state: EpochState) -> None:
+    """Draw the batches a stopped epoch had trained on, then put the random state back as it was then."""
+    for _ in itertools.islice(batches, state.step):
+        pass
+    if state.rng is not None:
+        torch.set_rng_state(state.rng)
+    if state.cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state.cuda_rng)
 
 
 # no_grad, not inference_mode: inference tensors carry other dispatch keys, and each such variant made the

@@ -2,23 +2,28 @@
 
 A run folder holds ``config.yaml`` (the resolved settings), ``stages.json`` (the plan that ``--resume``
 continues), ``metrics.jsonl`` (one line per epoch), ``quantization.json`` (every layer's bits),
-``checkpoints/`` (``last.pt`` after every epoch, ``<stage>.pt`` at every stage boundary) and
+``checkpoints/`` (``last.pt`` after every epoch and on a graceful stop, ``previous.pt`` the one before
+it, ``<stage>.pt`` at every stage boundary; each carries the settings and a checksum) and
 ``summary.json`` when the run is finished.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from qkd.checkpoint import write_json, write_text
+from qkd.checkpoint import load_checkpoint, write_json, write_text
 from qkd.errors import QKDError
 from qkd.train.stages import Stage
+
+log = logging.getLogger("qkd")
 
 #: ``config.yaml`` of a run started from Python with user objects: it cannot be rebuilt from names.
 PYTHON_API = "qkd.fit"
@@ -100,3 +105,82 @@ def student_checkpoint(run_dir: Path) -> Path:
     if final and (ckpts / f"{final[0]}.pt").is_file():
         return ckpts / f"{final[0]}.pt"
     raise QKDError(f"{ckpts} holds no student checkpoint (last.pt or a finished stage's): is the run finished?")
+
+
+# ----- resuming: the newest intact checkpoint, settings that may change, stale exports ---------------
+PREVIOUS = "previous.pt"  # the last.pt before the newest, kept so that a damaged last.pt is not the end
+#: settings a resumed run may change: they touch neither the models, the data, nor the plan's shape
+RESUMABLE = ("optim.lr", "optim.teacher_lr", "optim.quant_lr", "optim.momentum", "optim.nesterov",
+             "optim.weight_decay", "distill.", "runtime.", "device", "name", "data.root", "data.num_workers",
+             "data.eval_batch_size", "data.download", "teacher.checkpoint", "student.checkpoint")  # fmt: skip
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_settings(saved: dict, now: dict) -> dict[str, tuple]:
+    """``{dotted key: (saved, now)}`` for every setting that differs."""
+    a, b = _flatten(saved), _flatten(now)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def write_settings(run_dir: Path, config: dict[str, Any], stages: list[Stage]) -> None:
+    """Replace the settings of a run resumed with changes (the change itself is in its checkpoints and summary)."""
+    write_text(yaml.safe_dump(config, sort_keys=False), run_dir / "config.yaml")
+    write_json([asdict(s) for s in stages], run_dir / "stages.json")
+
+
+def last_intact_checkpoint(run_dir: Path) -> dict | None:
+    """The newest readable, checksum-valid snapshot (``last.pt``, else ``previous.pt``), or None where the run
+    saved none yet. Temporary files of a write that was cut short are removed."""
+    ckpts = run_dir / "checkpoints"
+    for tmp in ckpts.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    problems = []
+    for name in ("last.pt", PREVIOUS):
+        if not (ckpts / name).is_file():
+            continue
+        try:
+            ckpt = load_checkpoint(ckpts / name)
+        except QKDError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("%s; resuming from %s (%s) instead", problems[0], name, ckpt.get("qkd", {}).get("position"))
+        return ckpt
+    if problems:
+        raise QKDError(f"{'; '.join(problems)}; no intact checkpoint is left: start the run again (--overwrite)")
+    return None
+
+
+def clear_exports(run_dir: Path) -> None:
+    """Remove exports made from an earlier state of a run that is training again: they no longer match it."""
+    stale = sorted(p for p in (run_dir / "export").glob("*") if p.is_file())
+    for p in stale:
+        p.unlink()
+    if stale:
+        log.info("removed %d export file(s) of %s made before this resume; export again when it ends",
+                 len(stale), run_dir)  # fmt: skip
+
+
+def check_room(run_dir: Path, models: list) -> None:
+    """Refuse to start where the disk cannot hold the run's checkpoints (``last.pt`` and ``previous.pt`` hold
+    both models with their optimizer state, about three times the weights each, plus one file per stage)."""
+    weights = sum(t.numel() * t.element_size() for m in models if m is not None for t in m.state_dict().values())
+    need = 8 * weights
+    folder = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise QKDError(f"{folder} has {free / 2**20:.0f} MiB free; the run's checkpoints need about "
+                       f"{need / 2**20:.0f} MiB: free some space or choose another --out")  # fmt: skip

@@ -17,17 +17,18 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qkd.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from qkd import __version__
+from qkd.checkpoint import save_checkpoint, write_json, write_text
 from qkd.config import TrainConfig
 from qkd.dist import broadcast_state, is_main_process, resolve_device
-from qkd.errors import QKDError
+from qkd.errors import Diverged, QKDError, Stopped
 from qkd.phases import PHASES, Phase
 from qkd.quant import (
     calibrate,
@@ -39,10 +40,11 @@ from qkd.quant import (
 )
 from qkd.quant.ste import set_kernel_backend
 from qkd.train import rundir
-from qkd.train.loop import Runtime, train_epoch
+from qkd.train.loop import DivergenceGuard, EpochState, Runtime, train_epoch
 from qkd.train.loop import evaluate as top1
 from qkd.train.optim import build_optimizer, build_scheduler
 from qkd.train.stages import Stage, method_name, plan
+from qkd.train.stop import StopRequest
 
 log = logging.getLogger("qkd")
 
@@ -140,7 +142,8 @@ class Trainer:
         set_kernel_backend(rt.kernels)
         self.train = Batches(train, steps_per_epoch)
         self.evals = {k: Batches(v, what=k) for k, v in (("val", val), ("test", test)) if v is not None}
-        self.evaluate_fn = evaluate or (lambda model, loader: top1(model, loader, self.rt))
+        self.evaluate_fn = evaluate or self._top1
+        self.accuracy = evaluate is None  # the metric is top-1 accuracy (then chance level means something)
         self.on_epoch_end = on_epoch_end
         if any(s.uses_teacher for s in self.stages) and teacher is None:
             used = ", ".join(s.key for s in self.stages if s.uses_teacher)
@@ -151,8 +154,15 @@ class Trainer:
         self.describe.update(describe or {})
         self.record = record or {"created_by": rundir.PYTHON_API, **self.cfg.model_dump(mode="json"),
                                  "models": {k: self.describe[k] for k in ("student", "teacher")}}  # fmt: skip
-        self.state = {"stage": 0, "epoch": 0, "history": [], "results": {}, "student_quantized": False}
+        self.state = {"stage": 0, "epoch": 0, "history": [], "results": {}, "student_quantized": False,
+                      "num_classes": None, "changes": []}  # fmt: skip
         self.layers: dict | None = None  # quantized/float layer counts, once the student is quantized
+        self.quant_table: dict | None = None  # and every layer's bits (quantization.json)
+        self.partial: EpochState | None = None  # where a stopped epoch stands
+        self.stop = StopRequest()
+
+    def _top1(self, model: nn.Module, loader: Iterable) -> float:
+        return top1(model, loader, self.rt)
 
     def _place(self, model: nn.Module) -> nn.Module:
         layout = torch.channels_last if self.rt.channels_last else torch.preserve_format
@@ -163,17 +173,26 @@ class Trainer:
         """Run the remaining stages and return the trained models and the summary (``summary.json``).
 
         With ``resume``, continue from the run folder's last checkpoint (a finished run only reports; a
-        folder with no run yet starts one)."""
+        folder with no run yet starts one); settings that do not change the models or the data
+        (optimizer, distillation, runtime, device) may differ, and the change is recorded.
+
+        Ctrl-C or SIGTERM saves at the next step and raises :class:`~qkd.errors.Stopped`; a diverged loss
+        raises :class:`~qkd.errors.Diverged`, keeping the last good checkpoint."""
         self._check_student(resume)
-        optim_state = self._open(resume, overwrite)
-        while self.state["stage"] < len(self.stages):
-            i = self.state["stage"]
-            stage = self.stages[i]
-            if stage.quantized and not self.state["student_quantized"]:
-                self._record_float_results()
-                self._quantize_student()
-            self._run_stage(i, stage, optim_state if self.state["epoch"] > 0 else None)
-            optim_state = None
+        with self.stop.installed():
+            optim_state = self._open(resume, overwrite)
+            while self.state["stage"] < len(self.stages):
+                i = self.state["stage"]
+                stage = self.stages[i]
+                if stage.quantized and not self.state["student_quantized"]:
+                    self._record_float_results()
+                    self._quantize_student()
+                resumed = self.state["epoch"] > 0 or self.partial is not None
+                self._run_stage(i, stage, optim_state if resumed else None)
+                optim_state = None
+        if not self.state["student_quantized"]:  # float training only: its models are the results
+            for s in self.stages:
+                self.state["results"][f"{s.role}_fp"] = _splits(self.state["results"]["stages"][s.key])
         summary = self.summary()
         self._write_json(summary, "summary.json")
         return FitResult(self.student, self.teacher, summary, self.run_dir)
@@ -199,23 +218,41 @@ class Trainer:
             if resume:
                 raise QKDError("resume=True needs the run folder: pass out=...")
             return None
-        last = self.run_dir / "checkpoints" / "last.pt"
         if not resume or not (self.run_dir / "config.yaml").is_file():  # resume=True starts a run not yet there
             rundir.check_new(self.run_dir, overwrite)
+            rundir.check_room(self.run_dir, [self.student, self.teacher])
             rundir.init(self.run_dir, self.record, self.stages)
             return None
-        self._check_same_settings()
-        return self.restore(load_checkpoint(last)) if last.is_file() else None
+        changes = self._check_same_settings()
+        ckpt = rundir.last_intact_checkpoint(self.run_dir)
+        optim_state = self.restore(ckpt) if ckpt is not None else None
+        if changes:
+            self._record_changes(changes)
+        if self.state["stage"] < len(self.stages):
+            rundir.clear_exports(self.run_dir)
+        return optim_state
 
-    def _check_same_settings(self) -> None:
+    def _check_same_settings(self) -> dict[str, tuple]:
+        """The settings that differ from the run folder's: refused where they change the models, the data or
+        the plan; returned (``{key: (old, new)}``) where they may change on resume."""
         saved = rundir.read_config(self.run_dir)
-        changed = sorted(k for k, v in self.record.items() if k not in ("device", "name") and saved.get(k) != v)
+        changed = rundir.changed_settings(saved, self.record)
+        refused = sorted(k for k in changed if not rundir.may_change_on_resume(k))
         stages = rundir.saved_stages(self.run_dir)
-        if stages is not None and stages != self.stages:
-            changed.append("stages (pretrain, phases or epochs)")
-        if changed:
-            raise QKDError(f"cannot resume {self.run_dir}: its settings differ in {', '.join(changed)}; "
+        if stages is not None and [_shape(s) for s in stages] != [_shape(s) for s in self.stages]:
+            refused.append("stages (pretrain, phases or epochs)")
+        if refused:
+            raise QKDError(f"cannot resume {self.run_dir}: its settings differ in {', '.join(refused)}; "
                            "resume with the same settings, or start a new run folder")  # fmt: skip
+        return changed
+
+    def _record_changes(self, changes: dict[str, tuple]) -> None:
+        where = self._position()
+        text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+        if is_main_process():
+            log.info("resuming %s with changed settings (from %s): %s", self.run_dir, where, text)
+        self.state["changes"].append({"from": where, "changed": {k: list(v) for k, v in changes.items()}})
+        rundir.write_settings(self.run_dir, self.record, self.stages)
 
     def restore(self, ckpt: dict) -> dict:
         """Load a ``last.pt`` snapshot; returns the optimizer/scheduler states it holds."""
@@ -224,14 +261,16 @@ class Trainer:
         for name, model in (("student", self.student), ("teacher", self.teacher)):
             if model is not None and ckpt.get(name) is not None:
                 load_state(model, ckpt[name], f"the {name} of {self.run_dir}")
-        self.state = {k: ckpt[k] for k in self.state}
+        self.state = {k: copy.deepcopy(ckpt.get(k, v)) for k, v in self.state.items()}
+        self.partial = EpochState(**ckpt["partial"]) if ckpt.get("partial") else None
         return ckpt.get("optim") or {}
 
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
         self._place(quantize_model(self.student, self.cfg.quant))
         layers = quantization_summary(self.student)
+        self.quant_table = layers.to_dict()
         self.layers = {"quantized": layers.n_quantized, "float": layers.n_float}
-        self._write_json(layers.to_dict(), "quantization.json")
+        self._write_json(self.quant_table, "quantization.json")
         if calibrate_batch and is_main_process():
             log.info("student layers (also in quantization.json):\n%s", layers)
         if calibrate_batch:
@@ -267,42 +306,50 @@ class Trainer:
         scheds = [build_scheduler(o, self.stages, i, len(self.train), self.cfg.optim.schedule)
                   for o in phase.optimizers.values()]  # fmt: skip
         if resume_optim:
-            for name, o in phase.optimizers.items():
-                o.load_state_dict(resume_optim["opt"][name])
-            for s, sd in zip(scheds, resume_optim["sched"]):
-                s.load_state_dict(sd)
+            load_optim_state(phase.optimizers, scheds, resume_optim)
+        guard = DivergenceGuard(every=1 if self.device.type == "cpu" else 32)
         for epoch in range(self.state["epoch"], stage.epochs):
-            self._run_epoch(i, stage, epoch, phase, trained, scheds)
+            finished = self._run_epoch(i, stage, epoch, phase, trained, scheds, guard)
             optim = {
                 "opt": {n: o.state_dict() for n, o in phase.optimizers.items()},
                 "sched": [s.state_dict() for s in scheds],
             }
-            self._save(self._snapshot({"optim": optim}), "last.pt")
-            if self.on_epoch_end is not None:
+            extra = {"optim": optim, "partial": None if finished else asdict(self.partial)}
+            self._save(self._snapshot(extra), "last.pt")
+            if finished and self.on_epoch_end is not None:
                 self.on_epoch_end(self.state["history"][-1])
+            if self.stop:
+                raise self._stopped()
         self._finish_stage(i, stage, trained)
 
-    def _run_epoch(self, i: int, stage: Stage, epoch: int, phase: Phase, trained: nn.Module, scheds: list) -> None:
+    def _run_epoch(self, i: int, stage: Stage, epoch: int, phase: Phase, trained: nn.Module, scheds: list,
+                   guard: DivergenceGuard) -> bool:  # fmt: skip
+        """One epoch (or the rest of a stopped one); False when it stopped early on request."""
         batches = self.train.epoch(epoch_seed(self.cfg.seed, i, epoch))
-        t0 = time.perf_counter()
-        metrics = train_epoch(phase, batches, scheds, self.rt, desc=f"{stage.key} {epoch + 1}")
+        start, self.partial = self.partial, None
+        try:
+            metrics, progress = train_epoch(phase, batches, scheds, self.rt, desc=f"{stage.key} {epoch + 1}",
+                                            start=start, stop=self.stop.__bool__, guard=guard)  # fmt: skip
+        except Diverged as e:
+            raise self._diverged(stage, epoch, scheds, e) from None
+        if metrics is None:
+            self.partial = progress
+            return False
+        self.state["num_classes"] = metrics.pop("num_classes")
+        t_eval = time.perf_counter()
         if "val" in self.evals:
             metrics["val_acc"] = self.evaluate_fn(trained, self.evals["val"])
             if stage.phase == "co_study":
                 metrics["teacher_val_acc"] = self.evaluate_fn(self.teacher, self.evals["val"])
-        record = {
-            "stage": stage.key,
-            "epoch": epoch + 1,
-            "epochs": stage.epochs,
-            **metrics,
-            "lr": scheds[0].get_last_lr()[0],
-            "time_s": time.perf_counter() - t0,
-        }
+        time_s = metrics.pop("time_s") + time.perf_counter() - t_eval
+        record = {"stage": stage.key, "epoch": epoch + 1, "epochs": stage.epochs, **metrics,
+                  "lr": scheds[0].get_last_lr()[0], "time_s": time_s}  # fmt: skip
         self.state["history"].append(record)
         self.state["epoch"] = epoch + 1
         self._write_metrics()
         if is_main_process():
             log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        return True
 
     def _finish_stage(self, i: int, stage: Stage, trained: nn.Module) -> None:
         result = {
@@ -314,29 +361,93 @@ class Trainer:
         result.update(self.evaluate_splits(trained))
         if stage.phase == "co_study":
             result["teacher"] = self.evaluate_splits(self.teacher)
+        self._flag_chance(stage, result)
         self.state["results"].setdefault("stages", {})[stage.key] = result
+        self.state["stage"], self.state["epoch"] = i + 1, 0
         boundary = {
             "state_dict": trained.state_dict(),
             "model": self.describe[stage.role],
+            "role": stage.role,
+            "stage": stage.key,
             "quantized": stage.quantized,
             "result": result,
+            "qkd": self._meta(),
         }
         self._save(boundary, f"{stage.key}.pt")
-        self.state["stage"], self.state["epoch"] = i + 1, 0
-        self._save(self._snapshot(), "last.pt")
+        self._save(self._snapshot({"partial": None}), "last.pt")
+
+    def _flag_chance(self, stage: Stage, result: dict) -> None:
+        """Mark a stage whose model ends at chance accuracy (within 2 points of 1/classes)."""
+        classes, acc = self.state.get("num_classes"), result.get("val", result.get("test"))
+        if not self.accuracy or not classes or acc is None or acc > 1 / classes + 0.02:
+            return
+        result["at_chance"] = True
+        if is_main_process():
+            log.warning("%s ended at chance accuracy (%.2f %% for %d classes): the %s learned nothing; "
+                        "check the learning rate and the data", stage.key, 100 * acc, classes, stage.role)  # fmt: skip
+
+    # ----- failures and stops -----------------------------------------------------------------
+    def _position(self) -> str:
+        i, epoch = self.state["stage"], self.state["epoch"]
+        if i >= len(self.stages):
+            return "the end of the run"
+        stage = self.stages[i]
+        if self.partial is not None:
+            return f"{stage.key} epoch {epoch + 1} of {stage.epochs}, after step {self.partial.step}"
+        return f"{stage.key} after epoch {epoch} of {stage.epochs}" if epoch else f"the start of {stage.key}"
+
+    def _resume_hint(self, change: str = "") -> str:
+        if self.record.get("created_by") == rundir.PYTHON_API:
+            return f"fit(..., out={str(self.run_dir)!r}, resume=True{', ' + change if change else ''})"
+        return f"qkd run --resume {self.run_dir}{' ' + change if change else ''}"
+
+    def _stopped(self) -> Stopped:
+        if self.run_dir is None:
+            return Stopped(f"stopped by {self.stop.name} in {self._position()} (nothing saved: no run folder)",
+                           self.stop.exit_code)  # fmt: skip
+        return Stopped(f"stopped by {self.stop.name} in {self._position()}; saved. Continue with: "
+                       f"{self._resume_hint()}", self.stop.exit_code)  # fmt: skip
+
+    def _diverged(self, stage: Stage, epoch: int, scheds: list, e: Diverged) -> Diverged:
+        lr = scheds[0].get_last_lr()[0] if scheds else stage.lr
+        self.partial = None
+        what = f"training diverged in {stage.key} epoch {epoch + 1}: {e} (learning rate {lr:.3g})"
+        if self.run_dir is None:
+            return Diverged(f"{what}; lower the learning rate")
+        saved = (self.run_dir / "checkpoints" / "last.pt").is_file()
+        kept = f"the last good checkpoint is kept ({self._position()})" if saved else "nothing was saved yet"
+        key = f"{stage.role}.lr" if not stage.quantized else "optim.lr"
+        python = self.record.get("created_by") == rundir.PYTHON_API
+        change = f"optim={{'lr': {stage.lr / 10:.3g}}}" if python else f"{key}={stage.lr / 10:.3g}"
+        return Diverged(f"{what}; {kept}; continue with a lower learning rate: {self._resume_hint(change)}")
 
     # ----- persistence -------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        """What makes a checkpoint self-describing: the settings, the plan, where the run stands, the data's
+        normalisation and the quantized layers."""
+        return {
+            "version": __version__,
+            "config": self.record,
+            "stages": [asdict(s) for s in self.stages],
+            "position": self._position(),
+            "finished": self.state["stage"] >= len(self.stages),
+            "data": self.describe.get("data"),
+            "quantization": self.quant_table,
+        }
+
     def _snapshot(self, extra: dict | None = None) -> dict:
         return {
             **self.state,
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             **(extra or {}),
+            "qkd": self._meta(),
         }
 
     def _save(self, state: dict, name: str) -> None:
         if self.run_dir is not None:
-            save_checkpoint(state, self.run_dir / "checkpoints" / name)
+            save_checkpoint(state, self.run_dir / "checkpoints" / name,
+                            keep_previous=rundir.PREVIOUS if name == "last.pt" else None)  # fmt: skip
 
     def _write_json(self, obj: Any, name: str) -> None:
         if self.run_dir is not None:
@@ -349,6 +460,7 @@ class Trainer:
 
     def summary(self) -> dict:
         q = self.cfg.quant
+        stages = self.state["results"].get("stages", {})
         return {
             "name": self.run_dir.name if self.run_dir is not None else None,
             "method": method_name(self.cfg),
@@ -364,8 +476,36 @@ class Trainer:
             "device": str(self.device),
             "layers": self.layers,
             **self.state["results"],
+            "at_chance": [k for k, r in stages.items() if r.get("at_chance")],
+            "changes": self.state["changes"],
             "wall_s": sum(r["time_s"] for r in self.state["history"]),
         }
+
+
+def _splits(result: dict) -> dict[str, float]:
+    return {k: result[k] for k in ("val", "test") if k in result}
+
+
+def _shape(stage: Stage) -> tuple:
+    """What a resumed run must keep of a stage: its learning rates may change."""
+    return stage.key, stage.phase, stage.epochs, stage.quantized, stage.role
+
+
+def load_optim_state(optimizers: dict, schedulers: list, saved: dict) -> None:
+    """Optimizer and schedule states of an interrupted stage, under this run's settings: the learning rates
+    and hyperparameters built now (changed on resume, or not) replace the saved ones; the step count and
+    momentum buffers are kept, and the schedule continues from where it was, scaled to the new rate."""
+    fresh = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers.values()]
+    for name, o in optimizers.items():
+        o.load_state_dict(saved["opt"][name])
+    for sched, sd, groups, o in zip(schedulers, saved["sched"], fresh, optimizers.values()):
+        sched.load_state_dict(sd)
+        for g, new, base in zip(o.param_groups, groups, list(sched.base_lrs)):
+            g.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+            g["lr"] *= new["initial_lr"] / base
+            g["initial_lr"] = new["initial_lr"]
+        sched.base_lrs = [g["initial_lr"] for g in o.param_groups]
+        sched._last_lr = [g["lr"] for g in o.param_groups]
 
 
 def load_state(model: nn.Module, state: dict, what: str) -> None:
