@@ -4,9 +4,13 @@ What it checks: ``qkd run`` is started on the built-in digits data (CPU, one thr
 fp_teacher, fp_student, 1_self_study, 2_co_study, 3_tutor) and killed with SIGKILL, either
 
 * ``time``: at a uniformly random moment of the run's training window, or
-* ``write``: the moment a checkpoint temporary file (``checkpoints/.*.tmp``) appears after such a random
-  moment (the folder is polled without pause), so that the kill lands while ``last.pt`` or a stage
-  checkpoint is being written (a ``.tmp`` left behind proves it).
+* ``write``: the moment the 1st, 2nd or 3rd checkpoint temporary file (``checkpoints/.*.tmp``) appears
+  after a random epoch's end (the folder is polled without pause), so that the kill lands while
+  ``last.pt`` or a stage checkpoint is being written (a ``.tmp`` left behind proves it).
+
+The training window of a process opens when it has finished its first epoch (a new line in
+``metrics.jsonl``; before that, seconds go to start-up and torch's warm-up, and nothing is written) and
+spans what the reference run took for the epochs still to do.
 
 Then ``qkd run --resume RUN`` continues it (in some trials that resume is killed too, so resumes of
 resumes are covered) until the run finishes. The final ``checkpoints/last.pt`` must hold a student and
@@ -87,26 +91,24 @@ def finished(run_dir: Path) -> bool:
 @dataclass
 class Reference:
     run_dir: Path
-    startup_s: float  # process start until config.yaml (imports, data, models): the training window opens
-    train_s: float  # config.yaml until summary.json
+    startup_s: float  # process start until config.yaml (imports, data, models)
+    warmup_s: float  # config.yaml until the first epoch is done (metrics.jsonl): torch's first steps
+    train_s: float  # the first epoch done until summary.json: the training window
     epochs: int  # lines of metrics.jsonl
 
 
 def run_reference(run_dir: Path) -> Reference:
     """One uninterrupted run, timed."""
-    t0 = time.perf_counter()
     log = run_dir.parent / f"{run_dir.name}.log"
+    t = [time.perf_counter()]  # start, config.yaml, metrics.jsonl, summary.json
     proc = start_run(run_dir, log)
-    started = done = None
     while proc.poll() is None:
-        if started is None and (run_dir / "config.yaml").is_file():
-            started = time.perf_counter()
-        if done is None and finished(run_dir):
-            done = time.perf_counter()
+        if len(t) < 4 and (run_dir / ["config.yaml", "metrics.jsonl", "summary.json"][len(t) - 1]).is_file():
+            t.append(time.perf_counter())
         time.sleep(0.002)
-    if proc.returncode != 0 or started is None or done is None:
+    if proc.returncode != 0 or len(t) < 4:
         raise SystemExit(f"the reference run failed (exit {proc.returncode}); see {log}")
-    return Reference(run_dir, started - t0, done - started, len(metrics(run_dir)))
+    return Reference(run_dir, t[1] - t[0], t[2] - t[1], t[3] - t[2], epochs_done(run_dir))
 
 
 # ----- one kill ----------------------------------------------------------------------------------
@@ -126,6 +128,11 @@ class Kill:
     @property
     def during_write(self) -> bool:
         return any(p.startswith("checkpoints/") for p in self.left_tmp)
+
+
+def epochs_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.is_file() else 0
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -150,10 +157,19 @@ def position(run_dir: Path, left_tmp: list[str]) -> tuple[str, str]:
     return stage, f"{stage} {epoch}/{of}"
 
 
-def wait_for_write(proc: subprocess.Popen, ckpts: Path, stale: set[str]) -> None:
-    """Return when a checkpoint temp file not in ``stale`` exists (or the process ends): no sleep."""
-    while proc.poll() is None and not tmp_files(ckpts) - stale:
-        pass
+def wait_for_write(proc: subprocess.Popen, run_dir: Path, epoch: int, nth: int) -> None:
+    """Return when the ``nth`` checkpoint temp file written after ``epoch`` epochs appears (or the process
+    ends). Sleeps until the epoch before; from then on, polls without pause."""
+    while proc.poll() is None and epochs_done(run_dir) < epoch - 1:
+        time.sleep(0.002)
+    seen, n = tmp_files(run_dir / "checkpoints"), 0
+    while proc.poll() is None:
+        new = tmp_files(run_dir / "checkpoints") - seen
+        if new:
+            seen |= new
+            n += len(new) * (epochs_done(run_dir) >= epoch)  # a write of an earlier epoch does not count
+            if n >= nth:
+                return
 
 
 def wait_until(proc: subprocess.Popen, deadline: float) -> None:
@@ -163,21 +179,17 @@ def wait_until(proc: subprocess.Popen, deadline: float) -> None:
 
 def run_once(run_dir: Path, log: Path, kind: str, ref: Reference, rng: random.Random) -> Kill:
     """Start (or resume) the run and kill it as ``kind`` says, or let it finish (``none``)."""
-    remaining = max(0.1, 1 - len(metrics(run_dir)) / ref.epochs)  # share of the training still to do
-    before, stale = leftovers(run_dir), tmp_files(run_dir / "checkpoints")  # left by earlier kills
-    fresh = not (run_dir / "config.yaml").is_file()
+    done = epochs_done(run_dir)
+    window = 0.95 * ref.train_s * max(0.05, (ref.epochs - done - 1) / (ref.epochs - 1))  # epochs after the next
+    before = leftovers(run_dir)  # left by earlier kills
     t0 = time.perf_counter()
     proc = start_run(run_dir, log)
-    if kind != "none":
-        if fresh:  # the training window opens when the run folder is written
-            while proc.poll() is None and not (run_dir / "config.yaml").is_file():
-                time.sleep(0.002)
-            opens = time.perf_counter()
-        else:  # a resume writes nothing before its first epoch: the reference's start-up time
-            opens = t0 + ref.startup_s
-        wait_until(proc, opens + rng.uniform(0, remaining * ref.train_s))
-    if kind == "write":
-        wait_for_write(proc, run_dir / "checkpoints", stale)
+    if kind == "time":
+        while proc.poll() is None and epochs_done(run_dir) == done:  # the window opens
+            time.sleep(0.002)
+        wait_until(proc, time.perf_counter() + rng.uniform(0, window))
+    elif kind == "write":
+        wait_for_write(proc, run_dir, rng.randint(done + 1, ref.epochs), rng.randint(1, 3))
     at = time.perf_counter() - t0
     if kind != "none":
         kill(proc)
@@ -304,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         ref = run_reference(out / "reference")
-        print(f"reference: start-up {ref.startup_s:.1f} s, training {ref.train_s:.1f} s, "
-              f"{ref.epochs} epochs; runs in {out}", flush=True)  # fmt: skip
+        print(f"reference: start-up {ref.startup_s:.1f} s, first epoch {ref.warmup_s:.1f} s, then "
+              f"{ref.train_s:.1f} s for {ref.epochs - 1} epochs; runs in {out}", flush=True)  # fmt: skip
         rng = random.Random(args.seed)
         trials = []
         for i in range(args.trials):
