@@ -225,7 +225,8 @@ def build_data(
         valid = ", ".join(list_datasets())
         raise QKDError(f"unknown data set '{opts.name}'; valid data sets: {valid}, or pkg.module:function")
     if key in _NO_FILES and opts.root is not None:
-        raise QKDError(f"{key} is built in and reads no files; drop data.root (given: {opts.root})")
+        raise QKDError(f"{key} is built in and reads no files; drop data.root (given: {opts.root}; "
+                       "`data.root=` clears the one a preset sets)")  # fmt: skip
     o = _Options(**{f.name: getattr(opts, f.name) for f in fields(DataOptions)}, device=_device(device), seed=seed)
     if key in _STREAM_SOURCES:
         return _STREAM_SOURCES[key](o.root, o)
