@@ -156,6 +156,8 @@ def _read_yaml(source: str) -> dict[str, Any]:
         raise QKDError(f"config '{source}' not found; give a YAML path or a preset: {', '.join(list_presets())}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise QKDError(f"cannot read config {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise QKDError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
