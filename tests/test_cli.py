@@ -34,7 +34,7 @@ def test_eval_train_fp_and_resume_commands(tmp_path):
     res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     res = qkd("eval", str(tmp_path / "r"))
-    assert res.returncode == 0 and "test_fp" in res.stdout
+    assert res.returncode == 0 and "test top-1 % quantizers off" in res.stdout
     res = qkd("run", "--resume", str(tmp_path / "r"))
     assert res.returncode == 0 and "after 1_self_study" in res.stdout
     res = qkd("train-fp", *TINY, "--role", "student", "--name", "fp", "--out", str(tmp_path))
@@ -95,14 +95,23 @@ def test_bad_resume_and_existing_folder(tmp_path):
     assert (tmp_path / "r" / "keep.txt").read_text() == "precious"
 
 
-def test_eval_of_a_checkpoint_file_with_its_config(tmp_path):
-    res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
+def test_eval_of_a_checkpoint_file_alone_uses_its_own_settings(tmp_path):
+    """A checkpoint carries its settings: at W3 it evaluates at W3 with no config, to the run's own figures."""
+    res = qkd("run", *TINY, "method=qat", "quant.weight_bits=3", "--name", "r", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
-    res = qkd("eval", str(tmp_path / "r" / "checkpoints" / "1_self_study.pt"), *TINY)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    ckpt = tmp_path / "r" / "checkpoints" / "1_self_study.pt"
+    res = qkd("eval", str(ckpt), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "quantized        True" in res.stdout and "test_fp" in res.stdout
-    res = qkd("eval", str(tmp_path / "r" / "checkpoints" / "1_self_study.pt"), *TINY, "student.kwargs={width: 4}")
-    assert res.returncode == 2 and "does not fit" in res.stderr
+    assert "W3A2 fake-quant" in res.stdout and "after 1_self_study" in res.stdout
+    test = next(ln.split() for ln in res.stdout.splitlines() if ln.strip().startswith("test top-1 %"))
+    assert test == ["test", "top-1", "%", f"{100 * summary['stages']['1_self_study']['test']:.2f}"]
+    res = qkd("eval", str(ckpt), "quant.weight_bits=4")
+    assert res.returncode == 2 and "trained with quant.weight_bits=3, not 4" in res.stderr
+    res = qkd("eval", str(ckpt), "student.kwargs={width: 4}")
+    assert res.returncode == 2 and "trained with student.kwargs.width" in res.stderr
+    res = qkd("eval", str(tmp_path / "r" / "checkpoints" / "fp_student.pt"), "device=cpu")
+    assert res.returncode == 0 and "the student tiny_cnn, float, after fp_student" in res.stdout
 
 
 def test_export_int_and_onnx_and_eval_engines(tmp_path):
@@ -119,8 +128,8 @@ def test_export_int_and_onnx_and_eval_engines(tmp_path):
     res = qkd("export", str(tmp_path / "r"), "--format", "tflite")
     assert res.returncode == 2 and "unknown export format 'tflite'" in res.stderr
     res = qkd("run", *TINY, "--name", "fp", "--out", str(tmp_path), "method=qat", "student.train_epochs=1", "epochs=1")
-    res = qkd("export", str(tmp_path / "fp" / "checkpoints" / "fp_student.pt"), *TINY)
-    assert res.returncode == 2 and "no quantized layers" in res.stderr
+    res = qkd("export", str(tmp_path / "fp" / "checkpoints" / "fp_student.pt"))
+    assert res.returncode == 2 and "holds a float student" in res.stderr
 
 
 USER_CODE = """

@@ -16,7 +16,7 @@ Or only the quantization, for your own training loop:
 __version__ = "0.1.0"  # before the imports: modules below record it in checkpoints
 
 from qkd.config import TrainConfig
-from qkd.errors import QKDError
+from qkd.errors import Diverged, QKDError, Stopped
 from qkd.phases import Distill
 from qkd.quant import QuantConfig, quantization_disabled, quantization_summary, quantize_model
 from qkd.train import METHODS, FitResult, Trainer, fit
@@ -24,9 +24,11 @@ from qkd.train import METHODS, FitResult, Trainer, fit
 __all__ = [
     "METHODS",
     "Distill",
+    "Diverged",
     "FitResult",
     "QKDError",
     "QuantConfig",
+    "Stopped",
     "TrainConfig",
     "Trainer",
     "__version__",

@@ -91,6 +91,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: str 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint, verified against its checksum (files written before checksums load unverified)."""
     path = Path(path)
+    if path.is_dir():
+        raise QKDError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise QKDError(f"checkpoint not found: {path}")
     try:

@@ -28,7 +28,8 @@ ConfigArgs = Annotated[
     list[str] | None,
     typer.Argument(help="A preset name or YAML file (optional), then key=value overrides.", show_default=False),
 ]
-Out = Annotated[Path, typer.Option(help="Parent folder of run folders.")]
+# readable=False: a folder that cannot be read is reported by our own one-line checks, not click's boxed error
+Out = Annotated[Path, typer.Option(help="Parent folder of run folders.", readable=False)]
 Name = Annotated[str | None, typer.Option(help="Run folder name (default: data-model-method-time).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 or auto (CUDA when present).")]
@@ -134,8 +135,9 @@ def _start(cfg: RunConfig, out: Path, overwrite: bool, stages=None) -> Path:
 def _interruptible(fn, run_dir: Path):
     try:
         return fn()
-    except Stopped:
-        raise
+    except Stopped as e:  # typer turns any KeyboardInterrupt into exit 130: say it here
+        typer.echo(f"qkd: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:  # the second Ctrl-C: stopped at once, the last saved checkpoint is intact
         typer.echo(f"\ninterrupted; continue with: qkd run --resume {run_dir}", err=True)
         raise typer.Exit(130) from None
@@ -150,12 +152,16 @@ def train_fp(
     overwrite: Overwrite = False,
     device: Device = None,
 ) -> None:
-    """Train or fine-tune a float model (usually the teacher); its checkpoint can seed later runs."""
+    """Train or fine-tune a float model (usually the teacher); its checkpoint can seed later runs.
+
+    Its epochs and learning rate are ``<role>.train_epochs`` and ``<role>.lr``; ``epochs=N`` sets the epochs too."""
     from qkd import pipeline
 
     if role not in ("teacher", "student"):
         raise QKDError(f"--role must be teacher or student, not '{role}'")
     cfg = _config(args, name, device)
+    if any(a.startswith("epochs=") for a in args or []):  # the float model's epochs, here
+        getattr(cfg, role).train_epochs = cfg.epochs
     if getattr(cfg, role).train_epochs == 0:
         raise QKDError(f"{role}.train_epochs is 0; set e.g. {role}.train_epochs=30")
     _setup_logging()
@@ -169,48 +175,76 @@ Engine = Annotated[
 Verify = Annotated[int, typer.Option(help="Test images on which the export is checked against the trained model.")]
 
 
-def _student_cfg(target: Path, args: list[str] | None, device: str | None) -> RunConfig:
+TargetRole = Annotated[
+    str | None, typer.Option("--role", help="teacher or student (default: the model the run trained last).")
+]
+Unfinished = Annotated[
+    bool, typer.Option(help="Use the model of a run that has not finished, as it is now (say so in what you report).")
+]
+Target = Annotated[Path, typer.Argument(help="A run folder or a checkpoint file (it carries its settings).")]
+
+
+def _load(target: Path, args: list[str] | None, device: str | None, role: str | None, unfinished: bool):
     from qkd import pipeline
 
-    if target.is_dir():
-        if args:
-            raise QKDError("a run folder carries its own config; drop the config arguments")
-        return pipeline.load_run_config(target)
-    if not target.is_file():
-        raise QKDError(f"{target} is neither a run folder nor a checkpoint file")
-    return _config(args, device=device)
+    if role not in (None, "teacher", "student"):
+        raise QKDError(f"--role must be teacher or student, not '{role}'")
+    cfg = pipeline.target_config(target, list(args or []) + [f"device={device}"] * bool(device))
+    return pipeline.load_student(cfg, target, role=role, unfinished=unfinished)
+
+
+def _describe(r) -> str:
+    """What was read: which model, at which bits, from which state of the run."""
+    q = r.cfg.quant
+    edges = f"{q.first_last_bits} bits" if q.first_last_bits else "as the rest"
+    bits = f"W{q.weight_bits}A{q.act_bits} fake-quant (first/last layers {edges})"
+    how = bits if r.quantized else "float"
+    state = "at the end of the run" if r.where == "the end of the run" else r.where
+    state = state if state.startswith(("at ", "after ")) else f"UNFINISHED, stopped at {state}"
+    return f"the {r.role} {getattr(r.cfg, r.role).name}, {how}, {state}"
 
 
 @app.command("eval")
 def eval_(
-    target: Annotated[Path, typer.Argument(help="A run folder, or a checkpoint file with a config.")],
+    target: Target,
     args: ConfigArgs = None,
     device: Device = None,
     engine: Engine = "torch",
+    role: TargetRole = None,
+    unfinished: Unfinished = False,
 ) -> None:
-    """Accuracy of a run's student (or a checkpoint): quantized and in float, or through an exported engine."""
-    from qkd import pipeline
-
-    cfg = _student_cfg(target, args, device)
+    """Top-1 accuracy (%) of a run's model: as trained (fake-quant), with quantization off, or through an
+    exported engine."""
+    r = _load(target, args, device if engine == "torch" else "cpu", role, unfinished)
+    typer.echo(f"{target}: {_describe(r)}")
     if engine == "torch":
-        result = pipeline.evaluate_checkpoint(cfg, target, device)
-    else:
-        from qkd.export.deploy import EXTENSIONS, compare, export_student
+        rows = [(f"{k} top-1 %", v) for k, v in r.evaluate_splits(r.student).items()]
+        if r.quantized:
+            from qkd.quant import quantization_disabled
 
-        r = pipeline.load_student(cfg, target, "cpu")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"student.{EXTENSIONS.get(engine, 'bin')}"
-            split, images = _check_split(r.data)
-            run = export_student(r.student, engine, path, next(iter(images))[0][:2], {})
-            result = {"engine": engine, "split": split, **compare(run, r.student, images, exact=True)}
-    percent = ("acc", "agreement", "agreement_f64", "val", "test", "fp")
+            with quantization_disabled(r.student):
+                off = r.evaluate_splits(r.student)
+            rows += [(f"{k} top-1 % quantizers off", v) for k, v in off.items()]
+        for label, v in rows:
+            typer.echo(f"  {label:28s} {_pct(v)}")
+        if r.quantized:
+            typer.echo("  (quantizers off: the same weights run in float; not a float-trained model)")
+        return
+    from qkd.export.deploy import EXTENSIONS, compare, export_student
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"student.{EXTENSIONS.get(engine, 'bin')}"
+        split, images = _check_split(r.data)
+        run = export_student(r.student, engine, path, next(iter(images))[0][:2], {})
+        result = {"engine": engine, "split": split, **compare(run, r.student, images, exact=True)}
+    percent = ("acc", "agreement", "agreement_f64")
     for k, v in result.items():
-        typer.echo(f"{k:16s} {_pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
+        typer.echo(f"  {k:20s} {_pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
 
 
 @app.command()
 def export(
-    target: Annotated[Path, typer.Argument(help="A run folder, or a checkpoint file with a config.")],
+    target: Target,
     args: ConfigArgs = None,
     format: Annotated[
         str,
@@ -220,20 +254,26 @@ def export(
             "and float64 requantization: the trained model's exact answers).",
         ),
     ] = "int",
-    out: Annotated[Path | None, typer.Option(help="Output file (default: <run>/export/student.<ext>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output file (default: <run>/export/student-<format>.<ext>).", readable=False)
+    ] = None,
     verify: Verify = 1000,
+    unfinished: Unfinished = False,
 ) -> None:
     """Export the quantized student and check it against the trained model on test images."""
-    from qkd import pipeline
     from qkd.export.deploy import EXTENSIONS, compare, export_student, float_checkpoint_bytes
 
-    cfg = _student_cfg(target, args, None)
-    r = pipeline.load_student(cfg, target, "cpu")
+    r = _load(target, args, "cpu", "student", unfinished)
+    if not r.quantized:
+        raise QKDError(f"{target} holds a float student (the run did not reach a quantized stage); export a run "
+                       "or checkpoint of a quantized stage")  # fmt: skip
+    typer.echo(f"{target}: {_describe(r)}")
     ext = EXTENSIONS.get(format, format)
     path = out or (target if target.is_dir() else target.parent) / "export" / f"student-{format}.{ext}"
-    q = cfg.quant
-    info = {"model": cfg.student.name, "weight_bits": q.weight_bits, "act_bits": q.act_bits,
-            "mean": _listed(r.data.mean), "std": _listed(r.data.std), "num_classes": r.data.num_classes}  # fmt: skip
+    q = r.cfg.quant
+    info = {"model": r.cfg.student.name, "weight_bits": q.weight_bits, "act_bits": q.act_bits,
+            "mean": _listed(r.data.mean), "std": _listed(r.data.std), "num_classes": r.data.num_classes,
+            "trained_to": r.where}  # fmt: skip
     split, images = _check_split(r.data)
     run = export_student(r.student, format, path, next(iter(images))[0][:2], info)
     size, fp = path.stat().st_size, float_checkpoint_bytes(r.student)
@@ -287,6 +327,3 @@ def main() -> None:
     except QKDError as e:
         typer.echo(f"qkd: error: {e}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
-    except Stopped as e:
-        typer.echo(f"qkd: {e}", err=True)
-        sys.exit(e.exit_code)

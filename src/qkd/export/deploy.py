@@ -122,7 +122,6 @@ def export_student(student: nn.Module, fmt: str, path: Path, example: Tensor, in
         raise QKDError(f"unknown export format '{fmt}'; valid formats: {', '.join(FORMATS)}")
     if not is_quantized(student):
         raise QKDError("the model has no quantized layers; export the student of a quantized run")
-    path.parent.mkdir(parents=True, exist_ok=True)
     student = student.eval().cpu()
     if fmt == "int":
         ops, tensors = to_int_program(student, example.cpu())

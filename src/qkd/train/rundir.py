@@ -95,16 +95,16 @@ def saved_stages(run_dir: Path) -> list[Stage] | None:
         raise QKDError(f"{path} is not a list of stages ({e}); is this a run folder of this qkd?") from None
 
 
-def student_checkpoint(run_dir: Path) -> Path:
+def final_checkpoint(run_dir: Path, role: str = "student") -> Path:
     """A run folder's ``last.pt``, or, where that was deleted (it also holds the optimizer state and is
-    several times larger), the checkpoint of the run's last student stage (never an earlier one)."""
+    several times larger), the checkpoint of the last stage that trained ``role`` (never an earlier one)."""
     ckpts = run_dir / "checkpoints"
     if (ckpts / "last.pt").is_file():
         return ckpts / "last.pt"
-    final = [s.key for s in saved_stages(run_dir) or [] if s.role == "student"][-1:]
+    final = [s.key for s in saved_stages(run_dir) or [] if s.role == role][-1:]
     if final and (ckpts / f"{final[0]}.pt").is_file():
         return ckpts / f"{final[0]}.pt"
-    raise QKDError(f"{ckpts} holds no student checkpoint (last.pt or a finished stage's): is the run finished?")
+    raise QKDError(f"{ckpts} holds no {role} checkpoint (last.pt or a finished stage's): is the run finished?")
 
 
 # ----- resuming: the newest intact checkpoint, settings that may change, stale exports ---------------
@@ -118,7 +118,7 @@ RESUMABLE = ("optim.lr", "optim.teacher_lr", "optim.quant_lr", "optim.momentum",
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):  # an empty section has no settings (kwargs={} and kwargs unset are the same)
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
