@@ -11,6 +11,7 @@ import qkd
 from conftest import TINY, StopAfter
 from qkd.checkpoint import load_checkpoint, save_checkpoint
 from qkd.errors import QKDError
+from qkd.train.loop import DivergenceGuard
 from test_cli import qkd as cli
 from test_fit import SETTINGS, UserNet, _loaders, _models
 
@@ -116,6 +117,21 @@ def test_divergence_stops_and_resume_with_a_lower_rate_is_recorded(tmp_path):
                 resume=True, quant=qkd.QuantConfig(weight_bits=2))  # fmt: skip
 
 
+def test_the_divergence_guard():
+    def run(losses, ratio=100.0):
+        guard = DivergenceGuard(ratio, every=3)
+        for step, loss in enumerate(losses):
+            guard.observe(step, torch.tensor(loss), 0.1)
+        guard.flush()
+
+    run([2.3, 1.0, 0.01, 0.005, 0.005, 1.5, 0.01])  # a loss that fell near zero may bounce below its start
+    run([2.3, 2.0, 1e6], ratio=None)  # the ratio check off: only non-finite losses stop
+    with pytest.raises(qkd.Diverged, match="loss 1e\\+06 at step 3, 100x above its running level"):
+        run([2.3, 2.0, 1e6, 1.0])
+    with pytest.raises(qkd.Diverged, match="loss nan at step 2"):
+        run([2.3, float("nan")], ratio=None)
+
+
 def test_a_stage_at_chance_accuracy_is_flagged(tmp_path):
     train, val = _loaders()
     result = qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, optim={"lr": 1e-6})
@@ -135,8 +151,11 @@ def test_cli_divergence_unfinished_export_and_resume(tmp_path):
     res = cli("eval", str(tmp_path / "r"), "--unfinished")
     assert res.returncode == 0
     assert "the student tiny_cnn, float, UNFINISHED, stopped at the start of 1_self_study" in res.stdout
+    (tmp_path / "r" / "export").mkdir()
+    (tmp_path / "r" / "export" / "student-int.safetensors").write_bytes(b"made from the diverged state")
     res = cli("run", "--resume", str(tmp_path / "r"), "optim.lr=0.01")
     assert res.returncode == 0, res.stderr
+    assert not any((tmp_path / "r" / "export").iterdir())  # stale: removed when training went on
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["changes"][0]["changed"] == {"optim.lr": [1000.0, 0.01]}
     res = cli("run", "--resume", str(tmp_path / "r"), "quant.weight_bits=3")

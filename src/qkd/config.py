@@ -44,6 +44,11 @@ class OptimConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
+    max_loss_ratio: float | None = Field(
+        100.0,
+        gt=1,
+        description="stop as diverged at a loss this many times above its running level (None: at non-finite only)",
+    )
     schedule: Literal["phase", "run"] = Field(
         "phase",
         description="cosine decay restarted in each quantized phase, or one decay across all of them",

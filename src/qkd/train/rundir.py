@@ -111,8 +111,9 @@ def final_checkpoint(run_dir: Path, role: str = "student") -> Path:
 PREVIOUS = "previous.pt"  # the last.pt before the newest, kept so that a damaged last.pt is not the end
 #: settings a resumed run may change: they touch neither the models, the data, nor the plan's shape
 RESUMABLE = ("optim.lr", "optim.teacher_lr", "optim.quant_lr", "optim.momentum", "optim.nesterov",
-             "optim.weight_decay", "distill.", "runtime.", "device", "name", "data.root", "data.num_workers",
-             "data.eval_batch_size", "data.download", "teacher.checkpoint", "student.checkpoint")  # fmt: skip
+             "optim.weight_decay", "optim.max_loss_ratio", "distill.", "runtime.", "device", "name", "data.root",
+             "data.num_workers", "data.eval_batch_size", "data.download", "teacher.checkpoint",
+             "student.checkpoint")  # fmt: skip
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -307,7 +307,7 @@ class Trainer:
                   for o in phase.optimizers.values()]  # fmt: skip
         if resume_optim:
             load_optim_state(phase.optimizers, scheds, resume_optim)
-        guard = DivergenceGuard(every=1 if self.device.type == "cpu" else 32)
+        guard = DivergenceGuard(self.cfg.optim.max_loss_ratio, every=1 if self.device.type == "cpu" else 32)
         for epoch in range(self.state["epoch"], stage.epochs):
             finished = self._run_epoch(i, stage, epoch, phase, trained, scheds, guard)
             optim = {
