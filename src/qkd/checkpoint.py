@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,17 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: str 
         if previous is not None and path.is_file():
             os.replace(path, previous)
 
-    _atomic_write(path, lambda f: torch.save(state, f), before_rename)
+    with _reported(path, "the checkpoint before it is intact: free space or fix the folder, then resume"):
+        _atomic_write(path, lambda f: torch.save(state, f), before_rename)
+
+
+@contextmanager
+def _reported(path: Path, then: str) -> Iterator[None]:
+    """A failed write (no space, no permission) as one line naming the file, the reason and what to do."""
+    try:
+        yield
+    except OSError as e:
+        raise QKDError(f"cannot write {path}: {e.strerror or e}; {then}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -111,10 +123,10 @@ def _first_line(e: Exception) -> str:
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    if is_main_process():
-        _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def write_text(text: str, path: str | Path) -> None:
     if is_main_process():
-        _atomic_write(Path(path), lambda f: f.write(text.encode()))
+        with _reported(Path(path), "free space or fix the folder (a file it replaces is left as it was)"):
+            _atomic_write(Path(path), lambda f: f.write(text.encode()))
