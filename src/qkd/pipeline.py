@@ -66,10 +66,16 @@ def trainer_for(cfg: RunConfig, run_dir: Path | None, stages: list[Stage] | None
     torch.manual_seed(cfg.seed)  # the same initial weights for models built from scratch
     student = build_model(cfg.student, data)
     teacher = build_model(cfg.teacher, data) if any(s.uses_teacher for s in stages) else None
-    describe = {"student": cfg.student.name, "teacher": cfg.teacher.name if teacher is not None else None}
+    describe = {"student": cfg.student.name, "teacher": cfg.teacher.name if teacher is not None else None,
+                "data": {"mean": _listed(data.mean), "std": _listed(data.std), "num_classes": data.num_classes,
+                         "in_channels": data.in_channels, "image_size": data.image_size}}  # fmt: skip
     return Trainer(student, teacher, data.train, data.val, data.test, config=cfg.train_config(), stages=stages,
                    out=run_dir, on_epoch_end=on_epoch_end, describe=describe,
                    record=cfg.model_dump(mode="json"))  # fmt: skip
+
+
+def _listed(values) -> list | None:
+    return None if values is None else list(values)
 
 
 def new_run_dir(cfg: RunConfig, out_dir: str | Path, overwrite: bool = False) -> Path:

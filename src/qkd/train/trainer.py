@@ -226,9 +226,9 @@ class Trainer:
         changes = self._check_same_settings()
         ckpt = rundir.last_intact_checkpoint(self.run_dir)
         optim_state = self.restore(ckpt) if ckpt is not None else None
-        if changes:
-            self._record_changes(changes)
-        if self.state["stage"] < len(self.stages):
+        if self.state["stage"] < len(self.stages):  # a finished run only reports: nothing to change or clear
+            if changes:
+                self._record_changes(changes)
             rundir.clear_exports(self.run_dir)
         return optim_state
 
