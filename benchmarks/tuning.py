@@ -56,14 +56,14 @@ def init_check(student_ckpt: Path, bits_list: list[int], device: str) -> list[di
     cfg = pipeline.load_run_config(student_ckpt.parent.parent)
     cfg.device = device
     r = pipeline.load_student(cfg, student_ckpt)
-    rows = [{"bits": "float", "init": "-", "bn": "-", "val": evaluate(r.student, r.data.val, r.rt)}]
+    rows = [{"bits": "float", "init": "-", "bn": "-", "val": evaluate(r.student, r.data.val, r.runtime)}]
     for bits, init, bn in itertools.product(bits_list, ("lsq", "mse"), (0, 20)):
         model = quantize_model(copy.deepcopy(r.student), QuantConfig(weight_bits=bits, act_bits=bits, step_init=init))
         r.data.train.set_epoch(999)
-        batches = (r.rt.batch(b)[0] for b in r.data.train)
+        batches = (r.runtime.batch(b)[0] for b in r.data.train)
         calibrate(model, next(batches))
         recalibrate_bn(model, itertools.islice(batches, bn))
-        rows.append({"bits": f"W{bits}A{bits}", "init": init, "bn": bn, "val": evaluate(model, r.data.val, r.rt)})
+        rows.append({"bits": f"W{bits}A{bits}", "init": init, "bn": bn, "val": evaluate(model, r.data.val, r.runtime)})
     return rows
 
 

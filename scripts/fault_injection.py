@@ -189,7 +189,7 @@ def run_once(run_dir: Path, log: Path, kind: str, ref: Reference, rng: random.Ra
             time.sleep(0.002)
         wait_until(proc, time.perf_counter() + rng.uniform(0, window))
     elif kind == "write":
-        wait_for_write(proc, run_dir, rng.randint(done + 1, ref.epochs), rng.randint(1, 3))
+        wait_for_write(proc, run_dir, rng.randint(min(done + 1, ref.epochs), ref.epochs), rng.randint(1, 3))
     at = time.perf_counter() - t0
     if kind != "none":
         kill(proc)

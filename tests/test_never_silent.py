@@ -92,6 +92,31 @@ def test_no_intact_checkpoint_is_one_line(tmp_path):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=3, out=tmp_path / "r", resume=True)
 
 
+def test_a_disk_without_room_for_the_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    from qkd.train import rundir
+
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    train, val = _loaders()
+    with pytest.raises(QKDError, match=r"has 0 MiB free; the run's checkpoints need about .* choose another --out"):
+        qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from qkd.train.stop import StopRequest
+
+    request = StopRequest()
+    with request.installed():
+        assert signal.getsignal(signal.SIGINT) == request._handle
+        request._handle(signal.SIGINT, None)  # the first: stop at the next step
+        assert request and request.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            request._handle(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_the_checksum_finds_a_changed_tensor(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint({"w": torch.arange(6.0), "meta": {"bits": 3}}, path)
@@ -121,12 +146,12 @@ def test_the_divergence_guard():
     def run(losses, ratio=100.0):
         guard = DivergenceGuard(ratio, every=3)
         for step, loss in enumerate(losses):
-            guard.observe(step, torch.tensor(loss), 0.1)
+            guard.observe(step, torch.tensor(loss))
         guard.flush()
 
     run([2.3, 1.0, 0.01, 0.005, 0.005, 1.5, 0.01])  # a loss that fell near zero may bounce below its start
     run([2.3, 2.0, 1e6], ratio=None)  # the ratio check off: only non-finite losses stop
-    with pytest.raises(qkd.Diverged, match="loss 1e\\+06 at step 3, 100x above its running level"):
+    with pytest.raises(qkd.Diverged, match=r"loss 1e\+06 at step 3, over 100x its level so far \(2.3\)"):
         run([2.3, 2.0, 1e6, 1.0])
     with pytest.raises(qkd.Diverged, match="loss nan at step 2"):
         run([2.3, float("nan")], ratio=None)

@@ -190,7 +190,7 @@ def _with_eval_changes(cfg: RunConfig, overrides: list[str], target: Path) -> Ru
                        "data location or runtime are taken)")  # fmt: skip
     new = with_overrides(cfg, overrides)
     changed = rundir.changed_settings(cfg.model_dump(mode="json"), new.model_dump(mode="json"))
-    refused = [k for k in changed if not any(k == c or (c.endswith(".") and k.startswith(c)) for c in EVAL_CHANGES)]
+    refused = [k for k in changed if not rundir.matches(k, EVAL_CHANGES)]
     if refused:
         k = refused[0]
         raise QKDError(f"{target} was trained with {k}={changed[k][0]}, not {changed[k][1]}: drop that override "

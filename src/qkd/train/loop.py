@@ -76,9 +76,8 @@ class DivergenceGuard:
         self.level: float | None = None
         self._pending: list[tuple[int, Tensor]] = []
 
-    def observe(self, step: int, loss: Tensor, lr: float) -> None:
+    def observe(self, step: int, loss: Tensor) -> None:
         self._pending.append((step, loss.detach()))
-        self.lr = lr
         if len(self._pending) >= self.every:
             self.flush()
 
@@ -96,9 +95,9 @@ class DivergenceGuard:
             raise Diverged(f"loss {value} at step {step + 1}")
         if self.start is None:
             self.start = self.level = value
-        if self.ratio is not None and value > self.ratio * max(self.level, self.start) and self.start > 0:
-            raise Diverged(f"loss {value:.4g} at step {step + 1}, {self.ratio:g}x above its running level "
-                           f"{self.level:.4g}")  # fmt: skip
+        level = max(self.level, self.start)
+        if self.ratio is not None and value > self.ratio * level and level > 0:
+            raise Diverged(f"loss {value:.4g} at step {step + 1}, over {self.ratio:g}x its level so far ({level:.4g})")
         self.level = 0.9 * self.level + 0.1 * value
 
 
@@ -136,7 +135,7 @@ def train_epoch(
         for sched in schedulers:
             sched.step()
         if guard is not None:
-            guard.observe(step, loss, schedulers[0].get_last_lr()[0] if schedulers else float("nan"))
+            guard.observe(step, loss)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen, classes = seen + len(y), logits.shape[-1]

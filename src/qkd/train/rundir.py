@@ -132,8 +132,13 @@ def changed_settings(saved: dict, now: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def matches(key: str, patterns: tuple[str, ...]) -> bool:
+    """``key`` is one of ``patterns``, or under one ending with a dot (``optim.`` covers ``optim.lr``)."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
 def may_change_on_resume(key: str) -> bool:
-    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+    return matches(key, RESUMABLE)
 
 
 def write_settings(run_dir: Path, config: dict[str, Any], stages: list[Stage]) -> None:

@@ -411,7 +411,7 @@ class Trainer:
     def _diverged(self, stage: Stage, epoch: int, scheds: list, e: Diverged) -> Diverged:
         lr = scheds[0].get_last_lr()[0] if scheds else stage.lr
         self.partial = None
-        what = f"training diverged in {stage.key} epoch {epoch + 1}: {e} (learning rate {lr:.3g})"
+        what = f"training diverged in {stage.key} epoch {epoch + 1}: {e}, at learning rate {lr:.3g}"
         if self.run_dir is None:
             return Diverged(f"{what}; lower the learning rate")
         saved = (self.run_dir / "checkpoints" / "last.pt").is_file()
