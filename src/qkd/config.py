@@ -159,14 +159,19 @@ def _read_yaml(source: str) -> dict[str, Any]:
         path = config_dir() / f"{source}.yaml"
     if not path.is_file():
         raise QKDError(f"config '{source}' not found; give a YAML path or a preset: {', '.join(list_presets())}")
+    return read_mapping(path, f"config {path}")
+
+
+def read_mapping(path: Path, what: str, hint: str = "") -> dict[str, Any]:
+    """A YAML file that must hold a mapping of keys to values; every failure is one line naming ``what``."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
-        raise QKDError(f"cannot read config {path}: {e.strerror or e}") from None
+        raise QKDError(f"cannot read {what}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise QKDError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise QKDError(f"{what} is not valid YAML: {str(e).splitlines()[0]}{hint}") from None
     if not isinstance(data, dict):
-        raise QKDError(f"config {path} must be a mapping of keys to values")
+        raise QKDError(f"{what} must be a mapping of keys to values{hint}")
     return data
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from qkd.checkpoint import load_checkpoint, write_json, write_text
+from qkd.config import read_mapping
 from qkd.errors import QKDError
 from qkd.train.stages import Stage
 
@@ -71,15 +72,7 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise QKDError(f"{run_dir} is not a run folder (no config.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise QKDError(f"cannot read {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise QKDError(f"{path} is not valid YAML: {str(e).splitlines()[0]}; is this a run folder?") from None
-    if not isinstance(data, dict):
-        raise QKDError(f"{path} is not a run config (a mapping of keys to values)")
-    return data
+    return read_mapping(path, str(path), "; is this a run folder?")
 
 
 def saved_stages(run_dir: Path) -> list[Stage] | None:
