@@ -1,3 +1,11 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -24,3 +32,70 @@ def test_broadcast_inside_a_process_group(tmp_path):
     finally:
         dist.destroy_process_group()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----- torchrun: real processes, gloo on the CPU --------------------------------------------------------
+# No BatchNorm (its per-rank statistics differ by design; SyncBatchNorm needs GPUs): the two runs must then
+# take the same steps, up to float rounding (sums over 100 images or over 2 x 50 differ in the last bit), which
+# fake-quantization amplifies where a value sits on a rounding boundary: a few steps of each phase, 8 bits.
+EQUAL = ["student.name=tiny_mlp", "teacher.name=tiny_mlp", "teacher.kwargs={hidden: 32}", "data.train_limit=400",
+         "data.batch_size=100", "teacher.train_epochs=1", "student.train_epochs=1", "device=cpu",
+         "quant.weight_bits=8", "quant.act_bits=8",
+         "phases=[{name: self_study, epochs: 1}, {name: co_study, epochs: 1}, {name: tutor, epochs: 1}]"]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, nproc=2, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *extra, "-m", "qkd", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def _last(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    res = subprocess.run([sys.executable, "-m", "qkd", "run", *EQUAL, "--out", str(out), "--name", "one"],
+                         capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return out / "one"
+
+
+def test_two_processes_are_one_run_with_the_weights_of_one_process(tmp_path, one_process_run):
+    res = torchrun("run", *EQUAL, "--out", str(tmp_path), "--name", "two")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]  # one folder, written once
+    assert res.stdout.count("run folder:") == 1 and res.stdout.count("after 3_tutor") == 1  # one table
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["batch_size"] == 100
+    one, two = _last(one_process_run), _last(tmp_path / "two")
+    for model in ("student", "teacher"):
+        for k, v in one[model].items():
+            assert torch.allclose(v.float(), two[model][k].float(), atol=5e-4), (model, k)
+    # the same images seen: every epoch's training loss agrees
+    for a, b in zip(one["history"], two["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_a_two_process_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path, one_process_run):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "qkd", "run", *EQUAL,
+           "--out", str(tmp_path), "--name", "two"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and len(_lines(metrics)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    out, err = proc.communicate(timeout=300)
+    assert "Continue with: qkd run --resume" in err, err[-3000:]
+    res = torchrun("run", "--resume", str(tmp_path / "two"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = _last(one_process_run), _last(tmp_path / "two")
+    for k, v in one["student"].items():
+        assert torch.allclose(v.float(), two["student"][k].float(), atol=5e-4), k
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.is_file() else []

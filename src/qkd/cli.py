@@ -7,6 +7,7 @@ Configs are a preset name or YAML path followed by ``key=value`` overrides, e.g.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -51,9 +52,8 @@ def _config(args: list[str] | None, name: str | None = None, device: str | None 
 
 
 def _setup_logging() -> None:
-    from qkd.dist import is_main_process
-
-    level = logging.INFO if is_main_process() else logging.WARNING
+    # rank 0 logs (under torchrun its environment says which rank this is, before the group is joined)
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
@@ -95,6 +95,10 @@ def _chance(result: dict) -> str:
 
 
 def _report(run_dir: Path, summary: dict) -> None:
+    from qkd.dist import is_main_process
+
+    if not is_main_process():
+        return
     typer.echo(format_summary(summary))
     typer.echo(f"\nrun folder: {run_dir}  (summary.json, metrics.jsonl, checkpoints/)")
 
@@ -125,8 +129,10 @@ def run(
 
 def _start(cfg: RunConfig, out: Path, overwrite: bool, stages=None) -> Path:
     from qkd import pipeline
+    from qkd.dist import on_main, setup
 
-    run_dir = pipeline.new_run_dir(cfg, out, overwrite)
+    setup(cfg.device)  # under torchrun: one run over all ranks; its folder and name are rank 0's
+    run_dir = on_main(lambda: pipeline.new_run_dir(cfg, out, overwrite))
     cfg.name = run_dir.name  # the time-stamped default name, fixed once
     _report(*_interruptible(lambda: pipeline.run(cfg, out, overwrite=overwrite, stages=stages), run_dir))
     return run_dir

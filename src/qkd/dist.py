@@ -1,11 +1,17 @@
-"""Process-group awareness in one place, so DDP slots in without touching the rest.
+"""Process-group awareness in one place: torchrun's environment, ranks, collectives, DDP wrapping.
 
-Everything that writes (logs, checkpoints, summaries) asks :func:`is_main_process` first.
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`setup` joins the process group (NCCL
+on CUDA, gloo on the CPU) and gives each rank its local GPU. Everything that writes (logs,
+checkpoints, summaries) asks :func:`is_main_process` first; decisions that every rank must take alike
+(stop, divergence, the run folder's name) go through a collective.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,6 +20,75 @@ from torch import nn
 from qkd.errors import QKDError
 
 DEVICES = "auto, cpu, cuda, cuda:N (GPU number N) or mps"
+
+
+T = TypeVar("T")
+
+
+def setup(device: str = "auto") -> None:
+    """Join torchrun's process group, once (nothing outside torchrun or with one process)."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks, in place (nothing with one process)."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 and give every rank its result, or its error (so no rank waits for one that failed)."""
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None, None]
+    if is_main_process():
+        try:
+            box[0] = fn()
+        except QKDError as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, 0)
+    if box[1] is not None:
+        raise QKDError(box[1])
+    return box[0]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on all), concatenated along the first dimension: the global batch."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average_bn_statistics(model: nn.Module) -> None:
+    """Average the BatchNorm running statistics over ranks (each estimated them on its own share)."""
+    if not is_distributed():
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            for t in (m.running_mean, m.running_var):
+                dist.all_reduce(t)
+                t /= world_size()
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """``DistributedDataParallel`` around a model that trains, under torchrun; the model itself otherwise."""
+    if not is_distributed():
+        return model
+    device = next(model.parameters()).device
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def rank() -> int:

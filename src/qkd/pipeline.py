@@ -19,7 +19,7 @@ from torch import nn
 from qkd.checkpoint import load_checkpoint
 from qkd.config import ModelConfig, RunConfig, build_config, load_config, with_overrides
 from qkd.data import DataBundle, build_data
-from qkd.dist import resolve_device
+from qkd.dist import on_main, resolve_device, setup
 from qkd.errors import QKDError
 from qkd.models import create_model, load_pretrained
 from qkd.plugins import is_import_path
@@ -68,7 +68,8 @@ def trainer_for(cfg: RunConfig, run_dir: Path | None, stages: list[Stage] | None
     teacher = build_model(cfg.teacher, data) if any(s.uses_teacher for s in stages) else None
     describe = {"student": cfg.student.name, "teacher": cfg.teacher.name if teacher is not None else None,
                 "data": {"mean": _listed(data.mean), "std": _listed(data.std), "num_classes": data.num_classes,
-                         "in_channels": data.in_channels, "image_size": data.image_size}}  # fmt: skip
+                         "in_channels": data.in_channels, "image_size": data.image_size,
+                         "batch_size": cfg.data.batch_size}}  # fmt: skip
     return Trainer(student, teacher, data.train, data.val, data.test, config=cfg.train_config(), stages=stages,
                    out=run_dir, on_epoch_end=on_epoch_end, describe=describe,
                    record=cfg.model_dump(mode="json"))  # fmt: skip
@@ -95,7 +96,8 @@ def run(
     stages: list[Stage] | None = None,
 ) -> tuple[Path, dict]:
     """Start a new run (``stages`` default to :func:`run_plan`); returns its folder and summary."""
-    run_dir = new_run_dir(cfg, out_dir, overwrite)
+    setup(cfg.device)
+    run_dir = on_main(lambda: new_run_dir(cfg, out_dir, overwrite))  # one name for every rank
     trainer = trainer_for(cfg, run_dir, stages, on_epoch_end)
     return run_dir, trainer.fit(overwrite=overwrite).summary
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from qkd.data.factory import from_factory as _from_factory
 from qkd.data.options import DataBundle, DataOptions
 from qkd.data.tensor_loader import TensorLoader
-from qkd.dist import resolve_device
+from qkd.dist import rank, resolve_device, world_size
 from qkd.errors import QKDError
 
 __all__ = ["Arrays", "DataBundle", "StreamLoader", "build_data", "list_datasets"]
@@ -351,6 +351,7 @@ def _tensor_loader(
         std=stats[1],
         device=o.device,
         seed=o.seed,
+        shard=(rank(), world_size()),  # under torchrun, this rank's share of every batch
     )
 
 

@@ -5,6 +5,11 @@ transforms, collation) costs far more than a small network's forward pass. Here 
 training device once; a batch is a slice or a gather, augmentation is a few tensor ops on the whole batch,
 and normalisation happens in float only for the batch in flight.
 
+Under torchrun (``shard=(rank, world)``) each rank takes every world-th image of each global batch: the
+ranks' shares are disjoint, a pass has the same number of batches on every rank, and the global batch is
+``batch_size``. Training drops the last ``< world`` images of a pass so that every rank gets as many;
+evaluation keeps them all (a rank may get fewer, even none, in the last batch).
+
 Reproducibility: the shuffle order and every augmentation draw of one pass come from a ``torch.Generator``
 seeded with that pass's seed (see :meth:`TensorLoader.set_epoch`), drawn on the CPU and then moved, so the
 same seed gives the same batches on CPU and CUDA and a resumed run sees exactly the batches it would have.
@@ -42,8 +47,13 @@ class TensorLoader:
         std: Sequence[float] = (0.5,),
         device: str | torch.device = "cpu",
         seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         _check_tensors(x, y, batch_size, len(mean))
+        self.rank, self.world = shard
+        if self.world > 1 and shuffle and batch_size % self.world:
+            raise ValueError(f"the batch size {batch_size} (the global batch) must be a multiple of the "
+                             f"{self.world} processes")  # fmt: skip
         self.device = torch.device(device)
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.int64)
@@ -85,15 +95,17 @@ class TensorLoader:
         n = self.num_samples
         order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
         draws = self._draw_augmentation(n, gen)
-        stop = len(self) * self.batch_size
-        for start in range(0, min(stop, n), self.batch_size):
-            end = min(start + self.batch_size, n)
-            if order is None:
-                x, y = self.x[start:end], self.y[start:end]
-            else:
-                idx = order[start:end]
-                x, y = self.x[idx], self.y[idx]
-            yield self._finish(x, draws, start, end), y
+        stop = min(len(self) * self.batch_size, n)
+        if self.world > 1 and self.shuffle:  # training: every rank gets as many images (the rest is dropped)
+            stop -= stop % self.world
+        for start in range(0, stop, self.batch_size):
+            end = min(start + self.batch_size, stop)
+            # one process: a slice; under torchrun: this rank's share of the global batch (every world-th)
+            at = slice(start, end)
+            if self.world > 1:
+                at = torch.arange(start + self.rank, end, self.world, device=self.device)
+            idx = at if order is None else order[at]
+            yield self._finish(self.x[idx], draws, at), self.y[idx]
 
     def _draw_augmentation(self, n: int, gen: torch.Generator) -> dict[str, Tensor]:
         """Draw the whole pass's crop corners and flip choices at once and move them in one copy."""
@@ -107,12 +119,12 @@ class TensorLoader:
             draws["flip"] = flip_mask(n, gen).to(self.device)
         return draws
 
-    def _finish(self, x: Tensor, draws: dict[str, Tensor], start: int, end: int) -> Tensor:
+    def _finish(self, x: Tensor, draws: dict[str, Tensor], at: slice | Tensor) -> Tensor:
         """Augment in uint8 (4x fewer bytes to move), then normalise to float32."""
         if "dy" in draws:
-            x = crop_at(x, self.crop_padding, draws["dy"][start:end], draws["dx"][start:end])
+            x = crop_at(x, self.crop_padding, draws["dy"][at], draws["dx"][at])
         if "flip" in draws:
-            x = flip_where(x, draws["flip"][start:end])
+            x = flip_where(x, draws["flip"][at])
         return torch.mul(x, self._scale).sub_(self._shift)
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qkd.dist import is_main_process
+from qkd.dist import all_sum, is_main_process, rank, world_size
 from qkd.errors import Diverged, QKDError
 
 
@@ -121,9 +121,10 @@ def train_epoch(
     """
     state = start or EpochState()
     phase.train_mode()
-    loss_sum = torch.tensor(state.loss_sum, device=rt.device)
-    correct = torch.tensor(state.correct, device=rt.device, dtype=torch.long)
-    seen, t0 = state.seen, time.perf_counter() - state.time_s
+    mine = rank() == 0  # a stopped epoch's sums (all ranks') restart on rank 0
+    loss_sum = torch.tensor(state.loss_sum if mine else 0.0, device=rt.device)
+    correct = torch.tensor(state.correct if mine else 0, device=rt.device, dtype=torch.long)
+    seen, t0 = state.seen if mine else 0, time.perf_counter() - state.time_s
     batches = iter(loader)
     if state.step:
         _skip(batches, state)
@@ -134,20 +135,37 @@ def train_epoch(
             loss, logits = phase.step(x, y)
         for sched in schedulers:
             sched.step()
-        if guard is not None:
-            guard.observe(step, loss)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen, classes = seen + len(y), logits.shape[-1]
-        if stop is not None and stop():
+        loss, stopping = _agreed(loss.detach(), stop, rt.device)
+        if guard is not None:
+            guard.observe(step, loss)
+        if stopping:
+            total, right, n = _global_sums(loss_sum, correct, seen)
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            return None, EpochState(step + 1, loss_sum.item(), correct.item(), seen, time.perf_counter() - t0,
-                                    torch.get_rng_state(), cuda)  # fmt: skip
+            return None, EpochState(step + 1, total, right, n, time.perf_counter() - t0, torch.get_rng_state(), cuda)
     if guard is not None:
         guard.flush()
-    metrics = {"train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-               "time_s": time.perf_counter() - t0, "num_classes": classes}  # fmt: skip
-    return metrics, EpochState(step + 1, loss_sum.item(), correct.item(), seen, metrics["time_s"])
+    total, right, n = _global_sums(loss_sum, correct, seen)
+    metrics = {"train_loss": total / max(n, 1), "train_acc": right / max(n, 1), "time_s": time.perf_counter() - t0,
+               "num_classes": classes}  # fmt: skip
+    return metrics, EpochState(step + 1, total, right, n, metrics["time_s"])
+
+
+def _agreed(loss: Tensor, stop: Callable[[], bool] | None, device: torch.device) -> tuple[Tensor, bool]:
+    """The loss and the stop decision every rank takes alike: the mean loss over ranks, and a stop asked on any
+    rank (one small all-reduce per step under torchrun; nothing with one process)."""
+    asked = stop is not None and stop()
+    if world_size() == 1:
+        return loss, asked
+    both = all_sum(torch.stack([loss.float(), torch.tensor(float(asked), device=device)]))
+    return both[0] / world_size(), bool(both[1] > 0)
+
+
+def _global_sums(loss_sum: Tensor, correct: Tensor, seen: int) -> tuple[float, int, int]:
+    sums = all_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=correct.device)]))
+    return sums[0].item(), int(sums[1].item()), int(sums[2].item())
 
 
 def _skip(batches: Iterator, state: EpochState) -> None:
@@ -167,12 +185,14 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> float:
     """Top-1 accuracy of ``model`` in eval mode; the model's training flag is restored afterwards."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    seen = 0
+    counts = torch.zeros(2, device=rt.device, dtype=torch.long)  # correct, seen
     for batch in loader:
         x, y = rt.batch(batch)
+        if len(y) == 0:  # under torchrun, a rank's share of the last batch may be empty
+            continue
         with rt.autocast():
-            correct += (model(x).argmax(1) == y).sum()
-        seen += len(y)
+            counts[0] += (model(x).argmax(1) == y).sum()
+        counts[1] += len(y)
     model.train(was_training)
-    return correct.item() / max(seen, 1)
+    correct, seen = all_sum(counts).tolist()  # every rank's share counted once
+    return correct / max(seen, 1)

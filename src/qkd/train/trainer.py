@@ -27,7 +27,17 @@ from torch import nn
 from qkd import __version__
 from qkd.checkpoint import save_checkpoint, write_json, write_text
 from qkd.config import TrainConfig
-from qkd.dist import broadcast_state, is_main_process, resolve_device
+from qkd.dist import (
+    average_bn_statistics,
+    broadcast_state,
+    gather,
+    is_main_process,
+    on_main,
+    resolve_device,
+    setup,
+    world_size,
+    wrap,
+)
 from qkd.errors import Diverged, QKDError, Stopped
 from qkd.phases import PHASES, Phase
 from qkd.quant import (
@@ -136,6 +146,7 @@ class Trainer:
         self.cfg = config or TrainConfig()
         self.stages = stages if stages is not None else plan(self.cfg)
         self.run_dir = Path(out) if out is not None else None
+        setup(self.cfg.device)  # under torchrun: join the process group (one data-parallel run)
         self.device = resolve_device(self.cfg.device)
         rt = self.cfg.runtime
         self.rt = Runtime(self.device, rt.channels_last, rt.amp)
@@ -218,19 +229,24 @@ class Trainer:
             if resume:
                 raise QKDError("resume=True needs the run folder: pass out=...")
             return None
-        if not resume or not (self.run_dir / "config.yaml").is_file():  # resume=True starts a run not yet there
-            rundir.check_new(self.run_dir, overwrite)
-            rundir.check_room(self.run_dir, [self.student, self.teacher])
-            rundir.init(self.run_dir, self.record, self.stages)
+        # the run folder is rank 0's: it decides, reads and writes; the other ranks get what it read
+        if on_main(lambda: not resume or not (self.run_dir / "config.yaml").is_file()):  # resume starts a new run
+            on_main(lambda: self._init_run_dir(overwrite))
             return None
-        changes = self._check_same_settings()
-        ckpt = rundir.last_intact_checkpoint(self.run_dir)
+        changes = on_main(self._check_same_settings)
+        ckpt = on_main(lambda: rundir.last_intact_checkpoint(self.run_dir))
         optim_state = self.restore(ckpt) if ckpt is not None else None
         if self.state["stage"] < len(self.stages):  # a finished run only reports: nothing to change or clear
             if changes:
                 self._record_changes(changes)
-            rundir.clear_exports(self.run_dir)
+            if is_main_process():
+                rundir.clear_exports(self.run_dir)
         return optim_state
+
+    def _init_run_dir(self, overwrite: bool) -> None:
+        rundir.check_new(self.run_dir, overwrite)
+        rundir.check_room(self.run_dir, [self.student, self.teacher])
+        rundir.init(self.run_dir, self.record, self.stages)
 
     def _check_same_settings(self) -> dict[str, tuple]:
         """The settings that differ from the run folder's: refused where they change the models, the data or
@@ -275,11 +291,12 @@ class Trainer:
             log.info("student layers (also in quantization.json):\n%s", layers)
         if calibrate_batch:
             batches = (self.rt.batch(b)[0] for b in self.train.epoch(epoch_seed(self.cfg.seed, _CALIBRATION_STAGE, 0)))
-            calibrate(self.student, next(batches))
-            # BN statistics of the quantized network (under autocast, as training runs)
+            calibrate(self.student, gather(next(batches)))  # under torchrun: from the global batch, on every rank
+            # BN statistics of the quantized network (under autocast, as training runs), averaged over ranks
             with self.rt.autocast():
                 recalibrate_bn(self.student, itertools.islice(batches, self.cfg.quant.bn_batches))
-            broadcast_state(self.student)  # every rank starts from rank 0's quantizer steps and BN statistics
+            average_bn_statistics(self.student)
+            broadcast_state(self.student)  # every rank starts from exactly rank 0's state
         self.state["student_quantized"] = True
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
@@ -299,7 +316,9 @@ class Trainer:
         if cls.trains_teacher:
             opts["teacher"] = build_optimizer(self.teacher, stage.teacher_lr, self.cfg.optim)
         teacher = None if stage.role == "teacher" else self.teacher
-        return cls(trained, teacher, opts, self.cfg.distill), trained
+        if cls.trains_teacher:  # co-study: both directions see the same batch on every rank
+            teacher = wrap(teacher)
+        return cls(wrap(trained), teacher, opts, self.cfg.distill), trained
 
     def _run_stage(self, i: int, stage: Stage, resume_optim: dict | None) -> None:
         phase, trained = self._phase_for(stage)
@@ -474,6 +493,8 @@ class Trainer:
             "teacher": self.describe["teacher"],
             "student": self.describe["student"],
             "device": str(self.device),
+            "world_size": world_size(),
+            "batch_size": (self.describe.get("data") or {}).get("batch_size"),  # the global batch
             "layers": self.layers,
             **self.state["results"],
             "at_chance": [k for k, r in stages.items() if r.get("at_chance")],
