@@ -314,3 +314,39 @@ def test_shared_cifar10_npz_loads_with_limit() -> None:
     assert all(abs(m - c) < 0.01 for m, c in zip(b.mean, (0.4914, 0.4822, 0.4465), strict=True))
     x, _ = next(iter(b.train))
     assert x.shape == (256, 3, 32, 32) and x.dtype == torch.float32
+
+
+# ----- shards under torchrun: each rank's images, simulated here by setting (rank, world) --------------------
+def _ranks(loader_for, world: int) -> list[list[torch.Tensor]]:
+    return [[y for _, y in loader_for(r)] for r in range(world)]
+
+
+def test_tensor_loader_shards_are_disjoint_equal_and_the_global_batch() -> None:
+    x, y = torch.zeros(23, 1, 2, 2, dtype=torch.uint8), torch.arange(23)
+    train = _ranks(lambda r: TensorLoader(x, y, batch_size=6, shuffle=True, seed=3, shard=(r, 2)), 2)
+    whole = torch.cat([b for _, b in TensorLoader(x, y, batch_size=6, shuffle=True, seed=3)])
+    assert [len(b) for b in train[0]] == [len(b) for b in train[1]] == [3, 3, 3, 2]  # 22 of 23: equal shares
+    for step, (a, b) in enumerate(zip(*train)):  # each global batch of the one-process order, split
+        assert sorted(torch.cat([a, b]).tolist()) == sorted(whole[6 * step : 6 * step + len(a) + len(b)].tolist())
+    test = _ranks(lambda r: TensorLoader(x, y, batch_size=6, shard=(r, 3)), 3)
+    assert sorted(torch.cat([torch.cat(t) for t in test]).tolist()) == list(range(23))  # every image once
+    with pytest.raises(ValueError, match="multiple of the 4 processes"):
+        TensorLoader(x, y, batch_size=6, shuffle=True, shard=(0, 4))
+
+
+def test_stream_loader_shards(monkeypatch, tmp_path: Path) -> None:
+    from qkd.data import sources
+
+    data = torch.utils.data.TensorDataset(torch.zeros(21, 1), torch.arange(21))
+
+    def loaders(r: int, shuffle: bool):
+        monkeypatch.setattr(sources, "rank", lambda: r)
+        monkeypatch.setattr(sources, "world_size", lambda: 2)
+        return sources.StreamLoader(data, batch_size=4, shuffle=shuffle, num_workers=0, device=torch.device("cpu"))
+
+    test = _ranks(lambda r: loaders(r, False), 2)
+    assert sorted(torch.cat([torch.cat(t) for t in test]).tolist()) == list(range(21))
+    train = _ranks(lambda r: loaders(r, True), 2)
+    seen = [torch.cat(t).tolist() for t in train]
+    assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0]) & set(seen[1])
+    assert max(len(b) for b in train[0]) == 2  # the global batch of 4, two images per rank

@@ -385,10 +385,17 @@ class StreamLoader:
         self._generator = torch.Generator()
         self._seed = int(seed)
         self._num_samples = len(dataset)  # type: ignore[arg-type]
+        self._sampler = _shard_sampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
+        if self._sampler is not None and shuffle:  # the global batch, split over the ranks
+            if batch_size % world_size():
+                raise QKDError(f"data.batch_size {batch_size} (the global batch) must be a multiple of the "
+                               f"{world_size()} processes")  # fmt: skip
+            batch_size //= world_size()
         self._loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and self._sampler is None,
+            sampler=self._sampler,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             generator=self._generator,
@@ -408,11 +415,25 @@ class StreamLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         seed, self._seed = self._seed, self._seed + 1
         self._generator.manual_seed(seed)
+        if hasattr(self._sampler, "set_epoch"):
+            self._sampler.set_epoch(seed)
         return self._moved(iter(self._loader))
 
     def _moved(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in batches:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _shard_sampler(n: int, shuffle: bool, seed: int) -> torch.utils.data.Sampler | None:
+    """Under torchrun, this rank's images: for training a shuffled, equal share (``DistributedSampler``, the
+    remainder dropped), for evaluation every world-th image (no image twice, none left out); else None."""
+    if world_size() == 1:
+        return None
+    if shuffle:
+        return torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed, drop_last=True
+        )
+    return list(range(rank(), n, world_size()))  # type: ignore[return-value]
 
 
 def _build_imagefolder(root: str | None, o: _Options) -> DataBundle:
