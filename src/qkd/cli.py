@@ -116,6 +116,10 @@ def run(
     from qkd import pipeline
 
     _setup_logging()
+    restarted = _restarted_by_torchrun(out, name) if resume is None else None
+    if restarted is not None:  # the same command again: its own run folder, as it was configured
+        _report(*_interruptible(lambda: pipeline.resume(restarted), restarted))
+        return
     if resume is not None:
         if args and "=" not in args[0]:
             raise QKDError(
@@ -125,6 +129,21 @@ def run(
         return
     cfg = _config(args, name, device)
     _start(cfg, out, overwrite)
+
+
+def _restarted_by_torchrun(out: Path, name: str | None) -> Path | None:
+    """Under ``torchrun --max-restarts``, a restarted ``qkd run`` continues its own run folder."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts == 0:
+        return None
+    if name is None:
+        raise QKDError("torchrun restarted this run, but without --name its run folder cannot be found again; "
+                       "pass --name with --max-restarts")  # fmt: skip
+    run_dir = out / name
+    if not (run_dir / "config.yaml").is_file():
+        return None  # it failed before its folder was written: start again
+    logging.getLogger("qkd").warning("torchrun restart %d: continuing %s from its last checkpoint", restarts, run_dir)
+    return run_dir
 
 
 def _start(cfg: RunConfig, out: Path, overwrite: bool, stages=None) -> Path:

@@ -63,6 +63,9 @@ class RuntimeConfig(_Strict):
     )
     channels_last: bool = Field(False, description="NHWC memory layout for conv nets (faster convs on CPU and GPU)")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on the CPU)")
+    sync_bn: bool = Field(
+        False, description="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)"
+    )
 
 
 class PhaseConfig(_Strict):

@@ -32,7 +32,16 @@ def setup(device: str = "auto") -> None:
     cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        dist.init_process_group(backend)
+        return
+    # After a torchrun restart, the group's addresses in the store are those of the dead workers: gloo
+    # (torch 2.14) then fails in connectFullMesh with "Connection refused". Keys of this attempt's own avoid it.
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"qkd/restart_{restart}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))  # fmt: skip
 
 
 def world_size() -> int:

@@ -62,6 +62,7 @@ def trainer_for(cfg: RunConfig, run_dir: Path | None, stages: list[Stage] | None
                 on_epoch_end: EpochHook | None = None) -> Trainer:  # fmt: skip
     """Data and models built from ``cfg``, in a trainer writing to ``run_dir`` (nothing written yet)."""
     stages = stages if stages is not None else run_plan(cfg)
+    setup(cfg.device)  # under torchrun: join the group before the data is built, so that it is sharded
     data = data_for(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights for models built from scratch
     student = build_model(cfg.student, data)

@@ -159,8 +159,8 @@ class Trainer:
         if any(s.uses_teacher for s in self.stages) and teacher is None:
             used = ", ".join(s.key for s in self.stages if s.uses_teacher)
             raise QKDError(f"stages {used} need a teacher; pass teacher=... or use method='qat' (no teacher)")
-        self.student = self._place(student)
-        self.teacher = self._place(teacher) if teacher is not None else None
+        self.student = self._place(self._sync_bn(student))
+        self.teacher = self._place(self._sync_bn(teacher)) if teacher is not None else None
         self.describe = {"student": type(student).__name__, "teacher": type(teacher).__name__ if teacher else None}
         self.describe.update(describe or {})
         self.record = record or {"created_by": rundir.PYTHON_API, **self.cfg.model_dump(mode="json"),
@@ -171,6 +171,15 @@ class Trainer:
         self.quant_table: dict | None = None  # and every layer's bits (quantization.json)
         self.partial: EpochState | None = None  # where a stopped epoch stands
         self.stop = StopRequest()
+
+    def _sync_bn(self, model: nn.Module) -> nn.Module:
+        """``runtime.sync_bn``: BatchNorm over the global batch under torchrun (GPUs only; the weights and
+        statistics keep their names, so checkpoints load into the plain model)."""
+        if not self.cfg.runtime.sync_bn or world_size() == 1:
+            return model
+        if self.device.type != "cuda":
+            raise QKDError("runtime.sync_bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it on the CPU")
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     def _top1(self, model: nn.Module, loader: Iterable) -> float:
         return top1(model, loader, self.rt)
