@@ -140,3 +140,16 @@ def test_torchrun_restarts_a_run_whose_rank_was_killed_and_it_continues(tmp_path
     assert proc.returncode == 0, err[-3000:]
     assert "torchrun restart 1: continuing" in err
     assert _identical(_last(two_process_run[0] / "two"), _last(tmp_path / "two"))
+
+
+def test_two_torchrun_nodes_on_loopback_form_one_run(tmp_path, two_process_run):
+    """Multi-node as a cluster runs it: one torchrun per node, c10d rendezvous (here both on this machine)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", "127.0.0.1:29655", "--rdzv-id", f"qkd-{os.getpid()}", "-m", "qkd", "run", *EQUAL,
+           "--out", str(tmp_path), "--name", "two"]  # fmt: skip
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in "ab"]
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-3000:]
+    assert sorted(out.count("run folder:") for out, _ in outs) == [0, 1]  # one table, from the node of rank 0
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    assert _identical(_last(two_process_run[0] / "two"), _last(tmp_path / "two"))
