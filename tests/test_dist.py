@@ -153,3 +153,11 @@ def test_two_torchrun_nodes_on_loopback_form_one_run(tmp_path, two_process_run):
     assert sorted(out.count("run folder:") for out, _ in outs) == [0, 1]  # one table, from the node of rank 0
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     assert _identical(_last(two_process_run[0] / "two"), _last(tmp_path / "two"))
+
+
+def test_a_bad_run_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    res = torchrun("run", "--out", str(tmp_path / "afile"), "--name", "x")
+    assert res.returncode != 0
+    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("qkd: error")]
+    assert len(errors) == 1 and "is a file, not a folder" in errors[0], res.stderr[-2000:]

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -350,5 +351,12 @@ def main() -> None:
     try:
         app()
     except QKDError as e:
-        typer.echo(f"qkd: error: {e}", err=True)
+        from qkd.dist import is_main_process, rank
+
+        if is_main_process():
+            typer.echo(f"qkd: error: {e}", err=True)
+        elif not getattr(e, "reported_by_rank_0", False):  # a failure of this rank alone
+            typer.echo(f"qkd: error (rank {rank()}): {e}", err=True)
+        else:  # leave rank 0 the time to say it before torchrun, seeing this rank exit, stops the others
+            time.sleep(2)
         sys.exit(getattr(e, "exit_code", 2))

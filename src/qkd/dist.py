@@ -67,7 +67,9 @@ def on_main(fn: Callable[[], T]) -> T:
             box[1] = str(e)
     dist.broadcast_object_list(box, 0)
     if box[1] is not None:
-        raise QKDError(box[1])
+        error = QKDError(box[1])
+        error.reported_by_rank_0 = True  # every rank stops; only rank 0 needs to say why
+        raise error
     return box[0]
 
 
