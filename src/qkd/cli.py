@@ -212,11 +212,13 @@ Target = Annotated[Path, typer.Argument(help="A run folder or a checkpoint file 
 
 def _load(target: Path, args: list[str] | None, device: str | None, role: str | None, unfinished: bool):
     from qkd import pipeline
+    from qkd.checkpoint import load_checkpoint
 
     if role not in (None, "teacher", "student"):
         raise QKDError(f"--role must be teacher or student, not '{role}'")
-    cfg = pipeline.target_config(target, list(args or []) + [f"device={device}"] * bool(device))
-    return pipeline.load_student(cfg, target, role=role, unfinished=unfinished)
+    ckpt = load_checkpoint(target) if target.is_file() else None  # read once, for its settings and weights
+    cfg = pipeline.target_config(target, list(args or []) + [f"device={device}"] * bool(device), ckpt)
+    return pipeline.load_student(cfg, target, role=role, unfinished=unfinished, ckpt=ckpt)
 
 
 def _describe(r) -> str:

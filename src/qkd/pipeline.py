@@ -163,14 +163,14 @@ EVAL_CHANGES = ("device", "name", "runtime.", "data.root", "data.num_workers", "
                 "data.download")  # fmt: skip
 
 
-def target_config(target: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def target_config(target: str | Path, overrides: list[str] | None = None, ckpt: dict | None = None) -> RunConfig:
     """The settings of a run folder or checkpoint file: its own (a checkpoint carries them). ``key=value``
     overrides may change where and how it runs (device, data location, runtime); any other is refused."""
     target = Path(target)
     if not target.exists():
         raise QKDError(f"{target} is neither a run folder nor a checkpoint file")
     folder = target if target.is_dir() else _run_folder_of(target)
-    meta = None if target.is_dir() else load_checkpoint(target).get("qkd")
+    meta = None if target.is_dir() else (ckpt if ckpt is not None else load_checkpoint(target)).get("qkd")
     if meta is not None:
         if meta["config"].get("created_by") == rundir.PYTHON_API:
             raise QKDError(f"{target} was written by qkd.fit with your own model and data; load it in Python "
@@ -213,10 +213,12 @@ def load_student(
     *,
     role: str | None = None,
     unfinished: bool = False,
+    ckpt: dict | None = None,
 ) -> LoadedStudent:
     """The trained model of a run folder (its last checkpoint) or of a checkpoint file, with its settings
     (``cfg`` None: the target's own). ``role``: ``student`` or ``teacher`` (default: the model the run
-    trained last). A run that has not finished is refused unless ``unfinished``."""
+    trained last). A run that has not finished is refused unless ``unfinished``. ``ckpt``: the target
+    file's content, when the caller has read it already."""
     target = Path(target)
     cfg = cfg if cfg is not None else target_config(target)
     if device:
@@ -225,7 +227,7 @@ def load_student(
     stages = rundir.saved_stages(folder) if folder is not None else None
     trained_last = "student" if not stages else stages[-1].role
     path = rundir.final_checkpoint(target, role or trained_last) if target.is_dir() else target
-    ckpt = load_checkpoint(path)
+    ckpt = ckpt if ckpt is not None and not target.is_dir() else load_checkpoint(path)
     role = role or _stage_role(ckpt, path) or trained_last
     state, quantized, where, finished = _read_model(ckpt, role, path, stages)
     if not finished and not unfinished:
