@@ -11,7 +11,7 @@ import torch
 
 from qkd.data import DataBundle, TensorLoader, build_data, list_datasets
 from qkd.data.augment import crop_at, crop_offsets, normalize, random_crop, random_flip
-from qkd.data.sources import _split_val
+from qkd.data.sources import _Options, _split_val, _three_splits
 from qkd.errors import QKDError
 
 SHARED_DATA = Path(os.environ.get("QKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -186,6 +186,24 @@ def test_val_split_is_disjoint_stratified_and_seeded() -> None:
     assert np.array_equal(val, _split_val(y, 0.2, seed=0)[1])
     assert not np.array_equal(val, _split_val(y, 0.2, seed=1)[1])
     assert len(_split_val(y, 10, seed=0)[1]) == 10
+
+
+def test_val_from_test_splits_the_test_split_once_for_every_seed() -> None:
+    """val_from=test: validation is a fixed, class-balanced part of the test split, test the rest, and every
+    training image trains (the split for pretrained weights that saw the whole training split)."""
+    b = build_data("digits", val_from="test", val_size=100, seed=0)
+    assert (b.train.num_samples, b.val.num_samples, b.test.num_samples) == (1437, 100, 260)
+    assert torch.bincount(b.val.y).tolist() == [10] * 10
+    splits = _three_splits(np.arange(50) % 5, np.arange(30) % 5, _Options(val_from="test", val_size=10))
+    (tr_src, tr), (val_src, val), (te_src, te) = splits["train"], splits["val"], splits["test"]
+    assert (tr_src, val_src, te_src) == ("train", "test", "test") and list(tr) == list(range(50))
+    assert sorted([*val, *te]) == list(range(30)) and len(val) == 10  # disjoint halves of the test split
+    other = build_data("digits", val_from="test", val_size=100, seed=3)
+    assert torch.equal(b.val.x, other.val.x) and torch.equal(b.test.x, other.test.x)  # fixed once, whatever the seed
+    with pytest.raises(QKDError, match="val_from must be train or test"):
+        build_data("digits", val_from="valid")
+    with pytest.raises(QKDError, match="leaves no test images"):
+        build_data("digits", val_from="test", val_size=360)
 
 
 def test_digits_limit() -> None:

@@ -160,3 +160,72 @@ def test_resume_starts_a_run_not_yet_there_and_refuses_other_stages(tmp_path):
     with pytest.raises(QKDError, match="differ in stages"):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, pretrain={"student": 1}, out=tmp_path / "r",
                 resume=True)  # fmt: skip
+
+
+def test_teacher_student_agreement_is_measured_and_survives_a_stop_in_co_study(tmp_path):
+    """The mechanism QKD claims: each distillation stage records, on the validation split, the teacher's top-1
+    and KL(teacher || student) at its start and end; co-study also the KL from the teacher it started from. A
+    run stopped inside co-study and resumed records the same figures as an uninterrupted run."""
+    train, val = _loaders()
+    full = qkd.fit(*_models(), train, val, out=tmp_path / "full", **SETTINGS).summary["teacher_student"]
+    assert list(full) == ["2_co_study", "3_tutor"]
+    co, tu = full["2_co_study"], full["3_tutor"]
+    assert set(co["start"]) == {"teacher_acc", "student_acc", "kl"} and "kl_reference" in co["end"]
+    assert co["end"]["kl"] == tu["start"]["kl"] and co["end"]["teacher_acc"] == tu["start"]["teacher_acc"]
+    assert co["start"]["kl"] > 0 and co["start"]["teacher_acc"] > 0.5
+    student, teacher = _models()
+    with pytest.raises(KeyboardInterrupt):  # fp stages 3 + 3 epochs, self-study 1, then 1 of co-study's 2
+        qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=StopAfter(8), **SETTINGS)
+    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "part", resume=True, **SETTINGS)
+    assert resumed.summary["teacher_student"] == full
+
+
+def test_agreement_matches_its_definition():
+    from qkd.train.loop import Runtime, agreement
+
+    _, val = _loaders()
+    student, teacher = _models()
+    got = agreement(teacher, student, val, Runtime(), reference=student)
+    x, y = val.dataset.tensors
+    with torch.no_grad():
+        zt, zs = teacher.eval()(x), student.eval()(x)
+    kl = F.kl_div(F.log_softmax(zs, 1), F.log_softmax(zt, 1), reduction="batchmean", log_target=True).item()
+    assert got["kl"] == pytest.approx(kl, rel=1e-5) and got["kl_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert got["teacher_acc"] == pytest.approx((zt.argmax(1) == y).double().mean().item())
+    assert got["student_acc"] == pytest.approx((zs.argmax(1) == y).double().mean().item())
+
+
+def test_amp_on_a_cpu_without_native_bf16_says_so_and_trains_in_float32(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("qkd.train.loop.cpu_has_native_bf16", lambda: False)
+    train, val = _loaders()
+    result = qkd.fit(*_models(), train, val, method="qat", epochs=1, runtime={"amp": True},
+                     quant=qkd.QuantConfig(weight_bits=4, act_bits=4))  # fmt: skip
+    assert result.summary["precision"] == "float32" and "no native bf16" in caplog.text
+
+
+def test_cpu_bf16_autocast_keeps_fake_quantization_on_its_float32_grid(monkeypatch):
+    """Where the CPU has bf16, training steps run under autocast; the quantizers round in float32 (their
+    outputs are exact grid values) and the losses are float32; evaluation on the CPU stays float32."""
+    from qkd.phases import SelfStudy
+    from qkd.quant import calibrate, quantize_model
+    from qkd.train.loop import Runtime
+
+    monkeypatch.setattr("qkd.train.loop.cpu_has_native_bf16", lambda: True)
+    rt = Runtime(amp=True)
+    assert rt.precision == "bfloat16" and not rt.autocast(training=False)._enabled
+    student, _ = _models()
+    quantize_model(student, qkd.QuantConfig(weight_bits=3, act_bits=3))
+    train, _ = _loaders()
+    x, y = next(iter(train))
+    calibrate(student, x)
+    seen = []
+    student.down[0].act_quant.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o)))
+    phase = SelfStudy(student, None, {"student": torch.optim.SGD(student.parameters(), lr=0.01)})
+    with rt.autocast():
+        loss, logits = phase.step(x, y)
+    (in_dtype, out), q = seen[0], student.down[0].act_quant
+    assert in_dtype == torch.bfloat16 and out.dtype == torch.float32 and loss.dtype == torch.float32
+    scale, offset, qn, qp = q.affine()
+    codes = (out - offset) / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= qn and codes.max() <= qp
+    assert torch.isfinite(loss) and logits.dtype == torch.bfloat16

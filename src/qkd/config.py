@@ -62,7 +62,11 @@ class RuntimeConfig(_Strict):
         "eager", description="fake-quant kernels: eager ops, or torch.compile'd fused loops (fast; compiles once)"
     )
     channels_last: bool = Field(False, description="NHWC memory layout for conv nets (faster convs on CPU and GPU)")
-    amp: bool = Field(False, description="bfloat16 autocast on CUDA (ignored on the CPU)")
+    amp: bool = Field(
+        False,
+        description="bfloat16 autocast for training on CUDA and on CPUs with native bf16 (AVX-512 BF16/AMX; "
+        "elsewhere a warning, and float32); fake quantization and losses stay float32",
+    )
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)"
     )

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits.float(), target)  # float32 under autocast too
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -16,6 +16,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     The teacher side is detached: each model learns only from its own loss (Hinton et al. 2015).
     """
     t = temperature
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()  # float32 under autocast too
     log_p_s = F.log_softmax(student_logits / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)

@@ -13,9 +13,11 @@ class DataOptions:
     - ``name``: a built-in source (``qkd list``) or a factory by import path, ``mypkg.data:loaders``;
       ``root`` the folder or file it reads.
     - ``batch_size`` (training) and ``eval_batch_size``; ``val_size``: a fraction (< 1) or a count of
-      training images carved out as the validation split; ``mean``/``std``: normalisation (None: the
-      source's own); ``augment``: random crop and flip where the source allows them; ``download``: fetch
-      when you have a network; ``num_workers``: loader processes for streamed images.
+      images carved out as the validation split, from the training split (``val_from=train``) or, fixed once
+      whatever the seed, from the test split (``val_from=test``: the rest is the test split and every training
+      image trains; use it when pretrained weights saw the whole training split); ``mean``/``std``:
+      normalisation (None: the source's own); ``augment``: random crop and flip where the source allows them;
+      ``download``: fetch when you have a network; ``num_workers``: loader processes for streamed images.
     - ``limit``: at most this many images per split (quick runs); ``train_limit``: for the training split
       alone (val/test whole).
     """
@@ -27,6 +29,7 @@ class DataOptions:
     batch_size: int = 64
     eval_batch_size: int = 512
     val_size: float = 0.1
+    val_from: str = "train"
     mean: list[float] | None = None
     std: list[float] | None = None
     augment: bool = True
@@ -40,6 +43,8 @@ class DataOptions:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
         if not self.val_size > 0:
             raise ValueError(f"data.val_size must be > 0 (a fraction < 1 or a count), got {self.val_size}")
+        if self.val_from not in ("train", "test"):
+            raise ValueError(f"data.val_from must be train or test, got {self.val_from!r}")
         for name, value in (("limit", self.limit), ("train_limit", self.train_limit)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{name} must be >= 1 or unset, got {value}")

@@ -240,14 +240,30 @@ def _device(device: str | torch.device) -> torch.device:
 # ------------------------------------------------------------------------------------ splits and stats
 
 
-def _split_val(y: np.ndarray, val_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val) of the training split: val is a seeded, stratified ``val_size`` of it."""
+VAL_FROM_TEST_SEED = 0  # val_from=test: the same validation images for every run seed
+
+
+def _split_val(y: np.ndarray, val_size: int | float, seed: int, split: str = "training") -> tuple[np.ndarray, ...]:
+    """Indices (rest, val) of a split: val is a seeded, stratified ``val_size`` of it."""
     n = len(y)
     n_val = math.ceil(val_size * n) if isinstance(val_size, float) and val_size < 1 else int(val_size)
     if not 1 <= n_val < n:
-        raise QKDError(f"data.val_size={val_size} leaves no training images: the training split has {n}")
-    val, train = _stratified_pick(y, n_val, seed)
-    return train, val
+        raise QKDError(f"data.val_size={val_size} leaves no {split} images: the {split} split has {n}")
+    val, rest = _stratified_pick(y, n_val, seed)
+    return rest, val
+
+
+def _three_splits(train_y: np.ndarray, test_y: np.ndarray, o: _Options) -> dict[str, tuple[str, np.ndarray]]:
+    """Each split's source (``train`` or ``test`` arrays/folders) and indices, after ``val_from`` and limits."""
+    if o.val_from == "test":
+        test_idx, val_idx = _split_val(test_y, o.val_size, VAL_FROM_TEST_SEED, "test")
+        splits = {"train": ("train", np.arange(len(train_y))), "val": ("test", val_idx), "test": ("test", test_idx)}
+    else:
+        train_idx, val_idx = _split_val(train_y, o.val_size, o.seed)
+        splits = {"train": ("train", train_idx), "val": ("train", val_idx), "test": ("test", np.arange(len(test_y)))}
+    labels = {"train": train_y, "test": test_y}
+    return {name: (src, _limit(idx, labels[src], o.train_cap if name == "train" else o.limit, o.seed))
+            for name, (src, idx) in splits.items()}  # fmt: skip
 
 
 def _limit(idx: np.ndarray, y: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
@@ -312,15 +328,11 @@ def _bundle_from_arrays(a: Arrays, o: _Options) -> DataBundle:
     else:
         default_mean, default_std = a.mean, a.std
     mean, std = _resolve_stats(o, default_mean, default_std, channels)
-    train_idx, val_idx = _split_val(a.train_y, o.val_size, o.seed)
-    train_idx = _limit(train_idx, a.train_y, o.train_cap, o.seed)
-    val_idx = _limit(val_idx, a.train_y, o.limit, o.seed)
-    test_idx = _limit(np.arange(len(a.test_y)), a.test_y, o.limit, o.seed)
-    stats = (mean, std)
+    arrays = {"train": (a.train_x, a.train_y), "test": (a.test_x, a.test_y)}
+    loaders = {name: _tensor_loader(a, *arrays[src], idx, name == "train", (mean, std), o)
+               for name, (src, idx) in _three_splits(a.train_y, a.test_y, o).items()}  # fmt: skip
     return DataBundle(
-        train=_tensor_loader(a, a.train_x, a.train_y, train_idx, True, stats, o),
-        val=_tensor_loader(a, a.train_x, a.train_y, val_idx, False, stats, o),
-        test=_tensor_loader(a, a.test_x, a.test_y, test_idx, False, stats, o),
+        **loaders,
         num_classes=a.num_classes,
         in_channels=channels,
         image_size=int(a.train_x.shape[1]),
@@ -453,13 +465,9 @@ def _build_imagefolder(root: str | None, o: _Options) -> DataBundle:
     val_view = copy.copy(train_set)  # same file list (no second scan), eval transform
     val_view.transform = eval_tf
     targets, test_targets = np.asarray(train_set.targets), np.asarray(test_set.targets)
-    train_idx, val_idx = _split_val(targets, o.val_size, o.seed)
-    subsets = (
-        (train_set, _limit(train_idx, targets, o.train_cap, o.seed), True),
-        (val_view, _limit(val_idx, targets, o.limit, o.seed), False),
-        (test_set, _limit(np.arange(len(test_targets)), test_targets, o.limit, o.seed), False),
-    )
-    train, val, test = (_stream(ds, idx, train, o) for ds, idx, train in subsets)
+    sets = {("train", True): train_set, ("train", False): val_view, ("test", False): test_set}
+    train, val, test = (_stream(sets[src, name == "train"], idx, name == "train", o)
+                        for name, (src, idx) in _three_splits(targets, test_targets, o).items())  # fmt: skip
     return DataBundle(train, val, test, len(train_set.classes), 3, 224, mean, std)
 
 

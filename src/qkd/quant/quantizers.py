@@ -140,6 +140,8 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):  # under autocast: round in float32, the grid stays exact
+            x = x.float()
         if self.channel_dim:  # the parameters and kernels expect the channels in dim 0
             return self._init_and_quantize(x.transpose(0, self.channel_dim)).transpose(0, self.channel_dim)
         return self._init_and_quantize(x)

@@ -50,7 +50,7 @@ from qkd.quant import (
 )
 from qkd.quant.ste import set_kernel_backend
 from qkd.train import rundir
-from qkd.train.loop import DivergenceGuard, EpochState, Runtime, train_epoch
+from qkd.train.loop import DivergenceGuard, EpochState, Runtime, agreement, train_epoch
 from qkd.train.loop import evaluate as top1
 from qkd.train.optim import build_optimizer, build_scheduler
 from qkd.train.stages import Stage, method_name, plan
@@ -150,6 +150,9 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         rt = self.cfg.runtime
         self.rt = Runtime(self.device, rt.channels_last, rt.amp)
+        if rt.amp and self.rt.precision != "bfloat16" and is_main_process():
+            log.warning("runtime.amp: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 is about 10x "
+                        "slower than float32; training in float32")  # fmt: skip
         set_kernel_backend(rt.kernels)
         self.train = Batches(train, steps_per_epoch)
         self.evals = {k: Batches(v, what=k) for k, v in (("val", val), ("test", test)) if v is not None}
@@ -170,6 +173,7 @@ class Trainer:
         self.layers: dict | None = None  # quantized/float layer counts, once the student is quantized
         self.quant_table: dict | None = None  # and every layer's bits (quantization.json)
         self.partial: EpochState | None = None  # where a stopped epoch stands
+        self.teacher_before: nn.Module | None = None  # in co-study: the teacher as it entered it
         self.stop = StopRequest()
 
     def _sync_bn(self, model: nn.Module) -> nn.Module:
@@ -287,6 +291,9 @@ class Trainer:
             if model is not None and ckpt.get(name) is not None:
                 load_state(model, ckpt[name], f"the {name} of {self.run_dir}")
         self.state = {k: copy.deepcopy(ckpt.get(k, v)) for k, v in self.state.items()}
+        if ckpt.get("teacher_before") is not None:  # stopped in co-study: the teacher it started from
+            self.teacher_before = copy.deepcopy(self.teacher)
+            load_state(self.teacher_before, ckpt["teacher_before"], f"the co-study teacher of {self.run_dir}")
         self.partial = EpochState(**ckpt["partial"]) if ckpt.get("partial") else None
         return ckpt.get("optim") or {}
 
@@ -333,7 +340,9 @@ class Trainer:
         phase, trained = self._phase_for(stage)
         scheds = [build_scheduler(o, self.stages, i, len(self.train), self.cfg.optim.schedule)
                   for o in phase.optimizers.values()]  # fmt: skip
-        if resume_optim:
+        if resume_optim is None:  # the stage starts here (not resumed inside it)
+            self._measure_agreement(stage, "start")
+        else:
             load_optim_state(phase.optimizers, scheds, resume_optim)
         guard = DivergenceGuard(self.cfg.optim.max_loss_ratio, every=1 if self.device.type == "cpu" else 32)
         for epoch in range(self.state["epoch"], stage.epochs):
@@ -369,9 +378,10 @@ class Trainer:
             metrics["val_acc"] = self.evaluate_fn(trained, self.evals["val"])
             if stage.phase == "co_study":
                 metrics["teacher_val_acc"] = self.evaluate_fn(self.teacher, self.evals["val"])
-        time_s = metrics.pop("time_s") + time.perf_counter() - t_eval
+        eval_s = time.perf_counter() - t_eval
+        time_s = metrics.pop("time_s") + eval_s
         record = {"stage": stage.key, "epoch": epoch + 1, "epochs": stage.epochs, **metrics,
-                  "lr": scheds[0].get_last_lr()[0], "time_s": time_s}  # fmt: skip
+                  "lr": scheds[0].get_last_lr()[0], "time_s": time_s, "eval_s": eval_s}  # fmt: skip
         self.state["history"].append(record)
         self.state["epoch"] = epoch + 1
         self._write_metrics()
@@ -390,6 +400,7 @@ class Trainer:
         if stage.phase == "co_study":
             result["teacher"] = self.evaluate_splits(self.teacher)
         self._flag_chance(stage, result)
+        self._measure_agreement(stage, "end")
         self.state["results"].setdefault("stages", {})[stage.key] = result
         self.state["stage"], self.state["epoch"] = i + 1, 0
         boundary = {
@@ -403,6 +414,20 @@ class Trainer:
         }
         self._save(boundary, f"{stage.key}.pt")
         self._save(self._snapshot({"partial": None}), "last.pt")
+
+    def _measure_agreement(self, stage: Stage, when: str) -> None:
+        """At the start and end of each distillation stage of the student: the teacher's validation top-1 and
+        its KL divergence to the quantized student (summary ``teacher_student``); at the end of co-study also
+        the KL from the teacher as it entered co-study to the same student (``kl_reference``)."""
+        if not (stage.uses_teacher and stage.role == "student" and self.accuracy and "val" in self.evals):
+            return
+        if stage.phase == "co_study" and when == "start":
+            self.teacher_before = copy.deepcopy(self.teacher)
+        reference = self.teacher_before if stage.phase == "co_study" and when == "end" else None
+        measured = agreement(self.teacher, self.student, self.evals["val"], self.rt, reference)
+        self.state["results"].setdefault("teacher_student", {}).setdefault(stage.key, {})[when] = measured
+        if when == "end":
+            self.teacher_before = None
 
     def _flag_chance(self, stage: Stage, result: dict) -> None:
         """Mark a stage whose model ends at chance accuracy (within 2 points of 1/classes)."""
@@ -468,6 +493,7 @@ class Trainer:
             **self.state,
             "student": self.student.state_dict(),
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "teacher_before": self.teacher_before.state_dict() if self.teacher_before is not None else None,
             **(extra or {}),
             "qkd": self._meta(),
         }
@@ -502,6 +528,7 @@ class Trainer:
             "teacher": self.describe["teacher"],
             "student": self.describe["student"],
             "device": str(self.device),
+            "precision": self.rt.precision,  # of the training steps (runtime.amp where the device has bf16)
             "world_size": world_size(),
             "batch_size": (self.describe.get("data") or {}).get("batch_size"),  # the global batch
             "layers": self.layers,
