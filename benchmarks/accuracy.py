@@ -1,4 +1,7 @@
-"""The CIFAR-10 study: QKD against QAT-only, fixed-teacher KD and the ablations, at several bit-widths.
+"""The first CIFAR-10 study (old protocol): QKD against QAT-only, fixed-teacher KD and the ablations.
+
+Superseded by ``benchmarks/study.py``: this one validates on 5,000 training images, which the pretrained
+checkpoints were trained on. Kept for its recorded results and for ``benchmarks/tuning.py``.
 
 Step 0 fine-tunes the pretrained float teacher and student on this data (the float student is the
 reference and every method's starting point); then every method runs at the same epoch budget from

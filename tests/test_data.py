@@ -368,3 +368,33 @@ def test_stream_loader_shards(monkeypatch, tmp_path: Path) -> None:
     seen = [torch.cat(t).tolist() for t in train]
     assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0]) & set(seen[1])
     assert max(len(b) for b in train[0]) == 2  # the global batch of 4, two images per rank
+
+
+def test_npz_of_undecoded_jpegs_decodes_to_the_same_pixels(tmp_path: Path) -> None:
+    """The compact form (``jpeg`` bytes and ``offsets``, as cifar10-jpeg-bytes-*.npz) gives exactly what Pillow
+    decodes, and the same bundle as the decoded arrays would."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("test", 10)):
+        pixels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        files = []
+        for im in pixels:
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="JPEG", quality=75)
+            files.append(buf.getvalue())
+        offsets = np.cumsum([0, *map(len, files)])
+        decoded = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in files])
+        y = np.arange(n) % 3
+        np.savez(tmp_path / f"bytes-{split}.npz", jpeg=np.frombuffer(b"".join(files), np.uint8), offsets=offsets, y=y)
+        (tmp_path / "pixels").mkdir(exist_ok=True)
+        np.savez(tmp_path / "pixels" / f"px-{split}.npz", x=decoded, y=y)
+    a = build_data("npz", str(tmp_path / "bytes-train.npz"), val_size=6, augment=False)
+    b = build_data("npz", str(tmp_path / "pixels"), val_size=6, augment=False)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.x, b.test.x) and a.mean == b.mean
+    np.savez(tmp_path / "bad-train.npz", jpeg=np.zeros(10, np.uint8), offsets=np.array([0, 20]), y=np.zeros(1))
+    np.savez(tmp_path / "bad-test.npz", jpeg=np.zeros(10, np.uint8), offsets=np.array([0, 10]), y=np.zeros(1))
+    with pytest.raises(QKDError, match="bad-train.npz: expected uint8 x"):
+        build_data("npz", str(tmp_path / "bad-train.npz"))

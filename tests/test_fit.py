@@ -1,6 +1,7 @@
 """Bring your own model and data: ``qkd.fit`` on a user-written network and a plain DataLoader."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -197,6 +198,7 @@ def test_agreement_matches_its_definition():
 
 def test_amp_on_a_cpu_without_native_bf16_says_so_and_trains_in_float32(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr("qkd.train.loop.cpu_has_native_bf16", lambda: False)
+    caplog.set_level(logging.INFO, "qkd")
     train, val = _loaders()
     result = qkd.fit(*_models(), train, val, method="qat", epochs=1, runtime={"amp": True},
                      quant=qkd.QuantConfig(weight_bits=4, act_bits=4))  # fmt: skip

@@ -67,6 +67,11 @@ class RuntimeConfig(_Strict):
         description="bfloat16 autocast for training on CUDA and on CPUs with native bf16 (AVX-512 BF16/AMX; "
         "elsewhere a warning, and float32); fake quantization and losses stay float32",
     )
+    eval: Literal["full", "lean"] = Field(
+        "full",
+        description="full: the float models before quantizing, validation after every epoch and every split at each "
+        "stage end; lean (for studies of many runs): validation at stage ends and the test split at the end only",
+    )
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)"
     )

@@ -36,7 +36,10 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NPZ_EXPECTED = "expected uint8 x of shape (N,H,W,C) and int y of shape (N,)"
+NPZ_EXPECTED = (
+    "expected uint8 x of shape (N,H,W,C) and int y of shape (N,), or undecoded images as uint8 jpeg (the files "
+    "concatenated) and int offsets (N+1) with y"
+)
 
 
 @dataclass
@@ -165,10 +168,12 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Load and validate one split; every failure names the file and what was expected."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y") if k not in f.files]
+            encoded = "x" not in f.files and {"jpeg", "offsets"} <= set(f.files)
+            missing = [k for k in (("y",) if encoded else ("x", "y")) if k not in f.files]
             if missing:
                 raise QKDError(f"{path}: missing array(s) {', '.join(missing)}; {NPZ_EXPECTED}")
-            x, y = f["x"], f["y"]
+            x = _decode_images(f["jpeg"], f["offsets"], path) if encoded else f["x"]
+            y = f["y"]
             classes = f["classes"] if "classes" in f.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise QKDError(f"{path} is not a readable .npz file ({e}); {NPZ_EXPECTED}") from e
@@ -181,6 +186,22 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if y.min() < 0:
         raise QKDError(f"{path}: labels must be >= 0, found {int(y.min())}")
     return x, y.astype(np.int64), classes
+
+
+def _decode_images(data: np.ndarray, offsets: np.ndarray, path: Path) -> np.ndarray:
+    """Undecoded image files (JPEG, PNG: whatever Pillow reads), concatenated, back to one uint8 RGB array:
+    a form small enough to carry to a remote machine (CIFAR-10: 56 MB of JPEGs against 170 MB of pixels)."""
+    import io
+
+    from PIL import Image
+
+    if data.dtype != np.uint8 or offsets.ndim != 1 or len(offsets) < 2 or offsets[-1] != len(data):
+        raise QKDError(f"{path}: {NPZ_EXPECTED}; got jpeg {data.dtype} {data.shape} and offsets {offsets.shape}")
+    blob = data.tobytes()
+    images = [np.asarray(Image.open(io.BytesIO(blob[a:b])).convert("RGB")) for a, b in zip(offsets, offsets[1:])]
+    if len({im.shape for im in images}) != 1:
+        raise QKDError(f"{path}: the images have different sizes; resize them to one size first")
+    return np.stack(images)
 
 
 _ARRAY_SOURCES: dict[str, Callable[[str | None, bool], Arrays]] = {

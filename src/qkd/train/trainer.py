@@ -150,9 +150,9 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         rt = self.cfg.runtime
         self.rt = Runtime(self.device, rt.channels_last, rt.amp)
-        if rt.amp and self.rt.precision != "bfloat16" and is_main_process():
-            log.warning("runtime.amp: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 is about 10x "
-                        "slower than float32; training in float32")  # fmt: skip
+        if rt.amp and self.rt.precision != "bfloat16" and is_main_process():  # said, and in the summary
+            log.info("runtime.amp: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 is about 10x "
+                     "slower than float32; training in float32")  # fmt: skip
         set_kernel_backend(rt.kernels)
         self.train = Batches(train, steps_per_epoch)
         self.evals = {k: Batches(v, what=k) for k, v in (("val", val), ("test", test)) if v is not None}
@@ -209,7 +209,8 @@ class Trainer:
                 i = self.state["stage"]
                 stage = self.stages[i]
                 if stage.quantized and not self.state["student_quantized"]:
-                    self._record_float_results()
+                    if self.cfg.runtime.eval == "full":
+                        self._record_float_results()
                     self._quantize_student()
                 resumed = self.state["epoch"] > 0 or self.partial is not None
                 self._run_stage(i, stage, optim_state if resumed else None)
@@ -317,13 +318,20 @@ class Trainer:
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
         """The metric (top-1 accuracy unless ``evaluate`` was given) on each evaluation split."""
-        return {name: self.evaluate_fn(model, loader) for name, loader in self.evals.items()}
+        return self._evaluate_splits(model)
+
+    def _evaluate_splits(self, model: nn.Module, val: float | None = None, splits: list | None = None) -> dict:
+        """As :meth:`evaluate_splits` (on ``splits``, default all); ``val``: this very model's validation figure,
+        already measured."""
+        return {name: val if name == "val" and val is not None else self.evaluate_fn(model, self.evals[name])
+                for name in (splits or self.evals)}  # fmt: skip
 
     def _record_float_results(self) -> None:
         results = self.state["results"]
-        if self.teacher is not None and "teacher_fp" not in results:
-            results["teacher_fp"] = self.evaluate_splits(self.teacher)
         results["student_fp"] = self.evaluate_splits(self.student)
+        if self.teacher is not None and "teacher_fp" not in results:
+            same = _same_weights(self.teacher, self.student)  # self-distillation: one evaluation serves both
+            results["teacher_fp"] = dict(results["student_fp"]) if same else self.evaluate_splits(self.teacher)
 
     def _phase_for(self, stage: Stage) -> tuple[Phase, nn.Module]:
         trained = self.teacher if stage.role == "teacher" else self.student
@@ -374,10 +382,16 @@ class Trainer:
             return False
         self.state["num_classes"] = metrics.pop("num_classes")
         t_eval = time.perf_counter()
-        if "val" in self.evals:
-            metrics["val_acc"] = self.evaluate_fn(trained, self.evals["val"])
+        last_epoch = epoch + 1 == stage.epochs
+        if "val" in self.evals and (last_epoch or self.cfg.runtime.eval == "full"):
+            measured = self._measure_agreement(stage, "end") if last_epoch else None
+            if measured is not None:  # the last epoch of a distillation stage: one pass gives both
+                metrics["val_acc"] = measured["student_acc"]
+            else:
+                metrics["val_acc"] = self.evaluate_fn(trained, self.evals["val"])
             if stage.phase == "co_study":
-                metrics["teacher_val_acc"] = self.evaluate_fn(self.teacher, self.evals["val"])
+                teacher_val = measured["teacher_acc"] if measured else self.evaluate_fn(self.teacher, self.evals["val"])
+                metrics["teacher_val_acc"] = teacher_val
         eval_s = time.perf_counter() - t_eval
         time_s = metrics.pop("time_s") + eval_s
         record = {"stage": stage.key, "epoch": epoch + 1, "epochs": stage.epochs, **metrics,
@@ -396,11 +410,18 @@ class Trainer:
             "quantized": stage.quantized,
             "wall_s": sum(r["time_s"] for r in self.state["history"] if r["stage"] == stage.key),
         }
-        result.update(self.evaluate_splits(trained))
+        last = self.state["history"][-1] if self.state["history"] else {}
+        known = last.get("stage") == stage.key and last.get("epoch") == stage.epochs  # its last epoch's val
+        splits = list(self.evals)
+        if self.cfg.runtime.eval == "lean" and i + 1 < len(self.stages):  # lean: the test split at the end only
+            splits = [k for k in splits if k != "test"] or splits
+        result.update(self._evaluate_splits(trained, last.get("val_acc") if known else None, splits))
         if stage.phase == "co_study":
-            result["teacher"] = self.evaluate_splits(self.teacher)
+            val = last.get("teacher_val_acc") if known else None
+            result["teacher"] = self._evaluate_splits(self.teacher, val, splits)
         self._flag_chance(stage, result)
         self._measure_agreement(stage, "end")
+        self.teacher_before = None
         self.state["results"].setdefault("stages", {})[stage.key] = result
         self.state["stage"], self.state["epoch"] = i + 1, 0
         boundary = {
@@ -415,19 +436,26 @@ class Trainer:
         self._save(boundary, f"{stage.key}.pt")
         self._save(self._snapshot({"partial": None}), "last.pt")
 
-    def _measure_agreement(self, stage: Stage, when: str) -> None:
+    def _measure_agreement(self, stage: Stage, when: str) -> dict | None:
         """At the start and end of each distillation stage of the student: the teacher's validation top-1 and
         its KL divergence to the quantized student (summary ``teacher_student``); at the end of co-study also
-        the KL from the teacher as it entered co-study to the same student (``kl_reference``)."""
+        the KL from the teacher as it entered co-study to the same student (``kl_reference``). Each is
+        measured once (the end during the stage's last epoch, whose validation figures it gives)."""
         if not (stage.uses_teacher and stage.role == "student" and self.accuracy and "val" in self.evals):
-            return
-        if stage.phase == "co_study" and when == "start":
-            self.teacher_before = copy.deepcopy(self.teacher)
-        reference = self.teacher_before if stage.phase == "co_study" and when == "end" else None
-        measured = agreement(self.teacher, self.student, self.evals["val"], self.rt, reference)
-        self.state["results"].setdefault("teacher_student", {}).setdefault(stage.key, {})[when] = measured
-        if when == "end":
-            self.teacher_before = None
+            return None
+        record = self.state["results"].setdefault("teacher_student", {})
+        if when in record.get(stage.key, {}):
+            return record[stage.key][when]
+        keys = list(record)
+        if when == "start" and keys and keys[-1] == self.stages[self.state["stage"] - 1].key:
+            measured = {k: v for k, v in record[keys[-1]]["end"].items() if k != "kl_reference"}  # same models
+        else:
+            if stage.phase == "co_study" and when == "start":
+                self.teacher_before = copy.deepcopy(self.teacher)
+            reference = self.teacher_before if stage.phase == "co_study" and when == "end" else None
+            measured = agreement(self.teacher, self.student, self.evals["val"], self.rt, reference)
+        record.setdefault(stage.key, {})[when] = measured
+        return measured
 
     def _flag_chance(self, stage: Stage, result: dict) -> None:
         """Mark a stage whose model ends at chance accuracy (within 2 points of 1/classes)."""
@@ -537,6 +565,11 @@ class Trainer:
             "changes": self.state["changes"],
             "wall_s": sum(r["time_s"] for r in self.state["history"]),
         }
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _splits(result: dict) -> dict[str, float]:

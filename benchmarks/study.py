@@ -1,0 +1,467 @@
+"""The CIFAR-10 study on the clean protocol: QKD against its baselines, with seeds and paired intervals.
+
+Protocol. The pretrained CIFAR ResNets were trained on the whole original training set, so no training
+image can validate them: validation is 5,000 class-balanced test images fixed once
+(``data.val_from=test``, the same for every seed), the test figures come from the other 5,000, and all
+50,000 training images train. Step 0 fine-tunes the pretrained float model(s) on this JPEG copy once
+(seed 0, shared by every seed); then each (bit-width, method, seed) cell trains from those weights. Seeds
+change the quantized training only (data order, augmentation, quantizer calibration batch), and the same
+seed gives every method the same data subset and order: qkd minus another method, seed by seed, is a
+paired difference.
+
+Results live in one JSON per study under ``docs/study/`` (every run's settings, summary and per-epoch
+history): a cell already there is never run again, on this machine or another, so seeds and bit-widths
+can be added later; ``report`` redraws the tables and figures from the JSON alone.
+
+    python benchmarks/study.py run --bits 2 --bits 3 --methods qat --methods kd --methods qkd --seeds 0 --seeds 1
+    python benchmarks/study.py run --bits 2 --methods kd --methods qkd --epochs 12   # a point of the epochs curve
+    python benchmarks/study.py report                      # tables, intervals, figures -> docs/RESULTS.md
+    python benchmarks/study.py run --device cuda --jobs 5 ...                       # on a GPU
+
+Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and matplotlib
+and scipy for the report (``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+import typer
+from throughput import command_line, machine, publish
+
+from qkd import pipeline
+from qkd.checkpoint import write_text
+from qkd.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
+PRETRAINED = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+FLOAT_SEED = 0  # step 0 runs once, with this seed, for every seed of the study
+# Settings that say where things are, not what is computed: never part of a cell's identity.
+WHERE = {"name", "device", "data.root", "student.checkpoint", "teacher.checkpoint", "runtime.kernels"}
+app = typer.Typer(add_completion=False, no_args_is_help=True)
+
+
+@app.callback()
+def _commands() -> None:
+    """Run the study's cells, or report them (tables, intervals, figures) from its JSON."""
+
+
+# ----- the store: one JSON per study, the only thing that must survive the machine ------------------------
+def store_path(study: str) -> Path:
+    return ROOT / "docs" / "study" / f"{study}.json"
+
+
+def load_store(study: str) -> dict:
+    path = store_path(study)
+    return json.loads(path.read_text()) if path.is_file() else {"float": {}, "runs": {}}
+
+
+def save_store(study: str, store: dict) -> None:
+    path = store_path(study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps(store, indent=1, sort_keys=True) + "\n", path)  # atomic: a kill keeps the old file
+
+
+def identity(cfg: RunConfig) -> dict:
+    """What a run computes, as flat dotted keys (paths, device and kernels left out)."""
+    flat = _flatten(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if k not in WHERE}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ----- configurations -----------------------------------------------------------------------------------
+def train_file(data_dir: Path) -> Path:
+    """The decoded arrays, or the same images as JPEG bytes (the form small enough to carry to a GPU machine)."""
+    arrays = data_dir / "cifar10-jpeg-train.npz"
+    return arrays if arrays.is_file() else data_dir / "cifar10-jpeg-bytes-train.npz"
+
+
+def base_config(data_dir: Path, bits: int, teacher: str, device: str, seed: int, overrides: list[str]) -> RunConfig:
+    """The preset of this bit-width on the clean protocol."""
+    return load_config(
+        f"cifar10-resnet20-w{bits}a{bits}",
+        [
+            "data.name=npz",
+            f"data.root={train_file(data_dir)}",
+            "data.val_from=test",
+            "data.val_size=5000",
+            f"teacher.name={teacher}",
+            f"device={device}",
+            f"seed={seed}",
+            *overrides,
+        ],
+    )
+
+
+def float_config(data_dir: Path, role: str, model: str, epochs: int, device: str) -> RunConfig:
+    cfg = base_config(data_dir, 4, model, device, FLOAT_SEED, [])
+    cfg.name = f"fp-{role}-{model}-e{epochs}"
+    mcfg = getattr(cfg, role)
+    mcfg.name, mcfg.checkpoint = model, str(data_dir / "weights" / PRETRAINED[model])
+    mcfg.train_epochs, mcfg.lr = epochs, 0.01
+    return cfg
+
+
+def cell_name(bits: int, method: str, epochs: int, limit: int | None, tag: str, seed: int) -> str:
+    return f"w{bits}a{bits}-{method}-e{epochs}-n{limit or 'all'}{'-' + tag if tag else ''}-s{seed}"
+
+
+def _grid(specs: list[str]) -> list[tuple[int, str, int, int | None]]:
+    """``BITS:METHODS:SEEDS[:EPOCHS]`` specs -> (bits, method, seed, epochs) cells, in order."""
+    cells = []
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) not in (3, 4):
+            raise typer.BadParameter(f"--grid {spec!r}: expected BITS:METHODS:SEEDS[:EPOCHS], e.g. 2,3:qat,qkd:0,1")
+        bits, methods, seeds = ([x for x in part.split(",") if x] for part in parts[:3])
+        if bad := set(methods) - set(METHODS):
+            raise typer.BadParameter(f"--grid {spec!r}: unknown methods {sorted(bad)}; valid: {', '.join(METHODS)}")
+        e = int(parts[3]) if len(parts) == 4 else None
+        cells += [(int(b), m, int(s), e) for s in seeds for b in bits for m in methods]
+    return cells
+
+
+# ----- running --------------------------------------------------------------------------------------------
+def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
+    """A run's record (settings, summary, history); an interrupted run folder is resumed, a finished one read."""
+    run_dir = out / cfg.name
+    if (run_dir / "config.yaml").is_file() and identity(pipeline.load_run_config(run_dir)) != identity(cfg):
+        raise typer.BadParameter(f"{run_dir} was made with other settings; move it away")
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif (run_dir / "config.yaml").is_file():
+        summary = pipeline.resume(run_dir)[1]
+    else:
+        summary = pipeline.run(cfg, out, stages=stages)[1]
+    history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"config": identity(cfg), "summary": summary, "history": history}
+
+
+def _job(cfg: RunConfig, out: Path, stages, threads: int) -> tuple[str, dict]:
+    torch.set_num_threads(threads)
+    return cfg.name, _run(cfg, out, stages)
+
+
+def run_cells(jobs: list[tuple[RunConfig, list | None]], out: Path, parallel: int, done) -> None:
+    """Run each ``(config, stages)``, ``parallel`` at a time (each in its own process when > 1), calling
+    ``done(name, record)`` as each finishes; failures are reported together at the end."""
+    if parallel <= 1:
+        for cfg, stages in jobs:
+            done(cfg.name, _run(cfg, out, stages))
+        return
+    threads, failed = max(1, (os.cpu_count() or 1) // parallel), []
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_job, cfg, out, stages, threads): cfg.name for cfg, stages in jobs}
+        for future in as_completed(futures):
+            try:
+                done(*future.result())
+            except Exception as e:  # noqa: BLE001 - reported below, with the run's name
+                failed.append(f"{futures[future]}: {type(e).__name__}: {e}")
+    if failed:
+        raise RuntimeError("runs failed:\n" + "\n".join(failed))
+
+
+@app.command()
+def run(
+    study: str = typer.Option("cifar10-clean", help="the study's name: docs/study/<name>.json"),
+    bits: list[int] = typer.Option([2, 3], help="bit-widths (W = A)"),
+    methods: list[str] = typer.Option(METHODS, help="methods"),
+    seeds: list[int] = typer.Option([0], help="seeds"),
+    epochs: int = typer.Option(4, min=1, help="quantized epochs per method"),
+    train_limit: int | None = typer.Option(2_500, help="training images per epoch (a stratified subset, per seed)"),
+    fp_epochs: int = typer.Option(1, min=1, help="step 0: float fine-tuning epochs on all 50,000 images"),
+    teacher: str = typer.Option("resnet20", help="teacher: resnet20 (the float student teaches) or resnet56"),
+    set_: list[str] = typer.Option([], "--set", help="config override for every cell, e.g. runtime.amp=false"),
+    tag: str = typer.Option("", help="names the variant --set and --teacher make"),
+    device: str = "auto",
+    grid: list[str] = typer.Option(
+        [],
+        help="BITS:METHODS:SEEDS[:EPOCHS], e.g. 2,3:qat,kd,qkd:0,1,2 (repeatable; "
+        "replaces --bits/--methods/--seeds, cells in the order given)",
+    ),
+    jobs: int = typer.Option(
+        2,
+        min=1,
+        help="runs at once, each in its own process (on 2 cores, 2 x 1 thread "
+        "trains ~17 % more images per second than 1 x 2 threads)",
+    ),
+    data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    out: Path = ROOT / "runs" / "study",
+) -> None:
+    """Run the cells that the study's JSON does not hold yet (in order: seed, then bits, then method)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not train_file(data_dir).is_file():
+        raise typer.BadParameter(f"no cifar10-jpeg-train.npz or cifar10-jpeg-bytes-train.npz in {data_dir}; "
+                                 "pass --data-dir")  # fmt: skip
+    if bad := set(methods) - set(METHODS):
+        raise typer.BadParameter(f"unknown methods {sorted(bad)}; valid: {', '.join(METHODS)}")
+    if (bool(set_) or teacher != "resnet20") and not tag:
+        raise typer.BadParameter("--set and --teacher change the cells: name the variant with --tag")
+    store = load_store(study)
+    store.setdefault("machines", {})[machine()] = True
+
+    def keep(kind: str, name: str, record: dict) -> None:
+        store[kind][name] = record | {"machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M")}
+        save_store(study, store)
+        logging.info("stored %s in %s", name, store_path(study))
+
+    # step 0: the float student (and a teacher of another architecture), once per study
+    ckpts, start = {}, {}
+    for role, model in (("student", "resnet20"), ("teacher", teacher)):
+        if role == "teacher" and model == "resnet20":
+            ckpts["teacher"], start["teacher"] = ckpts["student"], start["student"]
+            continue
+        cfg = float_config(data_dir, role, model, fp_epochs, device)
+        ckpts[role], start[role] = out / cfg.name / "checkpoints" / f"fp_{role}.pt", cfg.name
+        record = _run(cfg, out, [pipeline.model_float_stage(cfg, role)])
+        stored = store["float"].get(cfg.name)
+        if stored is None:
+            keep("float", cfg.name, record)
+        elif stored["summary"]["stages"] != record["summary"]["stages"]:
+            logging.warning("step 0 here (%s) differs from the stored one (another machine?): cells run now start "
+                            "from other float weights than the stored cells", cfg.name)  # fmt: skip
+
+    cells, about = [], {}
+    plan = _grid(grid) if grid else [(b, m, s, None) for s in seeds for b in bits for m in methods]
+    for b, m, seed, e in plan:
+        e = e or epochs
+        cfg = base_config(data_dir, b, teacher, device, seed, ["runtime.eval=lean", *set_])
+        cfg.name = cell_name(b, m, e, train_limit, tag, seed)
+        cfg.method, cfg.epochs, cfg.data.train_limit = m, e, train_limit
+        for role in ("student", "teacher"):
+            mcfg = getattr(cfg, role)
+            mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role].resolve()), 0
+        stored = store["runs"].get(cfg.name)
+        if stored is not None:
+            if stored["config"] != identity(cfg) or stored["start"] != start:
+                raise typer.BadParameter(f"{cfg.name} is stored with other settings; use another --tag")
+            continue
+        cells.append((cfg, None))
+        about[cfg.name] = {"bits": b, "method": m, "seed": seed, "epochs": e, "train_limit": train_limit,
+                           "tag": tag, "teacher": teacher}  # fmt: skip
+    logging.info("%d cells to run (%d already stored)", len(cells), len(store["runs"]))
+    run_cells(cells, out, jobs, lambda name, rec: keep("runs", name, rec | {"start": start, "cell": about[name]}))
+
+
+# ----- reporting: from the JSON alone ---------------------------------------------------------------------
+def final(record: dict, split: str = "test") -> float:
+    """The run's final model on a split, in %."""
+    return 100 * list(record["summary"]["stages"].values())[-1][split]
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the two ends of its 95 % Student-t interval (nan ends for fewer than 2 values)."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def cells_of(store: dict, epochs: int, train_limit: int | None, tag: str = "") -> dict[tuple[int, str], dict]:
+    """(bits, method) -> {seed: record} for one budget and variant."""
+    out: dict[tuple[int, str], dict] = {}
+    for rec in store["runs"].values():
+        c = rec["cell"]
+        if (c["epochs"], c["train_limit"], c["tag"]) == (epochs, train_limit, tag):
+            out.setdefault((c["bits"], c["method"]), {})[c["seed"]] = rec
+    return out
+
+
+def paired(cells: dict, bits: int, other: str, split: str = "test") -> dict | None:
+    """qkd minus ``other`` seed by seed (same seed: same data subset and order), with its 95 % interval."""
+    a, b = cells.get((bits, "qkd"), {}), cells.get((bits, other), {})
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds:
+        return None
+    diffs = [final(a[s], split) - final(b[s], split) for s in seeds]
+    mean, lo, hi = t_interval(diffs)
+    return {"other": other, "bits": bits, "seeds": seeds, "diffs": diffs, "mean": mean, "ci95": [lo, hi]}
+
+
+def float_reference(store: dict) -> dict[str, float]:
+    rec = next(r for name, r in store["float"].items() if name.startswith("fp-student-"))
+    stage = list(rec["summary"]["stages"].values())[-1]
+    return {"test": 100 * stage["test"], "val": 100 * stage["val"]}
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)})"
+
+
+def accuracy_table(cells: dict, split: str = "test") -> str:
+    bits = sorted({b for b, _ in cells}, reverse=True)
+    lines = ["| method | " + " | ".join(f"W{b}A{b}" for b in bits) + " |", "|---|" + "---:|" * len(bits)]
+    for m in METHODS:
+        row = [_fmt([final(r, split) for r in cells[b, m].values()]) if (b, m) in cells else "" for b in bits]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(diffs: list[dict]) -> str:
+    lines = ["| bits | qkd minus | seeds | mean | 95 % interval | above zero? |", "|---|---|---:|---:|---|---|"]
+    for d in diffs:
+        lo, hi = d["ci95"]
+        verdict = "yes" if lo > 0 else "below zero" if hi < 0 else "no (spans 0)"
+        verdict = "n/a (1 seed)" if math.isnan(lo) else verdict
+        lines.append(f"| W{d['bits']}A{d['bits']} | {d['other']} | {len(d['seeds'])} | {d['mean']:+.2f} | "
+                     f"[{lo:+.2f}, {hi:+.2f}] | {verdict} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def mechanism_table(cells: dict) -> str:
+    """Teacher accuracy and KL(teacher || student) on the validation half, before and after co-study (qkd, cs+tu),
+    beside kd's fixed teacher at the start and end of its tutoring."""
+    lines = ["| bits | method | teacher val % before -> after | KL(teacher‖student) before -> after | "
+             "KL from the teacher before co-study to the same student | KL at the end of the run |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for (b, m), runs in sorted(cells.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1]))):
+        ts = [r["summary"].get("teacher_student", {}) for r in runs.values()]
+        if not ts or not ts[0]:
+            continue
+        mean = lambda xs: statistics.mean(xs)  # noqa: E731
+        first = [next(iter(t.values())) for t in ts]  # the first distillation stage
+        last = [list(t.values())[-1] for t in ts]
+        if m in ("qkd", "cs+tu"):
+            co = [t[k] for t in ts for k in t if k.endswith("co_study")]
+            lines.append(
+                f"| W{b}A{b} | {m} | {100 * mean([c['start']['teacher_acc'] for c in co]):.2f} -> "
+                f"{100 * mean([c['end']['teacher_acc'] for c in co]):.2f} | "
+                f"{mean([c['start']['kl'] for c in co]):.3f} -> {mean([c['end']['kl'] for c in co]):.3f} | "
+                f"{mean([c['end']['kl_reference'] for c in co]):.3f} | {mean([x['end']['kl'] for x in last]):.3f} |"
+            )
+        else:
+            lines.append(
+                f"| W{b}A{b} | {m} (fixed teacher) | {100 * mean([x['start']['teacher_acc'] for x in first]):.2f} | "
+                f"{mean([x['start']['kl'] for x in first]):.3f} -> {mean([x['end']['kl'] for x in last]):.3f} | | "
+                f"{mean([x['end']['kl'] for x in last]):.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def timing_table(cells: dict) -> str:
+    """Mean wall seconds per phase (training and evaluation) for each method."""
+    lines = ["| method | phases: train s + eval s (mean over cells) | run s |", "|---|---|---:|"]
+    for m in METHODS:
+        runs = [r for (b, mm), rs in cells.items() if mm == m for r in rs.values()]
+        if not runs:
+            continue
+        parts = []
+        for key in runs[0]["summary"]["stages"]:
+            train = statistics.mean(sum(h["time_s"] - h.get("eval_s", 0) for h in r["history"] if h["stage"] == key)
+                                    for r in runs)  # fmt: skip
+            ev = statistics.mean(sum(h.get("eval_s", 0) for h in r["history"] if h["stage"] == key) for r in runs)
+            parts.append(f"{key.split('_', 1)[1]} {train:.0f} + {ev:.0f}")
+        lines.append(f"| {m} | {', '.join(parts)} | {statistics.mean(r['summary']['wall_s'] for r in runs):.0f} |")
+    return "\n".join(lines)
+
+
+def figures(store: dict, cells: dict, diffs: list[dict], budget: tuple, prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    labels = [f"W{d['bits']}A{d['bits']}: qkd − {d['other']} ({len(d['seeds'])} seeds)" for d in diffs]
+    for i, d in enumerate(diffs):
+        lo, hi = d["ci95"]
+        ax.errorbar(d["mean"], i, xerr=[[d["mean"] - lo], [hi - d["mean"]]] if not math.isnan(lo) else None,
+                    fmt="o", color=f"C{d['bits']}", capsize=3)  # fmt: skip
+        ax.scatter(d["diffs"], [i] * len(d["diffs"]), color="gray", s=8, zorder=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(diffs)), labels)
+    ax.invert_yaxis()
+    ax.set(xlabel="test top-1 points (qkd minus the other method, same seed)",
+           title="Paired differences: mean and 95 % interval (grey: each seed)")  # fmt: skip
+    made.append(prefix.with_name(prefix.name + "-paired.png"))
+    fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+
+    curve = {}  # W2A2 kd and qkd: test % against epochs, at the main budget's images per epoch
+    for rec in store["runs"].values():
+        c = rec["cell"]
+        if c["bits"] == 2 and c["method"] in ("kd", "qkd") and not c["tag"] and c["train_limit"] == budget[1]:
+            curve.setdefault(c["method"], {}).setdefault(c["epochs"], []).append(final(rec))
+    if any(len(v) > 1 for v in curve.values()):
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for m, by_epochs in sorted(curve.items()):
+            xs = sorted(by_epochs)
+            ys = [statistics.mean(by_epochs[x]) for x in xs]
+            err = [statistics.stdev(by_epochs[x]) if len(by_epochs[x]) > 1 else 0 for x in xs]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m, color=f"C{METHODS.index(m)}")
+        ax.axhline(float_reference(store)["test"], color="gray", linestyle="--", label="float ResNet-20")
+        ax.set_xscale("log")
+        ticks = sorted({x for v in curve.values() for x in v})
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+        ax.set(xlabel=f"epochs of {budget[1] or 50_000} images", ylabel="test top-1 %",
+               title="W2A2: accuracy against training length (mean ± sd over seeds)")  # fmt: skip
+        ax.legend()
+        made.append(prefix.with_name(prefix.name + "-epochs-w2a2.png"))
+        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+    return made
+
+
+@app.command()
+def report(
+    study: str = typer.Option("cifar10-clean", help="the study's name: docs/study/<name>.json"),
+    epochs: int = typer.Option(4, help="the budget reported in the main tables"),
+    train_limit: int | None = typer.Option(2_500, help="the budget's training images per epoch"),
+    append: bool = typer.Option(True, help="append the section to docs/RESULTS.md"),
+) -> None:
+    """Tables (means, standard deviations, paired 95 % intervals, mechanism, time per phase) and figures,
+    from the study's JSON alone; the paired differences are written back into it."""
+    store = load_store(study)
+    cells = cells_of(store, epochs, train_limit)
+    if not cells:
+        raise typer.BadParameter(f"{store_path(study)} holds no cells of {epochs} epochs x {train_limit} images")
+    bits = sorted({b for b, _ in cells}, reverse=True)
+    diffs = [d for b in bits for m in METHODS if m != "qkd" and (d := paired(cells, b, m))]
+    store["paired"] = {f"w{d['bits']}a{d['bits']}-qkd-minus-{d['other']}-e{epochs}-n{train_limit}": d for d in diffs}
+    save_store(study, store)
+    ref = float_reference(store)
+    made = figures(store, cells, diffs, (epochs, train_limit), store_path(study).with_suffix(""))
+    rel = [f.relative_to(ROOT / "docs") for f in made]
+    text = (
+        f"\n### CIFAR-10 study, clean protocol: {epochs} epochs x {train_limit or 50_000} images, "
+        f"{time.strftime('%Y-%m-%d')}\n\n"
+        f"Machines: {'; '.join(store['machines'])}.\n"
+        f"Validation = 5,000 class-balanced test images fixed once, test = the other 5,000; every training image "
+        f"trains. Float ResNet-20 after step 0: test {ref['test']:.2f} %, validation {ref['val']:.2f} %. "
+        f"Data and every run's settings, summary and history: `{store_path(study).relative_to(ROOT)}`.\n"
+        f"Command: `{command_line().strip()}` (the runs: `python benchmarks/study.py run ...`, see the JSON).\n\n"
+        f"Test top-1 %, mean ± standard deviation (seeds):\n\n{accuracy_table(cells)}\n\n"
+        f"Validation top-1 % (what choices are made on):\n\n{accuracy_table(cells, 'val')}\n\n"
+        f"qkd minus each method, seed by seed, on test:\n\n{paired_table(diffs)}\n\n"
+        f"The mechanism, on the validation half (means over seeds; KL in nats, temperature 1):\n\n"
+        f"{mechanism_table(cells)}\n\nWhere the time goes (seconds per run, this budget):\n\n{timing_table(cells)}\n\n"
+        + "".join(f"![{f.stem}]({f})\n" for f in rel)
+    )
+    publish(text, append)
+
+
+if __name__ == "__main__":
+    app()
