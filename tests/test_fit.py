@@ -231,3 +231,16 @@ def test_cpu_bf16_autocast_keeps_fake_quantization_on_its_float32_grid(monkeypat
     codes = (out - offset) / scale
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= qn and codes.max() <= qp
     assert torch.isfinite(loss) and logits.dtype == torch.bfloat16
+
+
+def test_lean_evaluation_measures_less_and_trains_the_same(tmp_path):
+    """runtime.eval=lean (for studies of many runs): no float evaluation, validation at stage ends only, the test
+    split at the end only; the training and the final figures are those of a full run."""
+    train, val = _loaders()
+    settings = dict(SETTINGS, pretrain=None)
+    full = qkd.fit(*_models(), train, val, val, **settings).summary
+    lean = qkd.fit(*_models(), train, val, val, runtime={"eval": "lean"}, **settings).summary
+    assert "student_fp" in full and "student_fp" not in lean and "teacher_fp" not in lean
+    assert [set(r) & {"val", "test"} for r in lean["stages"].values()] == [{"val"}, {"val"}, {"val", "test"}]
+    assert lean["stages"]["3_tutor"]["test"] == full["stages"]["3_tutor"]["test"]
+    assert lean["teacher_student"] == full["teacher_student"]
