@@ -47,3 +47,24 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "shared" in item.name:
             item.add_marker(pytest.mark.slow)
+
+
+# A quantized digits run as the README's deployment examples name it (runs/demo), quick to train: its folder's
+# parent is the working directory those examples run in.
+DEMO = ["teacher.train_epochs=1", "teacher.kwargs={width: 8}", "data.batch_size=128", "method=qat",
+        "student.train_epochs=4", "epochs=4", "optim.lr=0.05", "name=demo"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """(working directory, run folder, the run's test accuracy) of one W2A2 digits run, trained once."""
+    from qkd import pipeline
+
+    root = tmp_path_factory.mktemp("demo")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir, summary = pipeline.run(load_config(None, DEMO), root / "runs")
+    finally:
+        torch.set_num_threads(before)
+    return root, run_dir, summary["stages"]["1_self_study"]["test"]

@@ -196,7 +196,13 @@ def train_fp(
 
 
 Engine = Annotated[
-    str, typer.Option(help="torch (the fake-quant model), int (integer engine), onnx (QDQ) or onnx-int (ConvInteger).")
+    str | None,
+    typer.Option(
+        help="torch (the fake-quant model, the default for a run or checkpoint), int (integer engine), onnx (QDQ) "
+        "or onnx-int (ConvInteger). With a run or checkpoint, int/onnx/onnx-int export it afresh to a temporary "
+        "file and compare; with an exported file, the file's own format (the default there).",
+        show_default=False,
+    ),
 ]
 Verify = Annotated[int, typer.Option(help="Test images on which the export is checked against the trained model.")]
 
@@ -208,6 +214,14 @@ Unfinished = Annotated[
     bool, typer.Option(help="Use the model of a run that has not finished, as it is now (say so in what you report).")
 ]
 Target = Annotated[Path, typer.Argument(help="A run folder or a checkpoint file (it carries its settings).")]
+EvalTarget = Annotated[
+    Path,
+    typer.Argument(
+        help="A run folder, a checkpoint file, or a file written by qkd export (student-int.safetensors, "
+        "student-onnx.onnx, student-onnx-int.onnx, or any --out name): that very file is evaluated on its run's "
+        "test split, the images prepared as its metadata says."
+    ),
+]
 
 
 def _load(target: Path, args: list[str] | None, device: str | None, role: str | None, unfinished: bool):
@@ -234,15 +248,23 @@ def _describe(r) -> str:
 
 @app.command("eval")
 def eval_(
-    target: Target,
+    target: EvalTarget,
     args: ConfigArgs = None,
     device: Device = None,
-    engine: Engine = "torch",
+    engine: Engine = None,
     role: TargetRole = None,
     unfinished: Unfinished = False,
 ) -> None:
     """Top-1 accuracy (%) of a run's model: as trained (fake-quant), with quantization off, or through an
-    exported engine."""
+    exported engine; or of an exported file (qkd eval runs/<name>/export/student-onnx.onnx), which takes
+    data.root=... (data.num_workers, data.eval_batch_size, data.download) where its run's data has moved."""
+    if _is_export(target):
+        if device not in (None, "cpu") or role is not None or unfinished:
+            raise QKDError(f"{target} is an exported file: it runs on the CPU, holds the student and was finished "
+                           "when exported; drop --device, --role and --unfinished")  # fmt: skip
+        _eval_export(target, args, engine)
+        return
+    engine = engine or "torch"
     r = _load(target, args, device if engine == "torch" else "cpu", role, unfinished)
     typer.echo(f"{target}: {_describe(r)}")
     if engine == "torch":
@@ -258,16 +280,48 @@ def eval_(
         if r.quantized:
             typer.echo("  (quantizers off: the same weights run in float; not a float-trained model)")
         return
-    from qkd.export.deploy import EXTENSIONS, compare, export_student
+    from qkd.export.deploy import check_split, compare, default_path, export_student
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"student.{EXTENSIONS.get(engine, 'bin')}"
-        split, images = _check_split(r.data)
+        path = Path(tmp) / default_path(target, engine).name
+        split, images = check_split(r.data)
         run = export_student(r.student, engine, path, next(iter(images))[0][:2], {})
         result = {"engine": engine, "split": split, **compare(run, r.student, images, exact=True)}
     percent = ("acc", "agreement", "agreement_f64")
     for k, v in result.items():
         typer.echo(f"  {k:20s} {_pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
+    typer.echo(f"  (exported afresh to a temporary file; to evaluate a file you exported, give it: qkd eval "
+               f"{default_path(target, engine)})")  # fmt: skip
+
+
+#: checkpoint files (torch.save): a zip archive, or a pickle in torch's legacy format
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _is_export(target: Path) -> bool:
+    """A file written by qkd export (or meant as one): by its name, else by not being a torch checkpoint."""
+    if not target.is_file() or target.suffix in (".pt", ".pth", ".ckpt"):
+        return False
+    if target.suffix in (".onnx", ".safetensors"):
+        return True
+    with open(target, "rb") as f:
+        return not f.read(4).startswith(_CHECKPOINT_MAGIC)
+
+
+def _eval_export(path: Path, args: list[str] | None, engine: str | None) -> None:
+    from qkd.export.deploy import evaluate_export
+
+    if engine == "torch":
+        raise QKDError(f"{path} is an exported file; --engine torch evaluates a run or checkpoint (give "
+                       "--engine int, onnx or onnx-int, or none)")  # fmt: skip
+    result = evaluate_export(path, list(args or []), engine)
+    c = result["contract"]
+    bits = f"W{c.get('weight_bits', '?')}A{c.get('act_bits', '?')} {c.get('quantizer', '')}".rstrip()
+    runtime = "the integer engine" if result["export_format"] == "int" else "onnxruntime"
+    typer.echo(f"{path}: {result['export_format']} export of {c.get('model', 'a model')} {bits}, trained to "
+               f"{c.get('trained_to', '?')}, run by {runtime}")  # fmt: skip
+    typer.echo(f"  input: {c.get('preprocessing', '?')}")
+    typer.echo(f"  {result['split'] + ' top-1 %':28s} {_pct(result['top1'])}  ({result['images']} images)")
 
 
 @app.command()
@@ -283,32 +337,39 @@ def export(
         ),
     ] = "int",
     out: Annotated[
-        Path | None, typer.Option(help="Output file (default: <run>/export/student-<format>.<ext>).", readable=False)
+        Path | None,
+        typer.Option(
+            help="Output file (default: <run>/export/student-int.safetensors, student-onnx.onnx or "
+            "student-onnx-int.onnx; student-onnx-baked.onnx etc. with --bake-preprocessing).",
+            readable=False,
+        ),
     ] = None,
     verify: Verify = 1000,
     unfinished: Unfinished = False,
+    bake_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            help="ONNX formats: the file takes raw pixel values (0..255, or the digits' 0..16) and normalises them "
+            "in its graph; without it the file takes normalised images. Either way its metadata says which."
+        ),
+    ] = False,
 ) -> None:
-    """Export the quantized student and check it against the trained model on test images."""
-    from qkd.export.deploy import EXTENSIONS, compare, export_student, float_checkpoint_bytes
+    """Export the quantized student with its input contract (layout, size, normalisation, classes, bits, in the
+    file's metadata) and check it against the trained model on test images."""
+    from qkd.export.deploy import check_format, default_path, export_loaded, float_checkpoint_bytes, require_quantized
 
+    check_format(format, bake_preprocessing)  # before the run is read
+    path = out or default_path(target, format, bake_preprocessing)
     r = _load(target, args, "cpu", "student", unfinished)
-    if not r.quantized:
-        raise QKDError(f"{target} holds a float student (the run did not reach a quantized stage); export a run "
-                       "or checkpoint of a quantized stage")  # fmt: skip
+    require_quantized(r, target)
     typer.echo(f"{target}: {_describe(r)}")
-    ext = EXTENSIONS.get(format, format)
-    path = out or (target if target.is_dir() else target.parent) / "export" / f"student-{format}.{ext}"
-    q = r.cfg.quant
-    info = {"model": r.cfg.student.name, "weight_bits": q.weight_bits, "act_bits": q.act_bits,
-            "mean": _listed(r.data.mean), "std": _listed(r.data.std), "num_classes": r.data.num_classes,
-            "trained_to": r.where}  # fmt: skip
-    split, images = _check_split(r.data)
-    run = export_student(r.student, format, path, next(iter(images))[0][:2], info)
+    exported = export_loaded(r, format, path, bake_preprocessing=bake_preprocessing, verify=verify)
     size, fp = path.stat().st_size, float_checkpoint_bytes(r.student)
     typer.echo(
         f"wrote {path}: {size / 1024:.1f} KiB; float32 checkpoint {fp / 1024:.1f} KiB ({fp / size:.1f}x smaller)"
     )
-    check = compare(run, r.student, images, limit=verify, exact=True)
+    typer.echo(f"input: {exported.contract['preprocessing']}")
+    check, split = exported.check, exported.split
     typer.echo(
         f"checked on {check['images']} {split} images against the trained model: top-1 agreement "
         f"{100 * check['agreement_f64']:.2f} % with its exact (float64) answers, {100 * check['agreement']:.2f} % "
@@ -316,15 +377,6 @@ def export(
         f"{check['max_logit_diff']:.2e}; accuracy {100 * check['engine_acc']:.2f} % "
         f"(fake-quant {100 * check['fake_quant_acc']:.2f} %)"
     )
-
-
-def _check_split(data) -> tuple[str, object]:
-    """The images an export is checked on: the test split, or validation where a data factory gives no test."""
-    return ("test", data.test) if data.test is not None else ("validation", data.val)
-
-
-def _listed(values) -> list | None:
-    return None if values is None else list(values)
 
 
 @app.command()

@@ -127,6 +127,9 @@ class IntEngine:
 
     >>> engine = IntEngine(*to_int_program(student))
     >>> logits = engine(images)
+
+    An int file (``qkd export --format int``) is read with ``qkd.export.intfile.load_int(path)``, which returns
+    its engine and manifest.
     """
 
     def __init__(self, ops: list[dict], tensors: dict[str, Tensor]) -> None:

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, version_converter
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
+from qkd.export.contract import apply_to_onnx
 from qkd.export.intfile import write_export
 from qkd.quant import IntervalQuantizer, LSQQuantizer, Quantizer, quantizers
 
@@ -307,11 +308,15 @@ def _trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelP
     return onnx.load_from_string(buffer.getvalue())
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 21) -> Path:
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 21, contract: dict | None = None
+) -> Path:
     """Write ``model`` (a quantized student) as ONNX with QDQ nodes and integer weights; return the path.
 
     ``example`` is one input batch (its batch size is free in the file). The model itself is left
     untouched: a CPU copy in eval mode is exported. The file passes ``onnx.checker.check_model``.
+    ``contract`` (see :mod:`qkd.export.contract`) goes into its metadata, and its preprocessing into the
+    graph where it says ``preprocessing_baked``.
     """
     if opset < _MIN_OPSET:
         raise QKDError(f"ONNX export needs opset {_MIN_OPSET} or later (per-channel QDQ); got {opset}")
@@ -324,6 +329,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     if opset > _TORCHSCRIPT_MAX_OPSET:  # before the rewrite, so no 4-bit type meets an older opset
         onnx_model = version_converter.convert_version(onnx_model, opset)
     _rewrite(onnx_model, grids, int4=opset >= _INT4_MIN_OPSET)
+    if contract is not None:
+        apply_to_onnx(onnx_model, contract)
     onnx.checker.check_model(onnx_model, full_check=True)
     write_export(path, onnx_model.SerializeToString())
     return Path(path)

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
+from qkd.export.contract import apply_to_onnx
 from qkd.export.intfile import write_export
 from qkd.export.intgraph import SHAPE_OPS, TERMS, pool_windows, to_real_program
 from qkd.export.onnx import storage_type
@@ -292,11 +293,13 @@ class _Exporter:
         self.g.node("Identity", [x], "output")
 
 
-def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path) -> Path:
+def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path, contract: dict | None = None) -> Path:
     """Write ``model`` (a quantized student) as ONNX with integer convolutions and float64 requantization.
 
     ``example`` is one input batch (its batch size is free in the file). Input ``input``: float32
     images; output ``output``: float64 logits. The file passes ``onnx.checker.check_model``.
+    ``contract`` (see :mod:`qkd.export.contract`) goes into its metadata, and its preprocessing into the
+    graph where it says ``preprocessing_baked``.
     """
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model is left as it is
     ops, tensors = to_real_program(model, example.float().cpu())
@@ -314,6 +317,8 @@ def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path) -> Path
         g.inits,
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qkd")
+    if contract is not None:
+        apply_to_onnx(onnx_model, contract)
     onnx.checker.check_model(onnx_model, full_check=True)
     write_export(path, onnx_model.SerializeToString())
     return Path(path)
