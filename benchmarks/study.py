@@ -417,8 +417,9 @@ def figures(store: dict, cells: dict, diffs: list[dict], budget: tuple, prefix: 
         ax.set_xscale("log")
         ticks = sorted({x for v in curve.values() for x in v})
         ax.set_xticks(ticks, [str(x) for x in ticks])
-        ax.set(xlabel=f"epochs of {budget[1] or 50_000} images", ylabel="test top-1 %",
-               title="W2A2: accuracy against training length (mean ± sd over seeds)")  # fmt: skip
+        ax.minorticks_off()
+        title = "W2A2: accuracy against training length\n(mean; bars: sd where there are several seeds)"
+        ax.set(xlabel=f"epochs of {budget[1] or 50_000} images", ylabel="test top-1 %", title=title)
         ax.legend()
         made.append(prefix.with_name(prefix.name + "-epochs-w2a2.png"))
         fig.savefig(made[-1], dpi=120, bbox_inches="tight")
