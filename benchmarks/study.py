@@ -41,6 +41,7 @@ from throughput import command_line, machine, publish
 from qkd import pipeline
 from qkd.checkpoint import write_text
 from qkd.config import RunConfig, load_config
+from qkd.train import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
@@ -74,18 +75,8 @@ def save_store(study: str, store: dict) -> None:
 
 def identity(cfg: RunConfig) -> dict:
     """What a run computes, as flat dotted keys (paths, device and kernels left out)."""
-    flat = _flatten(cfg.model_dump(mode="json"))
+    flat = rundir._flatten(cfg.model_dump(mode="json"))
     return {k: v for k, v in flat.items() if k not in WHERE}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ----- configurations -----------------------------------------------------------------------------------

@@ -568,8 +568,10 @@ class Trainer:
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """The same class with equal weights and buffers: the same function (self-distillation from the float student)."""
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+    same = type(a) is type(b) and sa.keys() == sb.keys()
+    return same and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _splits(result: dict) -> dict[str, float]:
