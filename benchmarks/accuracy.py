@@ -26,18 +26,17 @@ to eager there, a bug fixed since): 15 ResNet-20 runs side by side trained about
 5 (beside a MobileNetV2 run) about 4,800; the GPU time-slices between processes, so beyond a few jobs
 the total barely grows.
 
-Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and
-matplotlib for the plots (``pip install -e .[bench]``).
+Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -49,6 +48,7 @@ from throughput import command_line, machine, publish
 from qkd import pipeline
 from qkd.config import RunConfig, load_config, with_overrides
 from qkd.phases import PHASES
+from qkd.report import figures as plot
 from qkd.train import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def table(rows: list[dict], fp: dict) -> str:
     for r in rows:
         s = r["summary"]
         cell = cells.setdefault((s["method"], s["bits"]["weight"]), {"test": [], "val": [], "wall": []})
-        cell["test"].append(100 * list(s["stages"].values())[-1]["test"])
+        cell["test"].append(100 * _final(s))
         cell["val"].append(100 * r["history"][-1]["val_acc"])
         cell["wall"].append(s["wall_s"])
     bits = sorted({b for _, b in cells}, reverse=True)
@@ -230,56 +230,42 @@ def table(rows: list[dict], fp: dict) -> str:
     return "\n".join(lines) + "\n\n" + ref
 
 
+def _final(summary: dict) -> float:
+    return list(summary["stages"].values())[-1]["test"]
+
+
 def _seed(row: dict) -> int:
     return int(row["run"].rsplit("-s", 1)[1])
 
 
 def plots(rows: list[dict], fp: dict, prefix: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plots (pip install -e .[bench])", file=sys.stderr)
-        return []
+    """Test accuracy against bits per method, and per bit-width the per-epoch curves (drawn by
+    qkd.report.figures, as qkd report draws)."""
     made = []
-    colour = {m: f"C{i}" for i, m in enumerate(METHODS)}
     seeds = sorted({_seed(r) for r in rows})
     style = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(seeds)}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax,) = plot.figure(size=(6, 4))
+    points: dict[str, list[tuple[int, float]]] = {}
     for m in METHODS:  # the mean over seeds as a line, each seed as a point
-        pts = [(r["summary"]["bits"]["weight"], 100 * list(r["summary"]["stages"].values())[-1]["test"])
-               for r in rows if r["summary"]["method"] == m]  # fmt: skip
-        if pts:
-            by_bits = sorted({b for b, _ in pts})
-            ax.plot(by_bits, [statistics.mean(a for b, a in pts if b == x) for x in by_bits], color=colour[m], label=m)
-            ax.scatter(*zip(*pts), color=colour[m], s=12)
-    ax.axhline(100 * fp["student"], color="gray", linestyle="--", label="float ResNet-20")
-    ax.set_xticks(sorted({r["summary"]["bits"]["weight"] for r in rows}))
+        for r in (r for r in rows if r["summary"]["method"] == m):
+            points.setdefault(m, []).append((r["summary"]["bits"]["weight"], 100 * _final(r["summary"])))
+    plot.bits_plot(ax, points, [plot.Reference("float ResNet-20", 100 * fp["student"])])
     title = "CIFAR-10 (JPEG), ResNet-20 student" + (f": mean of {len(seeds)} seeds (points)" if len(seeds) > 1 else "")
-    ax.set(xlabel="bits (W = A)", ylabel="test top-1 %", title=title)
-    ax.legend()
-    made.append(prefix.with_name(prefix.name + "-bits.png"))
-    fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+    ax.set_title(title)
+    made.append(plot.save(fig, prefix.with_name(prefix.name + "-bits.png")))
     for bits in sorted({r["summary"]["bits"]["weight"] for r in rows}):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, (ax,) = plot.figure(size=(7, 4))
+        curves = []
         for r in (r for r in rows if r["summary"]["bits"]["weight"] == bits):
             acc, m, seed = [100 * h["val_acc"] for h in r["history"]], r["summary"]["method"], _seed(r)
-            label = m if seed == seeds[0] else None
-            ax.plot(range(1, len(acc) + 1), acc, color=colour[m], linestyle=style[seed], label=label)
-            epoch = 0
-            for stage in r["summary"]["stages"].values():  # phase boundaries, in the method's colour
-                epoch += stage["epochs"]
-                if 0 < epoch < len(acc):
-                    ax.axvline(epoch + 0.5, color=colour[m], linestyle=":", alpha=0.6)
-        title = f"W{bits}A{bits}: per-epoch curves (dotted verticals: phase ends)"
-        if len(seeds) > 1:
-            title += "\n" + ", ".join(f"seed {s}: '{style[s]}'" for s in seeds)
-        ax.set(xlabel="epoch", ylabel="validation top-1 %", title=title)
-        ax.legend()
-        made.append(prefix.with_name(f"{prefix.name}-curves-w{bits}a{bits}.png"))
-        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+            ends = list(itertools.accumulate(s["epochs"] for s in r["summary"]["stages"].values()))
+            bounds = [(e + 0.5, "") for e in ends if 0 < e < len(acc)]  # phase boundaries, in the method's colour
+            label = m if seed == seeds[0] else f"{m} seed {seed}"
+            curves.append(plot.Curve(label, list(range(1, len(acc) + 1)), acc, plot.method_colour(m), style[seed],
+                                     bounds))  # fmt: skip
+        plot.curves_plot(ax, curves)
+        ax.set_title(f"W{bits}A{bits}: per-epoch curves (dotted verticals: phase ends)")
+        made.append(plot.save(fig, prefix.with_name(f"{prefix.name}-curves-w{bits}a{bits}.png")))
     return made
 
 

@@ -18,8 +18,8 @@ can be added later; ``report`` redraws the tables and figures from the JSON alon
     python benchmarks/study.py report                      # tables, intervals, figures -> docs/RESULTS.md
     python benchmarks/study.py run --device cuda --jobs 5 ...                       # on a GPU
 
-Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and matplotlib
-and scipy for the report (``pip install -e .[bench]``).
+Needs the CIFAR-10 arrays and pretrained checkpoints of ../shared/data (or ``--data-dir``), and scipy for
+the report (``pip install -e .[bench]``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from throughput import command_line, machine, publish
 from qkd import pipeline
 from qkd.checkpoint import write_text
 from qkd.config import RunConfig, load_config
+from qkd.report import figures as plot
 from qkd.train import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,26 +372,15 @@ def timing_table(cells: dict) -> str:
 
 
 def figures(store: dict, cells: dict, diffs: list[dict], budget: tuple, prefix: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The paired differences with their intervals, and the W2A2 curve against training length (drawn by
+    qkd.report.figures, as qkd report draws)."""
     made = []
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    labels = [f"W{d['bits']}A{d['bits']}: qkd − {d['other']} ({len(d['seeds'])} seeds)" for d in diffs]
-    for i, d in enumerate(diffs):
-        lo, hi = d["ci95"]
-        ax.errorbar(d["mean"], i, xerr=[[d["mean"] - lo], [hi - d["mean"]]] if not math.isnan(lo) else None,
-                    fmt="o", color=f"C{d['bits']}", capsize=3)  # fmt: skip
-        ax.scatter(d["diffs"], [i] * len(d["diffs"]), color="gray", s=8, zorder=3)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(diffs)), labels)
-    ax.invert_yaxis()
-    ax.set(xlabel="test top-1 points (qkd minus the other method, same seed)",
-           title="Paired differences: mean and 95 % interval (grey: each seed)")  # fmt: skip
-    made.append(prefix.with_name(prefix.name + "-paired.png"))
-    fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+    fig, (ax,) = plot.figure(size=(6.5, 3.2))
+    rows = [plot.Interval(f"W{d['bits']}A{d['bits']}: qkd − {d['other']} ({len(d['seeds'])} seeds)", d["mean"],
+                          *d["ci95"], d["diffs"], f"C{d['bits']}") for d in diffs]  # fmt: skip
+    plot.intervals_plot(ax, rows, xlabel="test top-1 points (qkd minus the other method, same seed)")
+    ax.set_title("Paired differences: mean and 95 % interval (grey: each seed)")
+    made.append(plot.save(fig, prefix.with_name(prefix.name + "-paired.png")))
 
     curve = {}  # W2A2 kd and qkd: test % against epochs, at the main budget's images per epoch
     for rec in store["runs"].values():
@@ -398,22 +388,13 @@ def figures(store: dict, cells: dict, diffs: list[dict], budget: tuple, prefix: 
         if c["bits"] == 2 and c["method"] in ("kd", "qkd") and not c["tag"] and c["train_limit"] == budget[1]:
             curve.setdefault(c["method"], {}).setdefault(c["epochs"], []).append(final(rec))
     if any(len(v) > 1 for v in curve.values()):
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for m, by_epochs in sorted(curve.items()):
-            xs = sorted(by_epochs)
-            ys = [statistics.mean(by_epochs[x]) for x in xs]
-            err = [statistics.stdev(by_epochs[x]) if len(by_epochs[x]) > 1 else 0 for x in xs]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=m, color=f"C{METHODS.index(m)}")
+        fig, (ax,) = plot.figure(size=(5.5, 3.5))
+        plot.series_plot(ax, dict(sorted(curve.items())), plot.METHOD_COLOURS, log_x=True)
         ax.axhline(float_reference(store)["test"], color="gray", linestyle="--", label="float ResNet-20")
-        ax.set_xscale("log")
-        ticks = sorted({x for v in curve.values() for x in v})
-        ax.set_xticks(ticks, [str(x) for x in ticks])
-        ax.minorticks_off()
         title = "W2A2: accuracy against training length\n(mean; bars: sd where there are several seeds)"
         ax.set(xlabel=f"epochs of {budget[1] or 50_000} images", ylabel="test top-1 %", title=title)
         ax.legend()
-        made.append(prefix.with_name(prefix.name + "-epochs-w2a2.png"))
-        fig.savefig(made[-1], dpi=120, bbox_inches="tight")
+        made.append(plot.save(fig, prefix.with_name(prefix.name + "-epochs-w2a2.png")))
     return made
 
 

@@ -356,7 +356,7 @@ def export(
 ) -> None:
     """Export the quantized student with its input contract (layout, size, normalisation, classes, bits, in the
     file's metadata) and check it against the trained model on test images."""
-    from qkd.export.deploy import check_format, default_path, export_loaded, float_checkpoint_bytes, require_quantized
+    from qkd.export.deploy import check_format, default_path, export_loaded, require_quantized
 
     check_format(format, bake_preprocessing)  # before the run is read
     path = out or default_path(target, format, bake_preprocessing)
@@ -364,7 +364,7 @@ def export(
     require_quantized(r, target)
     typer.echo(f"{target}: {_describe(r)}")
     exported = export_loaded(r, format, path, bake_preprocessing=bake_preprocessing, verify=verify)
-    size, fp = path.stat().st_size, float_checkpoint_bytes(r.student)
+    size, fp = path.stat().st_size, exported.contract["float32_bytes"]
     typer.echo(
         f"wrote {path}: {size / 1024:.1f} KiB; float32 checkpoint {fp / 1024:.1f} KiB ({fp / size:.1f}x smaller)"
     )
@@ -377,6 +377,26 @@ def export(
         f"{check['max_logit_diff']:.2e}; accuracy {100 * check['engine_acc']:.2f} % "
         f"(fake-quant {100 * check['fake_quant_acc']:.2f} %)"
     )
+
+
+@app.command()
+def report(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Run folders, or folders holding run folders (e.g. runs).", show_default=False),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.html, report.md and the figures (PNG).", readable=False)
+    ] = Path("report"),
+) -> None:
+    """Compare runs: a table (method, bits, float and per-phase accuracy, int export size, wall time), figures
+    (accuracy per epoch with phase boundaries, accuracy against bits) and one self-contained HTML page."""
+    from qkd.report import load_runs, write_report
+
+    made = write_report(load_runs(runs), out)
+    typer.echo(made.text)
+    typer.echo(f"\nwrote {made.html} (open it in a browser; figures inside), {made.markdown}, "
+               + ", ".join(str(p) for p in made.figures))  # fmt: skip
 
 
 @app.command()

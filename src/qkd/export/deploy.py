@@ -216,6 +216,7 @@ def export_loaded(loaded: Any, fmt: str, path: str | Path, *, bake_preprocessing
     path = Path(path)
     split, images = check_split(loaded.data)
     contract = run_contract(loaded.cfg, loaded.data, loaded.where)
+    contract["float32_bytes"] = float_checkpoint_bytes(loaded.student)  # what the export is compared with
     example = next(iter(images))[0][:2]
     run, contract = _export(loaded.student, fmt, path, example, contract, bake_preprocessing)
     check = compare(run, loaded.student, images, limit=verify, exact=True)
