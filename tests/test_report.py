@@ -111,3 +111,20 @@ def test_python_api_and_a_report_without_a_finished_quantized_run(runs, tmp_path
     made = write_report(load_runs([cut]), tmp_path / "rep")
     assert made.html.is_file() and [p.name for p in made.figures] == ["accuracy-per-epoch.png"]  # no bits figure
     assert "qkd-cut" in made.text
+
+
+def test_a_float_teacher_run_is_reported_as_float_training(runs, tmp_path):
+    """`qkd train-fp --role teacher` trains the teacher only: the row and curve are the teacher's, method float."""
+    from qkd.report.runs import Run
+
+    stages = [{"key": "fp_teacher", "phase": "self_study", "epochs": 2, "quantized": False, "role": "teacher"}]
+    history = [{"stage": "fp_teacher", "epoch": e, "epochs": 2, "val_acc": 0.5 + e / 10, "time_s": 1.0} for e in (1, 2)]
+    summary = {"method": "qkd", "student": "tiny_cnn", "teacher": "tiny_cnn_wide", "bits": {"weight": 2, "act": 2},
+               "stages": {"fp_teacher": {**stages[0], "val": 0.7, "test": 0.71, "wall_s": 2.0}}}  # fmt: skip
+    run = Run(tmp_path / "fp-teacher", {"method": "qkd", "data": {"name": "digits"}}, stages, history, summary)
+    (row,) = rows([run])
+    assert (row["method"], row["bits"], row["student"], row["test %"]) == ("float", "float", "tiny_cnn_wide", "71.00")
+    assert row["per phase, test %"] == "float training 71.00" and row["float %"] == row["vs float"] == "-"
+    curve, _ = figures.run_curve(run, "C0")
+    assert curve.y == [60.0, 70.0] and curve.label == "fp-teacher: float"
+    assert figures.accuracy_vs_bits([run]) is None

@@ -32,11 +32,15 @@ def method_colour(method: str) -> str:
     return METHOD_COLOURS.get(method, f"C{len(METHOD_COLOURS) + hash(method) % 4}")
 
 
-def figure(panels: int = 1, size: tuple[float, float] = (6.5, 4.0)) -> tuple[Figure, list[Axes]]:
-    """A figure of ``panels`` axes side by side (each ``size`` inches)."""
-    fig = Figure(figsize=(size[0] * panels, size[1]), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    return fig, list(axes)
+def figure(panels: int = 1, size: tuple[float, float] = (6.5, 4.0), columns: int = 2) -> tuple[Figure, list[Axes]]:
+    """A figure of ``panels`` axes (each ``size`` inches), ``columns`` to a row; unused cells are hidden."""
+    cols = min(panels, columns)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
 
 
 def png(fig: Figure) -> bytes:
@@ -202,24 +206,30 @@ def run_curve(run: Run, colour: str, linestyle: str = "-") -> tuple[Curve, str]:
         if r.get("teacher_val_acc") is not None:
             tx.append(offsets[r["stage"]] + r["epoch"])
             ty.append(100 * r["teacher_val_acc"])
-    label = f"{run.name}: {run.method} {run.bits_label}" + ("" if run.finished else " (unfinished)")
+    what = f"{run.method} {run.bits_label}" if run.quantized else "float"
+    label = f"{run.name}: {what}" + ("" if run.finished else " (unfinished)")
     return Curve(label, x, y, colour, linestyle, boundaries, (tx, ty) if tx else None), metric
 
 
 def accuracy_per_epoch(runs: Sequence[Run]) -> Figure:
     """The student's accuracy per epoch of each run (validation split), phase boundaries marked, the float
-    student as reference; one panel per data set and student model."""
-    groups = _groups(runs)
-    fig, axes = figure(len(groups))
-    by_method = len({r.method for r in runs}) == len(runs)  # then each run in its method's colour, as elsewhere
-    colour_of = {r.path: method_colour(r.method) if by_method else f"C{i % 10}" for i, r in enumerate(runs)}
-    for ax, ((data, student), group) in zip(axes, groups.items()):
+    student as reference; one panel per data set, student model and bit-width. Float-only runs are drawn only
+    where no quantized run shares their data and model (they start from scratch: another scale)."""
+    panels: dict[tuple[str, str, str], list[Run]] = {}
+    for (data, student), group in _groups(runs).items():
+        quantized = [r for r in group if r.quantized] or group
+        for r in quantized:
+            panels.setdefault((data, student, r.bits_label), []).append(r)
+    fig, axes = figure(len(panels))
+    for ax, ((data, student, bits), group) in zip(axes, panels.items()):
+        by_method = len({r.method for r in group}) == len(group)  # then each run in its method's colour
+        colour_of = {r.path: method_colour(r.method) if by_method else f"C{i % 10}" for i, r in enumerate(group)}
         made = [run_curve(r, colour_of[r.path]) for r in group]
         metrics = {m for _, m in made}
         refs = _float_lines(group, student, "val", colour_of)
         curves_plot(ax, [c for c, _ in made], refs,
                     ylabel=f"{' / '.join(sorted(metrics)).replace('val', 'validation')} top-1 %")  # fmt: skip
-        ax.set_title(f"{data}, {student}: accuracy per epoch", fontsize=10)
+        ax.set_title(f"{data}, {student}, {bits}: accuracy per epoch", fontsize=10)
     return fig
 
 

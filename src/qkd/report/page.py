@@ -54,8 +54,9 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
         made.append((out / "accuracy-vs-bits.png", figures.png(bits), BITS_CAPTION))
     for path, data, _ in made:
         write_export(path, data)
-    md = f"# qkd report: {len(runs)} runs\n\n{table.markdown_table(rows)}\n\n" + "".join(
-        f"![{p.stem}]({p.name})\n\n{caption}\n\n" for p, _, caption in made
+    md = (
+        f"# qkd report: {len(runs)} runs\n\n{table.shared_line(rows).capitalize()}\n\n{table.markdown_table(rows)}\n\n"
+        + "".join(f"![{p.stem}]({p.name})\n\n{caption}\n\n" for p, _, caption in made)
     )
     write_export(out / "report.md", md.encode())
     write_export(out / "report.html", _page(runs, rows, made).encode())
@@ -93,6 +94,7 @@ def _page(runs: Sequence[Run], rows: list[dict[str, str]], made: list[tuple[Path
 <p class="meta">Made {when} by qkd {esc(__version__)} from the run folders' summary.json and metrics.jsonl.
 Accuracies are top-1 % of the student; choices are made on the validation split, results are read on test.</p>
 <h2>Comparison</h2>
+<p class="note">{esc(table.shared_line(rows).capitalize())}</p>
 <div class="scroll">{table.html_table(rows)}</div>
 <details><summary>What the columns mean</summary><dl>{legend}</dl></details>
 <h2>Figures</h2>

@@ -47,6 +47,9 @@ class Run:
 
     @property
     def method(self) -> str:
+        """The method of a quantized run; ``float`` for a run that trains float models only (``qkd train-fp``)."""
+        if not self.quantized:
+            return "float"
         if self.summary is not None:
             return self.summary["method"]
         return str(self.config.get("method") or "?")
@@ -74,10 +77,16 @@ class Run:
         return str((self.config.get("data") or {}).get("name") or "own data")
 
     @property
+    def role(self) -> str:
+        """The model the run trains to its end: the student, or the teacher of a ``qkd train-fp --role teacher``."""
+        return "student" if any(s.get("role", "student") == "student" for s in self.stages) else "teacher"
+
+    @property
     def student(self) -> str:
-        if self.summary is not None:
-            return str(self.summary.get("student"))
-        return str((self.config.get("student") or {}).get("name") or (self.config.get("models") or {}).get("student"))
+        """The trained model's name (the teacher's for a run that trains only the teacher)."""
+        if self.summary is not None and self.summary.get(self.role):
+            return str(self.summary[self.role])
+        return str((self.config.get(self.role) or {}).get("name") or (self.config.get("models") or {}).get(self.role))
 
     @property
     def wall_s(self) -> float:
@@ -107,19 +116,20 @@ class Run:
     def final(self, split: str = "test") -> float | None:
         """The trained student's accuracy on ``split`` at the end of its last stage (None: not measured yet)."""
         results = self.stage_results()
-        keys = [s["key"] for s in self.stages if s.get("role", "student") == "student" and s["key"] in results]
+        keys = [s["key"] for s in self.stages if s.get("role", "student") == self.role and s["key"] in results]
         return results[keys[-1]].get(split) if keys else None
 
     def float_reference(self, split: str = "test") -> float | None:
-        """The float student's accuracy (before quantization), where the run measured it."""
-        if self.summary is None:
+        """The float student's accuracy (before quantization), where the run measured it and quantized it."""
+        if self.summary is None or not self.quantized:
             return None
         return (self.summary.get("student_fp") or {}).get(split)
 
     def curve_stages(self) -> list[dict[str, Any]]:
-        """The stages a per-epoch curve shows: the student's quantized stages, or every stage of a float run."""
+        """The stages a per-epoch curve shows: the student's quantized stages, or the trained model's stages of a
+        float run."""
         quantized = [s for s in self.stages if s["quantized"]]
-        return quantized or self.stages
+        return quantized or [s for s in self.stages if s.get("role", "student") == self.role]
 
 
 def is_run(path: Path) -> bool:

@@ -47,7 +47,7 @@ def _phases(run: Run) -> str:
         if r is None:
             continue
         value = f"{pct(r['test'])}" if r.get("test") is not None else f"val {pct(r.get('val'))}"
-        parts.append(f"{s['phase'].replace('_', '-')} {value}")
+        parts.append(f"{s['phase'].replace('_', '-') if s['quantized'] else 'float training'} {value}")
     return " → ".join(parts) or "-"
 
 
@@ -79,7 +79,7 @@ def rows(runs: Sequence[Run]) -> list[dict[str, str]]:
             "per phase, test %": _phases(r),
             "val %": pct(r.final("val")),
             "test %": pct(test),
-            "vs float": "-" if test is None or fp is None or not r.quantized else f"{100 * (test - fp):+.2f}",
+            "vs float": "-" if test is None or fp is None else f"{100 * (test - fp):+.2f}",
             "int export": _export(r),
             "wall": _wall(r.wall_s),
             "status": _status(r),
@@ -87,32 +87,50 @@ def rows(runs: Sequence[Run]) -> list[dict[str, str]]:
     return out
 
 
+def shared(table: list[dict[str, str]]) -> dict[str, str]:
+    """The data set and model where every run of several has the same: said once above the table, not per row."""
+    if len(table) < 2:
+        return {}
+    return {c: table[0][c] for c in ("data", "student") if len({r[c] for r in table}) == 1}
+
+
+def shared_line(table: list[dict[str, str]]) -> str:
+    same = shared(table)
+    return "all runs: " + ", ".join(f"{c} {v}" for c, v in same.items()) if same else ""
+
+
+def _columns(table: list[dict[str, str]]) -> list[str]:
+    same = shared(table)
+    return [c for c in COLUMNS if c not in same]
+
+
 _RIGHT = {"float %", "val %", "test %", "vs float", "int export", "wall"}
 _CLASS = {"per phase, test %": "wrap", "status": "wrap"}  # long cells: may wrap in HTML
 
 
 def text_table(table: list[dict[str, str]]) -> str:
-    """Aligned columns for a terminal."""
-    cols = list(COLUMNS)
+    """Aligned columns for a terminal, under the line of what all runs share."""
+    cols = _columns(table)
     widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in cols}
 
     def line(r: dict[str, str]) -> str:
         return "  ".join(r[c].rjust(widths[c]) if c in _RIGHT else r[c].ljust(widths[c]) for c in cols)
 
     head = line({c: c for c in cols}).rstrip()
-    return "\n".join([head, "-" * len(head), *(line(r).rstrip() for r in table)])
+    return "\n".join([*filter(None, [shared_line(table)]), head, "-" * len(head), *(line(r).rstrip() for r in table)])
 
 
 def markdown_table(table: list[dict[str, str]]) -> str:
-    cols = list(COLUMNS)
+    cols = _columns(table)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c in _RIGHT else "---" for c in cols) + "|"]
     lines += ["| " + " | ".join(r[c].replace("|", "\\|") for c in cols) + " |" for r in table]
     return "\n".join(lines)
 
 
 def html_table(table: list[dict[str, str]]) -> str:
-    head = "".join(f'<th title="{html.escape(doc)}">{html.escape(c)}</th>' for c, doc in COLUMNS.items())
-    cls = {c: _CLASS.get(c, "num" if c in _RIGHT else "") for c in COLUMNS}
-    body = "".join("<tr>" + "".join(f'<td class="{cls[c]}">{html.escape(r[c])}</td>' for c in COLUMNS) + "</tr>"
+    cols = _columns(table)
+    head = "".join(f'<th title="{html.escape(COLUMNS[c])}">{html.escape(c)}</th>' for c in cols)
+    cls = {c: _CLASS.get(c, "num" if c in _RIGHT else "") for c in cols}
+    body = "".join("<tr>" + "".join(f'<td class="{cls[c]}">{html.escape(r[c])}</td>' for c in cols) + "</tr>"
                    for r in table)  # fmt: skip
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
