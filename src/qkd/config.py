@@ -75,6 +75,11 @@ class RuntimeConfig(_Strict):
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)"
     )
+    tensorboard: Literal["auto", True, False] = Field(
+        "auto",
+        description="TensorBoard events in <run folder>/tensorboard: auto = when the tensorboard package is "
+        "installed (pip install 'qkd[tensorboard]'), true = required, false = off",
+    )
 
 
 class PhaseConfig(_Strict):

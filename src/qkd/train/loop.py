@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -13,18 +12,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qkd.dist import all_sum, is_main_process, rank, world_size
+from qkd.dist import all_sum, rank, world_size
 from qkd.errors import Diverged, QKDError
-
-
-def _progress(batches: Iterable, desc: str, initial: int = 0, loader: Iterable | None = None) -> Iterable:
-    # Bars only on an interactive terminal; logs in files stay one line per epoch.
-    show = is_main_process() and sys.stderr.isatty()
-    try:
-        total = len(loader)
-    except TypeError:
-        total = None
-    return tqdm(batches, desc=desc, leave=False, disable=not show, dynamic_ncols=True, initial=initial, total=total)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -130,18 +119,18 @@ def train_epoch(
     loader: Iterable,
     schedulers: list,
     rt: Runtime,
-    desc: str = "train",
     *,
     start: EpochState | None = None,
     stop: Callable[[], bool] | None = None,
     guard: DivergenceGuard | None = None,
+    bar: tqdm | None = None,
 ) -> tuple[dict | None, EpochState]:
     """Run ``phase.step`` over ``loader``; schedulers step per batch. Returns mean loss and accuracy.
 
     ``start``: continue an epoch stopped earlier (its first ``start.step`` batches are drawn again, in the
     same order, and not trained on). ``stop()``, polled after every step, ends the epoch early: the
     metrics are then None and the state says where to continue. Sums stay on the device so the loop
-    never waits for the host.
+    never waits for the host. ``bar`` advances by one per step and shows the guard's running loss.
     """
     state = start or EpochState()
     phase.train_mode()
@@ -153,7 +142,7 @@ def train_epoch(
     if state.step:
         _skip(batches, state)
     step, classes = state.step, None
-    for step, batch in enumerate(_progress(batches, desc, state.step, loader), start=state.step):
+    for step, batch in enumerate(batches, start=state.step):
         x, y = rt.batch(batch)
         with rt.autocast():
             loss, logits = phase.step(x, y)
@@ -165,6 +154,10 @@ def train_epoch(
         loss, stopping = _agreed(loss.detach(), stop, rt.device)
         if guard is not None:
             guard.observe(step, loss)
+        if bar is not None:
+            bar.update()
+            if guard is not None and guard.level is not None:  # read back every guard.every steps only
+                bar.set_postfix_str(f"loss {guard.level:.4g}", refresh=False)
         if stopping:
             total, right, n = _global_sums(loss_sum, correct, seen)
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

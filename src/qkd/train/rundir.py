@@ -3,7 +3,8 @@
 A run folder holds ``config.yaml`` (the resolved settings), ``stages.json`` (the plan that ``--resume``
 continues), ``metrics.jsonl`` (one line per epoch), ``quantization.json`` (every layer's bits),
 ``checkpoints/`` (``last.pt`` after every epoch and on a graceful stop, ``previous.pt`` the one before
-it, ``<stage>.pt`` at every stage boundary; each carries the settings and a checksum) and
+it, ``<stage>.pt`` at every stage boundary; each carries the settings and a checksum),
+``tensorboard/`` (event files, where ``runtime.tensorboard`` and the installed packages allow) and
 ``summary.json`` when the run is finished.
 """
 

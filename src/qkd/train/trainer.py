@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from qkd import __version__
 from qkd.checkpoint import save_checkpoint, write_json, write_text
@@ -49,7 +50,7 @@ from qkd.quant import (
     recalibrate_bn,
 )
 from qkd.quant.ste import set_kernel_backend
-from qkd.train import rundir
+from qkd.train import live, rundir
 from qkd.train.loop import DivergenceGuard, EpochState, Runtime, agreement, train_epoch
 from qkd.train.loop import evaluate as top1
 from qkd.train.optim import build_optimizer, build_scheduler
@@ -174,6 +175,7 @@ class Trainer:
         self.quant_table: dict | None = None  # and every layer's bits (quantization.json)
         self.partial: EpochState | None = None  # where a stopped epoch stands
         self.teacher_before: nn.Module | None = None  # in co-study: the teacher as it entered it
+        self.events: live.Events | None = None  # TensorBoard, on rank 0 while fit runs
         self.stop = StopRequest()
 
     def _sync_bn(self, model: nn.Module) -> nn.Module:
@@ -203,18 +205,27 @@ class Trainer:
         Ctrl-C or SIGTERM saves at the next step and raises :class:`~qkd.errors.Stopped`; a diverged loss
         raises :class:`~qkd.errors.Diverged`, keeping the last good checkpoint."""
         self._check_student(resume)
-        with self.stop.installed():
+        writer = live.tensorboard_writer(self.cfg.runtime.tensorboard, self.run_dir)
+        with self.stop.installed(), live.log_above_bars():
             optim_state = self._open(resume, overwrite)
-            while self.state["stage"] < len(self.stages):
-                i = self.state["stage"]
-                stage = self.stages[i]
-                if stage.quantized and not self.state["student_quantized"]:
-                    if self.cfg.runtime.eval == "full":
-                        self._record_float_results()
-                    self._quantize_student()
-                resumed = self.state["epoch"] > 0 or self.partial is not None
-                self._run_stage(i, stage, optim_state if resumed else None)
-                optim_state = None
+            self._start_live(writer, resumed=optim_state is not None)
+            try:
+                while self.state["stage"] < len(self.stages):
+                    i = self.state["stage"]
+                    stage = self.stages[i]
+                    if stage.quantized and not self.state["student_quantized"]:
+                        if self.cfg.runtime.eval == "full":
+                            self._record_float_results()
+                        self._quantize_student()
+                        if self.events is not None:
+                            self.events.quantized(i, self.student)
+                    resumed = self.state["epoch"] > 0 or self.partial is not None
+                    self._run_stage(i, stage, optim_state if resumed else None)
+                    optim_state = None
+            finally:
+                if self.events is not None:
+                    self.events.close()
+                    self.events = None
         if not self.state["student_quantized"]:  # float training only: its models are the results
             for s in self.stages:
                 self.state["results"][f"{s.role}_fp"] = _splits(self.state["results"]["stages"][s.key])
@@ -256,6 +267,27 @@ class Trainer:
             if is_main_process():
                 rundir.clear_exports(self.run_dir)
         return optim_state
+
+    def _start_live(self, writer: type | None, resumed: bool) -> None:
+        """On rank 0, when stages are left to run: the start-up banner, and the TensorBoard events where
+        ``writer`` (a ``SummaryWriter`` class) is given."""
+        if not is_main_process() or self.state["stage"] >= len(self.stages):
+            return
+        q = self.cfg.quant
+        bits = f" at W{q.weight_bits}A{q.act_bits} ({q.method})" if any(s.quantized for s in self.stages) else ""
+        n = world_size()
+        head = (f"qkd {__version__}: {method_name(self.cfg)}{bits} on {self.device} in {self.rt.precision}, "
+                f"{n} process{'es' if n > 1 else ''}\n")  # fmt: skip
+        if self.run_dir is None:
+            head += "no run folder: nothing is written"
+        else:
+            head += f"run folder {self.run_dir}" + (f", TensorBoard events in {live.FOLDER}/" if writer else "")
+        where = self._position() if resumed else None
+        log.info("%s", live.banner(head, {"train": self.train, **self.evals}, self.stages, where))
+        if writer is not None:
+            self.events = live.Events(writer, self.run_dir / live.FOLDER, self.stages, len(self.train),
+                                      state=self.state, inside_epoch=self.partial is not None,
+                                      student=self.student)  # fmt: skip
 
     def _init_run_dir(self, overwrite: bool) -> None:
         rundir.check_new(self.run_dir, overwrite)
@@ -350,31 +382,37 @@ class Trainer:
                   for o in phase.optimizers.values()]  # fmt: skip
         if resume_optim is None:  # the stage starts here (not resumed inside it)
             self._measure_agreement(stage, "start")
+            if self.events is not None:
+                self.events.stage_start(i)
         else:
             load_optim_state(phase.optimizers, scheds, resume_optim)
         guard = DivergenceGuard(self.cfg.optim.max_loss_ratio, every=1 if self.device.type == "cpu" else 32)
-        for epoch in range(self.state["epoch"], stage.epochs):
-            finished = self._run_epoch(i, stage, epoch, phase, trained, scheds, guard)
-            optim = {
-                "opt": {n: o.state_dict() for n, o in phase.optimizers.items()},
-                "sched": [s.state_dict() for s in scheds],
-            }
-            extra = {"optim": optim, "partial": None if finished else asdict(self.partial)}
-            self._save(self._snapshot(extra), "last.pt")
-            if finished and self.on_epoch_end is not None:
-                self.on_epoch_end(self.state["history"][-1])
-            if self.stop:
-                raise self._stopped()
+        steps = len(self.train)
+        done = self.state["epoch"] * steps + (self.partial.step if self.partial is not None else 0)
+        with live.stage_bar(stage, steps, done) as bar:
+            for epoch in range(self.state["epoch"], stage.epochs):
+                finished = self._run_epoch(i, stage, epoch, phase, trained, scheds, guard, bar)
+                optim = {
+                    "opt": {n: o.state_dict() for n, o in phase.optimizers.items()},
+                    "sched": [s.state_dict() for s in scheds],
+                }
+                extra = {"optim": optim, "partial": None if finished else asdict(self.partial)}
+                self._save(self._snapshot(extra), "last.pt")
+                if finished and self.on_epoch_end is not None:
+                    self.on_epoch_end(self.state["history"][-1])
+                if self.stop:
+                    raise self._stopped()
         self._finish_stage(i, stage, trained)
 
     def _run_epoch(self, i: int, stage: Stage, epoch: int, phase: Phase, trained: nn.Module, scheds: list,
-                   guard: DivergenceGuard) -> bool:  # fmt: skip
+                   guard: DivergenceGuard, bar: tqdm) -> bool:  # fmt: skip
         """One epoch (or the rest of a stopped one); False when it stopped early on request."""
         batches = self.train.epoch(epoch_seed(self.cfg.seed, i, epoch))
         start, self.partial = self.partial, None
+        bar.set_description_str(f"{stage.key} epoch {epoch + 1}/{stage.epochs}", refresh=False)
         try:
-            metrics, progress = train_epoch(phase, batches, scheds, self.rt, desc=f"{stage.key} {epoch + 1}",
-                                            start=start, stop=self.stop.__bool__, guard=guard)  # fmt: skip
+            metrics, progress = train_epoch(phase, batches, scheds, self.rt, start=start, stop=self.stop.__bool__,
+                                            guard=guard, bar=bar)  # fmt: skip
         except Diverged as e:
             raise self._diverged(stage, epoch, scheds, e) from None
         if metrics is None:
@@ -401,6 +439,8 @@ class Trainer:
         self._write_metrics()
         if is_main_process():
             log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if self.events is not None:
+            self.events.epoch(i, record, self.student)
         return True
 
     def _finish_stage(self, i: int, stage: Stage, trained: nn.Module) -> None:
@@ -423,6 +463,8 @@ class Trainer:
         self._measure_agreement(stage, "end")
         self.teacher_before = None
         self.state["results"].setdefault("stages", {})[stage.key] = result
+        if self.events is not None:
+            self.events.stage_end(i, result)
         self.state["stage"], self.state["epoch"] = i + 1, 0
         boundary = {
             "state_dict": trained.state_dict(),
