@@ -101,7 +101,8 @@ def _report(run_dir: Path, summary: dict) -> None:
     if not is_main_process():
         return
     typer.echo(format_summary(summary))
-    typer.echo(f"\nrun folder: {run_dir}  (summary.json, metrics.jsonl, checkpoints/)")
+    typer.echo(f"\nrun folder: {run_dir}  (summary.json, metrics.jsonl, checkpoints/; compare runs: qkd report "
+               f"{run_dir.parent})")  # fmt: skip
 
 
 @app.command()

@@ -281,7 +281,8 @@ class Trainer:
         if self.run_dir is None:
             head += "no run folder: nothing is written"
         else:
-            head += f"run folder {self.run_dir}" + (f", TensorBoard events in {live.FOLDER}/" if writer else "")
+            events = f", TensorBoard events in {self.run_dir / live.FOLDER}" if writer else ""
+            head += f"run folder {self.run_dir}{events}"
         where = self._position() if resumed else None
         log.info("%s", live.banner(head, {"train": self.train, **self.evals}, self.stages, where))
         if writer is not None:
