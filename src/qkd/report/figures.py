@@ -29,7 +29,9 @@ DPI = 120
 
 
 def method_colour(method: str) -> str:
-    return METHOD_COLOURS.get(method, f"C{len(METHOD_COLOURS) + hash(method) % 4}")
+    """A method's colour; an explicit phase list gets one of the colours no method has (the same every time)."""
+    spare = 10 - len(METHOD_COLOURS)
+    return METHOD_COLOURS.get(method, f"C{len(METHOD_COLOURS) + sum(map(ord, method)) % spare}")
 
 
 def figure(panels: int = 1, size: tuple[float, float] = (6.5, 4.0), columns: int = 2) -> tuple[Figure, list[Axes]]:
@@ -178,7 +180,7 @@ def series_plot(ax: Axes, series: dict[str, dict[float, list[float]]], colours: 
 
 # ----- the report's figures ---------------------------------------------------------------------
 def _groups(runs: Sequence[Run]) -> dict[tuple[str, str], list[Run]]:
-    """Runs by (data, student): each group is one panel, since accuracies of other tasks do not compare."""
+    """Runs by (data, student): accuracies on other tasks or of other models are never drawn together."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         groups.setdefault((r.data, r.student), []).append(r)
