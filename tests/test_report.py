@@ -84,10 +84,13 @@ def test_report_of_a_folder_of_runs_and_bad_targets(runs, tmp_path):
     res = qkd("report", str(a.parent), str(cut), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr
     assert all(n in res.stdout for n in ("qkd-w2", "qat-w3", "qkd-cut")) and "unfinished" in res.stdout
-    for target, says in ((tmp_path / "nothing", "does not exist"), (tmp_path / "rep", "not a run folder")):
-        res = qkd("report", str(target), "--out", str(tmp_path / "rep2"))
+    (tmp_path / "a-file").write_text("kept")
+    for target, out, says in ((tmp_path / "nothing", "rep2", "does not exist"), (tmp_path / "rep", "rep2",
+                              "not a run folder"), (a, "a-file", "is a file")):  # fmt: skip
+        res = qkd("report", str(target), "--out", str(tmp_path / out))
         assert res.returncode == 2 and says in res.stderr and len(res.stderr.strip().splitlines()) == 1
         assert "Traceback" not in res.stderr and not (tmp_path / "rep2").exists()
+    assert (tmp_path / "a-file").read_text() == "kept"
 
 
 def test_epoch_curve_follows_the_quantized_stages_with_their_boundaries(runs):

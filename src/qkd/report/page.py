@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qkd import __version__
+from qkd.errors import QKDError
 from qkd.export.intfile import write_export
 from qkd.report import figures, table
 from qkd.report.runs import Run
@@ -45,6 +46,8 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
     """Write ``report.html``, ``report.md`` and the figures (``accuracy-per-epoch.png``, ``accuracy-vs-bits.png``)
     into the folder ``out``."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QKDError(f"report folder {out} is a file; choose another --out (a folder, made if missing)")
     rows = table.rows(runs)
     made: list[tuple[Path, bytes, str]] = []
     epochs = figures.accuracy_per_epoch(runs)
