@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY
 from qkd.config import load_config
 from qkd.report import figures, load_run, load_runs, write_report
-from qkd.report.table import rows
+from qkd.report.table import rows, shared_line
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -60,6 +60,8 @@ def test_table_says_what_each_run_reached(runs):
     last = json.loads((cut / "metrics.jsonl").read_text().splitlines()[-1])
     assert table["qkd-cut"]["status"] == f"unfinished: {last['stage']} epoch {last['epoch']} of {last['epochs']}"
     assert table["qkd-cut"]["test %"] == "-"  # no test figure before the end: nothing invented
+    same = {"data": "cifar10", "student": "MobileNetV2"}
+    assert shared_line([same, same]) == "All runs: data cifar10, student MobileNetV2"  # names as they are
 
 
 def test_report_command_writes_table_figures_and_one_self_contained_page(runs, tmp_path):

@@ -57,9 +57,8 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
         made.append((out / "accuracy-vs-bits.png", figures.png(bits), BITS_CAPTION))
     for path, data, _ in made:
         write_export(path, data)
-    md = (
-        f"# qkd report: {len(runs)} runs\n\n{table.shared_line(rows).capitalize()}\n\n{table.markdown_table(rows)}\n\n"
-        + "".join(f"![{p.stem}]({p.name})\n\n{caption}\n\n" for p, _, caption in made)
+    md = f"# qkd report: {len(runs)} runs\n\n{table.shared_line(rows)}\n\n{table.markdown_table(rows)}\n\n" + "".join(
+        f"![{p.stem}]({p.name})\n\n{caption}\n\n" for p, _, caption in made
     )
     write_export(out / "report.md", md.encode())
     write_export(out / "report.html", _page(runs, rows, made).encode())
@@ -97,7 +96,7 @@ def _page(runs: Sequence[Run], rows: list[dict[str, str]], made: list[tuple[Path
 <p class="meta">Made {when} by qkd {esc(__version__)} from the run folders' summary.json and metrics.jsonl.
 Accuracies are top-1 % of the student; choices are made on the validation split, results are read on test.</p>
 <h2>Comparison</h2>
-<p class="note">{esc(table.shared_line(rows).capitalize())}</p>
+<p class="note">{esc(table.shared_line(rows))}</p>
 <div class="scroll">{table.html_table(rows)}</div>
 <details><summary>What the columns mean</summary><dl>{legend}</dl></details>
 <h2>Figures</h2>
@@ -108,15 +107,8 @@ Accuracies are top-1 % of the student; choices are made on the validation split,
 """
 
 
-def _html_table(head: list[str], body: list[list[str]], text_columns: int = 1) -> str:
-    """A table whose first ``text_columns`` columns are text and the others numbers (values already formatted)."""
-    esc = html.escape
-    th = "".join(f"<th>{esc(h)}</th>" for h in head)
-    tr = "".join(
-        "<tr>" + "".join(f"<td{' class=num' if i >= text_columns else ''}>{esc(c)}</td>" for i, c in enumerate(row))
-        + "</tr>" for row in body
-    )  # fmt: skip
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{tr}</tbody></table>"
+def _numbers_after(text_columns: int, columns: int) -> list[str]:
+    return [""] * text_columns + ["num"] * (columns - text_columns)
 
 
 def _details(run: Run, opened: bool) -> str:
@@ -130,14 +122,16 @@ def _details(run: Run, opened: bool) -> str:
         stages.append([s["key"], s.get("role", "student"), "quantized" if s["quantized"] else "float",
                        str(s["epochs"]), pct(r.get("val")), pct(r.get("test")), pct(teacher) if teacher else "",
                        f"{r['wall_s']:.1f}" if "wall_s" in r else "-"])  # fmt: skip
-    parts = [_html_table(["stage", "trains", "", "epochs", "val %", "test %", "teacher test %", "wall s"], stages, 3)]
+    head = ["stage", "trains", "", "epochs", "val %", "test %", "teacher test %", "wall s"]
+    parts = [table.html_grid(head, stages, _numbers_after(3, len(head)))]
     measured = (run.summary or {}).get("teacher_student") or {}
     if measured:
         body = [[stage, when, pct(m.get("teacher_acc")), pct(m.get("student_acc")), f"{m.get('kl', float('nan')):.4f}"]
                 for stage, by_when in measured.items() for when, m in by_when.items()]  # fmt: skip
         parts.append("<p class='note'>Teacher and quantized student on the validation split (KL divergence of the "
                      "student from the teacher, nats): co-study should bring them closer.</p>")  # fmt: skip
-        parts.append(_html_table(["stage", "when", "teacher val %", "student val %", "KL"], body, 2))
+        parts.append(table.html_grid(["stage", "when", "teacher val %", "student val %", "KL"], body,
+                                     _numbers_after(2, 5)))  # fmt: skip
     exports = "".join(f"<li>{esc(e.path.name)}: {esc(e.format)}, {table.size(e.bytes)}</li>" for e in run.exports)
     parts.append(f"<p class='note'>Exports:</p><ul>{exports or '<li>none (qkd export writes them)</li>'}</ul>")
     s = run.summary or {}

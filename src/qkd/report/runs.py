@@ -63,9 +63,10 @@ class Run:
         """Weight and activation bits of the quantized layers; (None, None) for a float-only run."""
         if not self.quantized:
             return None, None
-        q = self.summary["bits"] if self.summary is not None else self.config.get("quant", {})
-        key = "weight" if self.summary is not None else "weight_bits"
-        return q.get(key), q.get("act" if self.summary is not None else "act_bits")
+        if self.summary is not None:
+            return self.summary["bits"].get("weight"), self.summary["bits"].get("act")
+        q = self.config.get("quant") or {}
+        return q.get("weight_bits"), q.get("act_bits")
 
     @property
     def bits_label(self) -> str:

@@ -96,7 +96,7 @@ def shared(table: list[dict[str, str]]) -> dict[str, str]:
 
 def shared_line(table: list[dict[str, str]]) -> str:
     same = shared(table)
-    return "all runs: " + ", ".join(f"{c} {v}" for c, v in same.items()) if same else ""
+    return "All runs: " + ", ".join(f"{c} {v}" for c, v in same.items()) if same else ""
 
 
 def _columns(table: list[dict[str, str]]) -> list[str]:
@@ -129,8 +129,16 @@ def markdown_table(table: list[dict[str, str]]) -> str:
 
 def html_table(table: list[dict[str, str]]) -> str:
     cols = _columns(table)
-    head = "".join(f'<th title="{html.escape(COLUMNS[c])}">{html.escape(c)}</th>' for c in cols)
-    cls = {c: _CLASS.get(c, "num" if c in _RIGHT else "") for c in cols}
-    body = "".join("<tr>" + "".join(f'<td class="{cls[c]}">{html.escape(r[c])}</td>' for c in cols) + "</tr>"
-                   for r in table)  # fmt: skip
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    classes = [_CLASS.get(c, "num" if c in _RIGHT else "") for c in cols]
+    return html_grid(cols, [[r[c] for c in cols] for r in table], classes, [COLUMNS[c] for c in cols])
+
+
+def html_grid(head: list[str], body: list[list[str]], classes: list[str], titles: list[str] | None = None) -> str:
+    """An HTML table of already formatted values: ``classes`` per column (``num`` right-aligns, ``wrap`` may wrap),
+    ``titles`` the headers' tooltips."""
+    esc = html.escape
+    th = "".join(f'<th title="{esc(t)}">{esc(h)}</th>' if t else f"<th>{esc(h)}</th>"
+                 for h, t in zip(head, titles or [""] * len(head)))  # fmt: skip
+    tr = "".join("<tr>" + "".join(f'<td class="{k}">{esc(v)}</td>' for v, k in zip(row, classes)) + "</tr>"
+                 for row in body)  # fmt: skip
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{tr}</tbody></table>"
