@@ -371,6 +371,48 @@ def timing_table(cells: dict) -> str:
     return "\n".join(lines)
 
 
+def _changed(rec: dict, ref: dict) -> str:
+    """The settings in which a variant's run differs from the base run of the same seed."""
+    keys = sorted(k for k in rec["config"].keys() | ref["config"].keys()
+                  if rec["config"].get(k) != ref["config"].get(k) and not k.endswith(".lr"))  # fmt: skip
+    return ", ".join(f"{k}={rec['config'].get(k)}" for k in keys) or "nothing"
+
+
+def _interval(diffs: list[float]) -> str:
+    mean, lo, hi = t_interval(diffs)
+    return f"{mean:+.2f}" + ("" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]")
+
+
+def variants_table(store: dict, epochs: int, train_limit: int | None) -> str:
+    """Each variant (a ``--tag``) against the base cells of the same seeds: validation, where choices are made,
+    and test beside it; for co-studying methods, where co-study left the teacher (validation half)."""
+    base = cells_of(store, epochs, train_limit)
+    tags = sorted({r["cell"]["tag"] for r in store["runs"].values()} - {""})
+    lines = ["| variant | what it changes | bits | method | seeds | val % variant / base | variant − base, val "
+             "[95 %] | variant − base, test [95 %] | teacher val % after co-study, KL to student (ref) |",
+             "|---|---|---|---|---:|---|---|---|---|"]  # fmt: skip
+    for tag in tags:
+        variant = cells_of(store, epochs, train_limit, tag)
+        for (b, m), runs in sorted(variant.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1]))):
+            ref = base.get((b, m), {})
+            seeds = sorted(runs.keys() & ref.keys())
+            if not seeds:
+                continue
+            var, old = [runs[s] for s in seeds], [ref[s] for s in seeds]
+            diff = {split: [final(v, split) - final(o, split) for v, o in zip(var, old)] for split in ("val", "test")}
+            co = [c for r in var for k, c in r["summary"].get("teacher_student", {}).items() if k.endswith("co_study")]
+            teacher = (f"{100 * statistics.mean(c['end']['teacher_acc'] for c in co):.2f}, "
+                       f"{statistics.mean(c['end']['kl'] for c in co):.3f} "
+                       f"({statistics.mean(c['end']['kl_reference'] for c in co):.3f})") if co else ""  # fmt: skip
+            lines.append(
+                f"| {tag} | {_changed(var[0], old[0])} | W{b}A{b} | {m} | {len(seeds)} | "
+                f"{statistics.mean(final(v, 'val') for v in var):.2f} / "
+                f"{statistics.mean(final(o, 'val') for o in old):.2f} | {_interval(diff['val'])} | "
+                f"{_interval(diff['test'])} | {teacher} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def figures(store: dict, cells: dict, diffs: list[dict], budget: tuple, prefix: Path) -> list[Path]:
     """The paired differences with their intervals, and the W2A2 curve against training length (drawn by
     qkd.report.figures, as qkd report draws)."""
@@ -418,6 +460,9 @@ def report(
     ref = float_reference(store)
     made = figures(store, cells, diffs, (epochs, train_limit), store_path(study).with_suffix(""))
     rel = [f.relative_to(ROOT / "docs") for f in made]
+    variants = variants_table(store, epochs, train_limit)
+    if variants:
+        variants = f"Variants, seed by seed against the cells above (the presets re-checked):\n\n{variants}\n\n"
     text = (
         f"\n### CIFAR-10 study, clean protocol: {epochs} epochs x {train_limit or 50_000} images, "
         f"{time.strftime('%Y-%m-%d')}\n\n"
@@ -431,6 +476,7 @@ def report(
         f"qkd minus each method, seed by seed, on test:\n\n{paired_table(diffs)}\n\n"
         f"The mechanism, on the validation half (means over seeds; KL in nats, temperature 1):\n\n"
         f"{mechanism_table(cells)}\n\nWhere the time goes (seconds per run, this budget):\n\n{timing_table(cells)}\n\n"
+        + variants
         + "".join(f"![{f.stem}]({f})\n" for f in rel)
     )
     publish(text, append)
