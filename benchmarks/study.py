@@ -80,6 +80,14 @@ def identity(cfg: RunConfig) -> dict:
     return {k: v for k, v in flat.items() if k not in WHERE}
 
 
+def differences(a: dict, b: dict) -> list[str]:
+    """The keys in which two identities differ. A key that one of them lacks (a setting added to qkd after that
+    run was stored) counts only if the other holds something else than the setting's default."""
+    default = identity(RunConfig())
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k, default.get(k)) != b.get(k, default.get(k)))  # fmt: skip
+
+
 # ----- configurations -----------------------------------------------------------------------------------
 def train_file(data_dir: Path) -> Path:
     """The decoded arrays, or the same images as JPEG bytes (the form small enough to carry to a GPU machine)."""
@@ -136,7 +144,7 @@ def _grid(specs: list[str]) -> list[tuple[int, str, int, int | None]]:
 def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
     """A run's record (settings, summary, history); an interrupted run folder is resumed, a finished one read."""
     run_dir = out / cfg.name
-    if (run_dir / "config.yaml").is_file() and identity(pipeline.load_run_config(run_dir)) != identity(cfg):
+    if (run_dir / "config.yaml").is_file() and differences(identity(pipeline.load_run_config(run_dir)), identity(cfg)):
         raise typer.BadParameter(f"{run_dir} was made with other settings; move it away")
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -244,7 +252,7 @@ def run(
             mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role].resolve()), 0
         stored = store["runs"].get(cfg.name)
         if stored is not None:
-            if stored["config"] != identity(cfg) or stored["start"] != start:
+            if differences(stored["config"], identity(cfg)) or stored["start"] != start:
                 raise typer.BadParameter(f"{cfg.name} is stored with other settings; use another --tag")
             continue
         cells.append((cfg, None))
@@ -373,9 +381,7 @@ def timing_table(cells: dict) -> str:
 
 def _changed(rec: dict, ref: dict) -> str:
     """The settings in which a variant's run differs from the base run of the same seed."""
-    keys = sorted(k for k in rec["config"].keys() | ref["config"].keys()
-                  if rec["config"].get(k) != ref["config"].get(k) and not k.endswith(".lr"))  # fmt: skip
-    return ", ".join(f"{k}={rec['config'].get(k)}" for k in keys) or "nothing"
+    return ", ".join(f"{k}={rec['config'].get(k)}" for k in differences(rec["config"], ref["config"])) or "nothing"
 
 
 def _interval(diffs: list[float]) -> str:
