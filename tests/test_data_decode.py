@@ -158,3 +158,13 @@ def test_shards_under_torchrun_with_every_decode(folder: Path, monkeypatch, gpu_
         assert torch.equal(torch.cat([x for x, _ in b.test]), whole[r::2])
         assert [len(y) for _, y in _batches(b.train, seed=0)] == [2]  # 5 training images: 2 per rank, batch 4 / 2
 
+
+def test_export_of_a_gpu_decoded_run_evaluates_on_the_cpu(folder: Path) -> None:
+    """`qkd eval FILE` rebuilds the run's data on the CPU: a recorded decode=cuda becomes cpu there."""
+    from qkd.export.deploy import _export_data
+
+    settings = {"name": "imagefolder", "root": str(folder), "val_size": 2, "num_workers": 0, "decode": "cuda"}
+    data = _export_data(Path("student.onnx"), {"data": settings}, [])
+    assert data.test._finish is None and isinstance(data.test._loader.dataset.dataset.transform, jpeg.DecodeHere)
+    data = _export_data(Path("student.onnx"), {"data": settings}, ["data.decode=pil"])
+    assert not isinstance(data.test._loader.dataset.dataset.transform, jpeg.DecodeHere)
