@@ -168,3 +168,25 @@ def test_export_of_a_gpu_decoded_run_evaluates_on_the_cpu(folder: Path) -> None:
     assert data.test._finish is None and isinstance(data.test._loader.dataset.dataset.transform, jpeg.DecodeHere)
     data = _export_data(Path("student.onnx"), {"data": settings}, ["data.decode=pil"])
     assert not isinstance(data.test._loader.dataset.dataset.transform, jpeg.DecodeHere)
+
+
+def test_a_batch_the_gpu_decoder_refuses_is_decoded_on_the_cpu(folder: Path, monkeypatch, caplog) -> None:
+    """If decode_jpeg fails on a batch (nvJPEG and an unusual JPEG), the same images come from the CPU, said once."""
+    import torchvision.io
+
+    items = [jpeg.Prepare(train=False)(str(f)) for f in sorted(folder.rglob("*.jpg"))]
+    assert any(it.data.dim() == 1 for it in items)
+    mean, std, cpu = sources.IMAGENET_MEAN, sources.IMAGENET_STD, torch.device("cpu")
+    expected = jpeg.finish_batch(items, cpu, mean, std)
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("\nnvjpeg: unsupported\nmore detail")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses)
+    monkeypatch.setattr(jpeg, "_fallback_logged", False)
+    with caplog.at_level("WARNING", logger="qkd"):
+        assert torch.equal(jpeg.finish_batch(items, cpu, mean, std), expected)
+        assert torch.equal(jpeg.finish_batch(items, cpu, mean, std), expected)
+    assert [r.getMessage() for r in caplog.records] == [
+        "decode_jpeg on cpu failed for a batch (nvjpeg: unsupported): such batches decode on the CPU"
+    ]

@@ -14,7 +14,8 @@ the CPU path's. The crop is drawn from the image size with torchvision's own ``R
 and the flip as ``RandomHorizontalFlip`` draws it, in the PIL recipe's order, from the process's torch RNG
 (a loader worker's is seeded from the loader's seed): data order and augmentation are reproducible, and every
 mode draws the same crops. Evaluation resizes the shorter side to 256 and centre-crops 224. Resizes are
-bilinear and antialiased, as PIL's are; the pixels differ from PIL's by rounding only.
+bilinear and antialiased, as PIL's are (in the tests, the pixels match PIL's to rounding; nvJPEG's may differ
+a little more).
 
 Files that are not plain RGB JPEGs (PNG, grayscale or CMYK JPEG, ...) are decoded on the CPU, in the worker:
 with ``torchvision.io.decode_image`` where it reads the format, else with Pillow (BMP, TIFF), always to RGB.
@@ -54,10 +55,12 @@ class Crop(NamedTuple):
 
 class Item(NamedTuple):
     """One image as the workers hand it over: ``data`` is the file's bytes (1-D uint8, a JPEG for nvJPEG) or
-    the image decoded already (uint8 CHW, RGB); ``crop`` None means evaluation (resize, centre crop)."""
+    the image decoded already (uint8 CHW, RGB); ``crop`` None means evaluation (resize, centre crop); ``path``
+    names the file in errors."""
 
     data: Tensor
     crop: Crop | None
+    path: str = "image"
 
 
 def file_path(path: str) -> str:
@@ -137,7 +140,7 @@ def finish_batch(items: Sequence[Item], device: torch.device, mean: Sequence[flo
     images = [it.data for it in items]
     encoded = [i for i, it in enumerate(items) if it.data.dim() == 1]
     if encoded:
-        for i, image in zip(encoded, _decode_jpegs([items[i].data for i in encoded], device), strict=True):
+        for i, image in zip(encoded, _decode_jpegs([items[i] for i in encoded], device), strict=True):
             images[i] = image
     x = torch.stack([crop_resize(im.to(device), it.crop) for im, it in zip(images, items, strict=True)])
     return F.normalize(F.to_dtype(x, torch.float32, scale=True), list(mean), list(std))
@@ -146,7 +149,7 @@ def finish_batch(items: Sequence[Item], device: torch.device, mean: Sequence[flo
 _fallback_logged = False
 
 
-def _decode_jpegs(data: list[Tensor], device: torch.device) -> list[Tensor]:
+def _decode_jpegs(items: list[Item], device: torch.device) -> list[Tensor]:
     """JPEG bytes to uint8 RGB CHW on ``device``, all in one call; if that fails (nvJPEG cannot read one of
     them), each on the CPU and moved, said once in the log."""
     global _fallback_logged
@@ -154,13 +157,13 @@ def _decode_jpegs(data: list[Tensor], device: torch.device) -> list[Tensor]:
 
     with _quiet():
         try:
-            return decode_jpeg(data, ImageReadMode.RGB, device=device)
+            return decode_jpeg([it.data for it in items], ImageReadMode.RGB, device=device)
         except RuntimeError as e:
             if not _fallback_logged:
                 _fallback_logged = True
                 first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
                 log.warning("decode_jpeg on %s failed for a batch (%s): such batches decode on the CPU", device, first)
-    return [decode_cpu(d).to(device) for d in data]
+    return [decode_cpu(it.data, it.path).to(device) for it in items]
 
 
 class Prepare:
@@ -180,7 +183,7 @@ class Prepare:
                 crop = draw_crop(header) if self.train else None
         except (OSError, UnidentifiedImageError) as e:
             raise QKDError(f"{path}: Pillow cannot read its header ({e})") from None
-        return Item(raw if nvjpeg else decode_cpu(raw, path), crop)
+        return Item(raw if nvjpeg else decode_cpu(raw, path), crop, path)
 
 
 class DecodeHere:
@@ -191,7 +194,7 @@ class DecodeHere:
 
     def __call__(self, path: str) -> Tensor:
         image = decode_cpu(read(path), path)
-        item = Item(image, draw_crop(image) if self.train else None)
+        item = Item(image, draw_crop(image) if self.train else None, path)
         return finish_batch([item], torch.device("cpu"), self.mean, self.std)[0]
 
 
