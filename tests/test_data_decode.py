@@ -105,6 +105,8 @@ def test_gpu_path_finished_on_the_cpu_gives_the_cpu_modes_tensors(folder: Path, 
         b.set_epoch(5)
         assert _equal(_batches(b), first), split  # the same seed: the same batches again
         if split == "train":
+            a.set_epoch(5)
+            assert _equal(_batches(a), first)  # decode=cpu, again
             b.set_epoch(6)
             assert not _equal(_batches(b), first)  # another seed: another order and other crops
 
