@@ -258,7 +258,8 @@ def eval_(
 ) -> None:
     """Top-1 accuracy (%) of a run's model: as trained (fake-quant), with quantization off, or through an
     exported engine; or of an exported file (qkd eval runs/<name>/export/student-onnx.onnx), which takes
-    data.root=... (data.num_workers, data.eval_batch_size, data.download) where its run's data has moved."""
+    data.root=... (data.num_workers, data.eval_batch_size, data.download, data.decode) where its run's data
+    has moved."""
     if _is_export(target):
         if device not in (None, "cpu") or role is not None or unfinished:
             raise QKDError(f"{target} is an exported file: it runs on the CPU, holds the student and was finished "

@@ -160,7 +160,7 @@ class LoadedStudent:
 
 #: what eval and export may change in a checkpoint's own settings: where and how it runs, not what it is
 EVAL_CHANGES = ("device", "name", "runtime.", "data.root", "data.num_workers", "data.eval_batch_size",
-                "data.download")  # fmt: skip
+                "data.download", "data.decode")  # fmt: skip
 
 
 def target_config(target: str | Path, overrides: list[str] | None = None, ckpt: dict | None = None) -> RunConfig:

@@ -1,7 +1,7 @@
 """Data from user code: ``data.name=mypkg.data:loaders`` names a function that returns the loaders.
 
 The function is called with the data options it accepts (``root``, ``batch_size``, ``eval_batch_size``,
-``val_size``, ``augment``, ``num_workers``, ``limit``, ``train_limit``, ``mean``, ``std``, ``download``)
+``val_size``, ``augment``, ``num_workers``, ``limit``, ``train_limit``, ``mean``, ``std``, ``download``, ``decode``)
 and ``seed``/``device``, and returns a :class:`DataBundle`, a mapping with ``train``, ``val`` and
 optionally ``test``, ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std``, or a tuple
 ``(train, val[, test])``. Each loader is an iterable of ``(x, y)`` batches.

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+#: ``data.decode``: how image folders are decoded (the other sources are decoded once, into memory)
+DECODE_MODES = ("pil", "cpu", "cuda")
+
 
 @dataclass
 class DataOptions:
@@ -18,6 +21,10 @@ class DataOptions:
       image trains; use it when pretrained weights saw the whole training split); ``mean``/``std``:
       normalisation (None: the source's own); ``augment``: random crop and flip where the source allows them;
       ``download``: fetch when you have a network; ``num_workers``: loader processes for streamed images.
+    - ``decode``: how image folders (``imagefolder``, the one streamed source) decode and crop: ``pil`` (PIL and
+      torchvision's transforms in the loader workers), ``cpu`` (``torchvision.io`` decoders and tensor crops in
+      the workers, faster), ``cuda`` (the workers read the files and draw the crops; the batch is decoded with
+      nvJPEG and cropped on the GPU; needs the run on CUDA). Every mode draws the same crops from the same seed.
     - ``limit``: at most this many images per split (quick runs); ``train_limit``: for the training split
       alone (val/test whole).
     """
@@ -37,6 +44,7 @@ class DataOptions:
     num_workers: int = 2
     limit: int | None = None
     train_limit: int | None = None
+    decode: str = "pil"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -50,6 +58,8 @@ class DataOptions:
                 raise ValueError(f"data.{name} must be >= 1 or unset, got {value}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"data.decode must be pil, cpu or cuda, got {self.decode!r}")
 
     @property
     def train_cap(self) -> int | None:

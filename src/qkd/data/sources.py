@@ -12,16 +12,19 @@ of the training split (never the test split) from ``seed``, so results are compa
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from qkd.data import jpeg
 from qkd.data.factory import from_factory as _from_factory
 from qkd.data.options import DataBundle, DataOptions
 from qkd.data.tensor_loader import TensorLoader
@@ -248,6 +251,9 @@ def build_data(
     if key in _NO_FILES and opts.root is not None:
         raise QKDError(f"{key} is built in and reads no files; drop data.root (given: {opts.root}; "
                        "`data.root=` clears the one a preset sets)")  # fmt: skip
+    if opts.decode != "pil" and key not in _STREAM_SOURCES:
+        raise QKDError(f"{key} is decoded once, into memory; data.decode={opts.decode} applies to imagefolder only, "
+                       "drop it")  # fmt: skip
     o = _Options(**{f.name: getattr(opts, f.name) for f in fields(DataOptions)}, device=_device(device), seed=seed)
     if key in _STREAM_SOURCES:
         return _STREAM_SOURCES[key](o.root, o)
@@ -402,6 +408,8 @@ class StreamLoader:
 
     Seeding the loader's generator per pass fixes the shuffle order and the worker seeds (hence the
     random transforms when ``num_workers > 0``), so streamed training also resumes reproducibly.
+    ``collate_fn`` and ``finish`` (``finish(x, device)`` makes the batch of images from what the workers
+    collated, in this process: ``data.decode=cuda``) change what travels from the workers.
     """
 
     def __init__(
@@ -413,8 +421,11 @@ class StreamLoader:
         num_workers: int,
         device: torch.device,
         seed: int = 0,
+        collate_fn: Callable | None = None,
+        finish: Callable[[Any, torch.device], Tensor] | None = None,
     ) -> None:
         self.device = device
+        self._finish = finish
         self._generator = torch.Generator()
         self._seed = int(seed)
         self._num_samples = len(dataset)  # type: ignore[arg-type]
@@ -430,8 +441,9 @@ class StreamLoader:
             shuffle=shuffle and self._sampler is None,
             sampler=self._sampler,
             num_workers=num_workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda" and finish is None,  # finish's input is not the batch to copy
             generator=self._generator,
+            collate_fn=collate_fn,
         )
 
     @property
@@ -454,6 +466,8 @@ class StreamLoader:
 
     def _moved(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in batches:
+            if self._finish is not None:
+                x = self._finish(x, self.device)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
@@ -474,11 +488,13 @@ def _build_imagefolder(root: str | None, o: _Options) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
     base = _imagefolder_root(root)
+    if o.decode == "cuda":
+        _check_gpu_decode(o.device)
     mean, std = _resolve_stats(o, IMAGENET_MEAN, IMAGENET_STD, 3)
-    train_tf, eval_tf = _imagefolder_transforms(mean, std, o.augment)
+    loader, train_tf, eval_tf = _imagefolder_pipeline(o.decode, mean, std, o.augment)
     try:
-        train_set = ImageFolder(str(base / "train"), transform=train_tf)
-        test_set = ImageFolder(str(base / "val"), transform=eval_tf)
+        train_set = ImageFolder(str(base / "train"), transform=train_tf, loader=loader)
+        test_set = ImageFolder(str(base / "val"), transform=eval_tf, loader=loader)
     except (FileNotFoundError, OSError) as e:
         raise QKDError(f"cannot read the image folders under {base}: {e}") from e
     if test_set.classes != train_set.classes:
@@ -487,12 +503,15 @@ def _build_imagefolder(root: str | None, o: _Options) -> DataBundle:
     val_view.transform = eval_tf
     targets, test_targets = np.asarray(train_set.targets), np.asarray(test_set.targets)
     sets = {("train", True): train_set, ("train", False): val_view, ("test", False): test_set}
-    train, val, test = (_stream(sets[src, name == "train"], idx, name == "train", o)
+    finish = functools.partial(jpeg.finish_batch, mean=mean, std=std) if o.decode == "cuda" else None
+    train, val, test = (_stream(sets[src, name == "train"], idx, name == "train", o, finish)
                         for name, (src, idx) in _three_splits(targets, test_targets, o).items())  # fmt: skip
-    return DataBundle(train, val, test, len(train_set.classes), 3, 224, mean, std)
+    return DataBundle(train, val, test, len(train_set.classes), 3, jpeg.SIZE, mean, std)
 
 
-def _stream(dataset: torch.utils.data.Dataset, idx: np.ndarray, train: bool, o: _Options) -> StreamLoader:
+def _stream(
+    dataset: torch.utils.data.Dataset, idx: np.ndarray, train: bool, o: _Options, finish: Callable | None = None
+) -> StreamLoader:
     return StreamLoader(
         torch.utils.data.Subset(dataset, idx.tolist()),
         batch_size=o.batch_size if train else o.eval_batch_size,
@@ -500,7 +519,15 @@ def _stream(dataset: torch.utils.data.Dataset, idx: np.ndarray, train: bool, o: 
         num_workers=o.num_workers,
         device=o.device,
         seed=o.seed,
+        collate_fn=jpeg.collate if finish is not None else None,
+        finish=finish,
     )
+
+
+def _check_gpu_decode(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise QKDError(f"data.decode=cuda decodes on the GPU but this run's device is {device}; use data.decode=cpu "
+                       "(torchvision's decoders in the loader workers) or pil")  # fmt: skip
 
 
 def _imagefolder_root(root: str | None) -> Path:
@@ -521,6 +548,19 @@ def _imagefolder_transforms(mean: Sequence[float], std: Sequence[float], augment
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), *tail])
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *tail]) if augment else eval_tf
     return train_tf, eval_tf
+
+
+def _imagefolder_pipeline(decode: str, mean: Sequence[float], std: Sequence[float], augment: bool) -> tuple:
+    """``(loader, train transform, eval transform)`` of ``ImageFolder`` for a ``data.decode`` mode: PIL and
+    torchvision's transforms (``pil``), or :mod:`qkd.data.jpeg`'s tensor path (``cpu``; ``cuda`` prepares the
+    items that :func:`~qkd.data.jpeg.finish_batch` makes the batch of on the GPU)."""
+    from torchvision.datasets.folder import default_loader
+
+    if decode == "pil":
+        return default_loader, *_imagefolder_transforms(mean, std, augment)
+    if decode == "cpu":
+        return jpeg.file_path, jpeg.DecodeHere(augment, mean, std), jpeg.DecodeHere(False, mean, std)
+    return jpeg.file_path, jpeg.Prepare(augment), jpeg.Prepare(False)
 
 
 _STREAM_SOURCES: dict[str, Callable[[str | None, _Options], DataBundle]] = {

@@ -281,7 +281,7 @@ def open_export(path: str | Path) -> tuple[str, dict, Callable[[Tensor], Tensor]
 
 
 #: what ``qkd eval FILE`` may change in the data settings a file carries: where the data is and how it is read
-DATA_CHANGES = ("data.root", "data.num_workers", "data.eval_batch_size", "data.download")
+DATA_CHANGES = ("data.root", "data.num_workers", "data.eval_batch_size", "data.download", "data.decode")
 
 
 def evaluate_export(path: str | Path, overrides: list[str] | None = None, engine: str | None = None) -> dict:
@@ -321,6 +321,8 @@ def _export_data(path: Path, contract: dict, overrides: list[str]):
                        f"changes of {', '.join(DATA_CHANGES)})")  # fmt: skip
     settings = dict(settings)
     seed = settings.pop("seed", 0)
+    if settings.get("decode") == "cuda":  # the run decoded on its GPU; here the nearest: the same decoders, on the CPU
+        settings["decode"] = "cpu"
     cfg = build_config({**RunConfig().model_dump(mode="json"), "data": settings, "seed": seed})
     return data_for(with_overrides(cfg, overrides), "cpu")
 

@@ -106,7 +106,7 @@ PREVIOUS = "previous.pt"  # the last.pt before the newest, kept so that a damage
 #: settings a resumed run may change: they touch neither the models, the data, nor the plan's shape
 RESUMABLE = ("optim.lr", "optim.teacher_lr", "optim.quant_lr", "optim.momentum", "optim.nesterov",
              "optim.weight_decay", "optim.max_loss_ratio", "distill.", "runtime.", "device", "name", "data.root",
-             "data.num_workers", "data.eval_batch_size", "data.download", "teacher.checkpoint",
+             "data.num_workers", "data.eval_batch_size", "data.download", "data.decode", "teacher.checkpoint",
              "student.checkpoint")  # fmt: skip
 
 
