@@ -21,6 +21,7 @@ The generated images go to a temporary folder (or ``--root``) and are never comm
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def main(
     if 2 * per_class - 2 < 64 * (batches + 2):
         raise typer.BadParameter(f"2 x {per_class} images hold fewer than {batches} + 2 batches of 64")
     torch.set_num_threads(1)  # per-core figures; DataLoader workers run 1 thread each anyway
+    load = round(os.getloadavg()[0], 2)  # other work on the machine skews every figure here
     with tempfile.TemporaryDirectory() as tmp:
         base = root or Path(tmp)
         files = make_folder(base, 2, per_class, 10, noise)
@@ -139,7 +141,8 @@ def main(
     per_worker = {(m, w): v / max(1, w) for (m, w), v in loader.items()}
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": machine() + " (2 cores shared with another session's work: expect noise)",
+        "machine": machine(),
+        "load_average_at_start": load,
         "command": command_line(),
         "images": f"{len(files)} training JPEGs, 500x375, quality 90, mean {size_kb:.1f} KiB",
         "single_image_per_s": {k: round(v, 1) for k, v in single.items()},
