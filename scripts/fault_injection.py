@@ -304,6 +304,7 @@ def verdict(trials: list[Trial]) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=24, help="number of killed-and-resumed runs (default 24)")
+    p.add_argument("--first", type=int, default=0, help="number of the first trial (its kinds of kill: see plan)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--out", type=Path, help="folder for the run folders and logs (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the trials here as JSON")
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ref.train_s:.1f} s for {ref.epochs - 1} epochs; runs in {out}", flush=True)  # fmt: skip
         rng = random.Random(args.seed)
         trials = []
-        for i in range(args.trials):
+        for i in range(args.first, args.first + args.trials):
             trials.append(run_trial(i, out, ref, rng))
             print(f"trial {i}: " + ", ".join(row(trials[-1])[1:]), file=sys.stderr, flush=True)
         print(table(trials))

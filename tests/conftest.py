@@ -1,4 +1,9 @@
+import contextlib
+import io
+import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +73,28 @@ def demo_run(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return root, run_dir, summary["stages"]["1_self_study"]["test"]
+
+
+def qkd_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``qkd ARGS`` through the command's own ``main()`` in this process: its exit status, stdout and stderr as a
+    real process gives them, without the 5 s a fresh interpreter spends importing torch. Only for input the
+    command refuses before any work; the tests that train or export run real processes."""
+    from qkd.cli import main
+
+    out, err, root = io.StringIO(), io.StringIO(), logging.getLogger()
+    handlers, level, argv, here = root.handlers[:], root.level, sys.argv, Path.cwd()
+    sys.argv = ["qkd", *args]
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+        root.handlers[:] = handlers  # the command configures logging for itself (basicConfig(force=True))
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["qkd", *args], code, out.getvalue(), err.getvalue())

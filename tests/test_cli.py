@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, qkd_in_process
 from qkd.models import create_model
 
 
@@ -30,19 +30,26 @@ def test_default_run_end_to_end(tmp_path):
     assert summary["stages"]["3_tutor"]["test"] > 0.8
 
 
-def test_eval_train_fp_and_resume_commands(tmp_path):
-    res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    """One finished tiny QAT run, shared by the tests that read it (eval, resume of a finished run, export)."""
+    out = tmp_path_factory.mktemp("runs")
+    res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(out))
     assert res.returncode == 0, res.stderr
-    res = qkd("eval", str(tmp_path / "r"))
+    return out / "r"
+
+
+def test_eval_train_fp_and_resume_commands(tmp_path, qat_run):
+    res = qkd("eval", str(qat_run))
     assert res.returncode == 0 and "test top-1 % quantizers off" in res.stdout
-    res = qkd("run", "--resume", str(tmp_path / "r"))
+    res = qkd("run", "--resume", str(qat_run))  # a finished run: its table again, nothing changed
     assert res.returncode == 0 and "after 1_self_study" in res.stdout
     res = qkd("train-fp", *TINY, "--role", "student", "--name", "fp", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "fp" / "checkpoints" / "fp_student.pt").is_file()
-    res = qkd("config", "digits", "quant.weight_bits=3")
+    res = qkd_in_process("config", "digits", "quant.weight_bits=3")
     assert res.returncode == 0 and "weight_bits: 3" in res.stdout
-    res = qkd("list")
+    res = qkd_in_process("list")
     assert "resnet20" in res.stdout and "cifar10" in res.stdout
 
 
@@ -77,7 +84,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     make_args, needle = BAD[case]
-    res = qkd("run", *make_args(tmp_path), "--out", str(tmp_path / "runs"))
+    res = qkd_in_process("run", *make_args(tmp_path), "--out", str(tmp_path / "runs"))
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1 and lines[0].startswith("qkd: error: "), res.stderr
@@ -114,21 +121,19 @@ def test_eval_of_a_checkpoint_file_alone_uses_its_own_settings(tmp_path):
     assert res.returncode == 0 and "the student tiny_cnn, float, after fp_student" in res.stdout
 
 
-def test_export_int_and_onnx_and_eval_engines(tmp_path):
-    res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
-    assert res.returncode == 0, res.stderr
+def test_export_int_and_onnx_and_eval_engines(tmp_path, qat_run):
     for fmt, ext in (("int", "safetensors"), ("onnx", "onnx"), ("onnx-int", "onnx")):
-        res = qkd("export", str(tmp_path / "r"), "--format", fmt)
+        res = qkd("export", str(qat_run), "--format", fmt)
         assert res.returncode == 0, res.stderr
-        assert (tmp_path / "r" / "export" / f"student-{fmt}.{ext}").is_file()
+        assert (qat_run / "export" / f"student-{fmt}.{ext}").is_file()
         assert "smaller" in res.stdout and "top-1 agreement" in res.stdout
     for engine in ("int", "onnx-int"):
-        res = qkd("eval", str(tmp_path / "r"), "--engine", engine)
+        res = qkd("eval", str(qat_run), "--engine", engine)
         assert res.returncode == 0 and "agreement" in res.stdout
-    res = qkd("export", str(tmp_path / "r"), "--format", "tflite")
+    res = qkd_in_process("export", str(qat_run), "--format", "tflite")
     assert res.returncode == 2 and "unknown export format 'tflite'" in res.stderr
     res = qkd("run", *TINY, "--name", "fp", "--out", str(tmp_path), "method=qat", "student.train_epochs=1", "epochs=1")
-    res = qkd("export", str(tmp_path / "fp" / "checkpoints" / "fp_student.pt"))
+    res = qkd_in_process("export", str(tmp_path / "fp" / "checkpoints" / "fp_student.pt"))
     assert res.returncode == 2 and "holds a float student" in res.stderr
 
 

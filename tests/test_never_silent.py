@@ -107,14 +107,14 @@ def test_a_disk_without_room_for_the_checkpoints_is_refused_before_training(tmp_
 def test_a_second_ctrl_c_stops_at_once():
     from qkd.train.stop import StopRequest
 
-    request = StopRequest()
+    request, before = StopRequest(), signal.getsignal(signal.SIGINT)  # SIG_IGN in a job started with `&`
     with request.installed():
         assert signal.getsignal(signal.SIGINT) == request._handle
         request._handle(signal.SIGINT, None)  # the first: stop at the next step
         assert request and request.exit_code == 130
         with pytest.raises(KeyboardInterrupt):
             request._handle(signal.SIGINT, None)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the handler in place before training, restored
 
 
 def test_the_checksum_finds_a_changed_tensor(tmp_path):
