@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from qkd.dist import broadcast_state, is_main_process, rank, resolve_device
+from qkd.distributed import broadcast_state, is_main_process, rank, resolve_device
 from qkd.models import create_model
 from qkd.quant import QuantConfig, calibrate, quantize_model
 

@@ -13,13 +13,18 @@ Or only the quantization, for your own training loop:
 >>> student = qkd.quantize_model(my_float_model, qkd.QuantConfig(weight_bits=4, act_bits=4))
 """
 
-__version__ = "0.1.0"  # before the imports: modules below record it in checkpoints
+import sys
 
+from qkd import distributed
+from qkd._version import __version__
 from qkd.config import TrainConfig
 from qkd.errors import Diverged, QKDError, Stopped
 from qkd.phases import Distill
 from qkd.quant import QuantConfig, quantization_disabled, quantization_summary, quantize_model
 from qkd.train import METHODS, FitResult, Trainer, fit
+
+# qkd.dist: the old name of qkd.distributed (it read as "distillation"), kept for old imports
+dist = sys.modules.setdefault("qkd.dist", distributed)
 
 __all__ = [
     "METHODS",

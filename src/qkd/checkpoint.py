@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from qkd.dist import is_main_process
+from qkd.distributed import is_main_process
 from qkd.errors import QKDError
 
 

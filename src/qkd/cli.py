@@ -96,7 +96,7 @@ def _chance(result: dict) -> str:
 
 
 def _report(run_dir: Path, summary: dict) -> None:
-    from qkd.dist import is_main_process
+    from qkd.distributed import is_main_process
 
     if not is_main_process():
         return
@@ -150,7 +150,7 @@ def _restarted_by_torchrun(out: Path, name: str | None) -> Path | None:
 
 def _start(cfg: RunConfig, out: Path, overwrite: bool, stages=None) -> Path:
     from qkd import pipeline
-    from qkd.dist import on_main, setup
+    from qkd.distributed import on_main, setup
 
     setup(cfg.device)  # under torchrun: one run over all ranks; its folder and name are rank 0's
     run_dir = on_main(lambda: pipeline.new_run_dir(cfg, out, overwrite))
@@ -427,7 +427,7 @@ def main() -> None:
     try:
         app()
     except QKDError as e:
-        from qkd.dist import is_main_process, rank
+        from qkd.distributed import is_main_process, rank
 
         if is_main_process():
             typer.echo(f"qkd: error: {e}", err=True)

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qkd.data.options import DataOptions
-from qkd.dist import DEVICES
+from qkd.distributed import DEVICES
 from qkd.errors import QKDError
 from qkd.phases import METHODS, Distill
 from qkd.quant import QuantConfig

@@ -19,7 +19,7 @@ from torch import nn
 from qkd.checkpoint import load_checkpoint
 from qkd.config import ModelConfig, RunConfig, build_config, load_config, with_overrides
 from qkd.data import DataBundle, build_data
-from qkd.dist import on_main, resolve_device, setup
+from qkd.distributed import on_main, resolve_device, setup
 from qkd.errors import QKDError
 from qkd.models import create_model, load_pretrained
 from qkd.plugins import is_import_path

@@ -28,7 +28,7 @@ from qkd.data import jpeg
 from qkd.data.factory import from_factory as _from_factory
 from qkd.data.options import DataBundle, DataOptions
 from qkd.data.tensor_loader import TensorLoader
-from qkd.dist import rank, resolve_device, world_size
+from qkd.distributed import rank, resolve_device, world_size
 from qkd.errors import QKDError
 
 __all__ = ["Arrays", "DataBundle", "StreamLoader", "build_data", "list_datasets"]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkd import __version__
+from qkd._version import __version__
 from qkd.errors import QKDError
 from qkd.export.intfile import write_export
 from qkd.report import figures, table

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from qkd.dist import is_main_process
+from qkd.distributed import is_main_process
 from qkd.errors import QKDError
 from qkd.phases import PHASES
 from qkd.quant import LSQQuantizer, Quantizer, quantized_layers

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qkd.dist import all_sum, rank, world_size
+from qkd.distributed import all_sum, rank, world_size
 from qkd.errors import Diverged, QKDError
 
 

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qkd import __version__
+from qkd._version import __version__
 from qkd.checkpoint import save_checkpoint, write_json, write_text
 from qkd.config import TrainConfig
-from qkd.dist import (
+from qkd.distributed import (
     average_bn_statistics,
     broadcast_state,
     gather,
