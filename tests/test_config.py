@@ -77,3 +77,16 @@ def test_missing_and_malformed_config_files(tmp_path):
 def test_config_dir_is_the_repo_configs():
     assert (config_dir() / "digits.yaml").is_file()
     assert RunConfig().data.name == "digits"
+
+
+def test_where_settings_are_marked_once_on_the_fields():
+    from qkd.config import where_settings
+    from qkd.pipeline import EVAL_CHANGES
+    from qkd.train.rundir import may_change_on_resume
+
+    assert set(where_settings()) == {"name", "device", "runtime.kernels", "runtime.tensorboard", "data.root",
+                                     "data.num_workers", "data.eval_batch_size", "data.download", "data.decode",
+                                     "teacher.checkpoint", "student.checkpoint"}  # fmt: skip
+    assert where_settings("data") == tuple(k for k in where_settings() if k.startswith("data."))
+    assert all(may_change_on_resume(k) for k in where_settings()) and set(where_settings()) <= set(EVAL_CHANGES)
+    assert not may_change_on_resume("data.batch_size") and not may_change_on_resume("quant.weight_bits")

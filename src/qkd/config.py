@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,12 @@ from qkd.quant import QuantConfig
 
 PhaseName = Literal["self_study", "co_study", "tutor"]
 
+#: Marks a setting that says where a run happens, not what it computes: file locations, the run's name, the
+#: device, loader processes, evaluation batch size, logging. Two runs that differ only in these compute the same
+#: (up to floating-point rounding). On a pydantic field: ``Field(..., json_schema_extra=WHERE)``; on a
+#: dataclass field (``data``): ``field(..., metadata={"where": True})``. :func:`where_settings` lists them.
+WHERE = {"where": True}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -30,7 +38,7 @@ class ModelConfig(_Strict):
 
     name: str = Field(description="a zoo model (qkd list), timm:<name>, or a factory by import path pkg.module:fn")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str | None = None
+    checkpoint: str | None = Field(None, json_schema_extra=WHERE, description="weights to start from (a path)")
     train_epochs: int = Field(0, ge=0, description="float training (from the checkpoint if given)")
     lr: float = Field(0.05, gt=0, description="learning rate of that float training")
 
@@ -59,7 +67,9 @@ class RuntimeConfig(_Strict):
     """How fast, not what: none of these change the maths beyond floating-point rounding."""
 
     kernels: Literal["eager", "compiled"] = Field(
-        "eager", description="fake-quant kernels: eager ops, or torch.compile'd fused loops (fast; compiles once)"
+        "eager",
+        description="fake-quant kernels: eager ops, or torch.compile'd fused loops (fast; compiles once)",
+        json_schema_extra=WHERE,  # the two are held equal by the tests (each fused kernel has a reference twin)
     )
     channels_last: bool = Field(False, description="NHWC memory layout for conv nets (faster convs on CPU and GPU)")
     amp: bool = Field(
@@ -79,6 +89,7 @@ class RuntimeConfig(_Strict):
         "auto",
         description="TensorBoard events in <run folder>/tensorboard: auto = when the tensorboard package is "
         "installed (pip install 'qkd[tensorboard]'), true = required, false = off",
+        json_schema_extra=WHERE,
     )
 
 
@@ -99,7 +110,7 @@ class TrainConfig(_Strict):
     """
 
     seed: int = 0
-    device: str = Field("auto", description=f"{DEVICES}; auto is CUDA when present")
+    device: str = Field("auto", description=f"{DEVICES}; auto is CUDA when present", json_schema_extra=WHERE)
     method: Method = "qkd"
     epochs: int = Field(20, ge=1, description="total budget shared by the method's phases")
     split: tuple[float, float, float] = (0.15, 0.5, 0.35)
@@ -133,7 +144,9 @@ class RunConfig(TrainConfig):
     """
 
     name: str | None = Field(
-        None, description="run folder name, inside the --out folder (default: data-model-method-time)"
+        None,
+        description="run folder name, inside the --out folder (default: data-model-method-time)",
+        json_schema_extra=WHERE,
     )
     data: DataOptions = Field(default_factory=DataOptions)
     teacher: ModelConfig = Field(default_factory=lambda: ModelConfig(name="tiny_cnn_wide", train_epochs=15))
@@ -155,6 +168,31 @@ class RunConfig(TrainConfig):
     def train_config(self) -> TrainConfig:
         """The training part alone (what the trainer takes)."""
         return TrainConfig.model_validate(self.model_dump(include=set(TrainConfig.model_fields)))
+
+
+def where_settings(section: str | None = None) -> tuple[str, ...]:
+    """Dotted names of the settings marked :data:`WHERE` (all, or those of one ``section``).
+
+    They may change when a run is resumed, evaluated or exported, and are no part of a run's identity when a
+    finished run is reused (:mod:`qkd.reuse`).
+
+    >>> where_settings("data")
+    ('data.root', 'data.eval_batch_size', 'data.download', 'data.num_workers', 'data.decode')
+    """
+    names = tuple(_marked(RunConfig))
+    return names if section is None else tuple(n for n in names if n.startswith(f"{section}."))
+
+
+def _marked(kind: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        for name, info in kind.model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("where"):
+                yield prefix + name
+            else:
+                yield from _marked(info.annotation, f"{prefix}{name}.")
+    elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        yield from (prefix + f.name for f in dataclasses.fields(kind) if f.metadata.get("where"))
 
 
 def config_dir() -> Path:

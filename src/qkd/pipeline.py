@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qkd.checkpoint import load_checkpoint
-from qkd.config import ModelConfig, RunConfig, build_config, load_config, with_overrides
+from qkd.config import ModelConfig, RunConfig, build_config, load_config, where_settings, with_overrides
 from qkd.data import DataBundle, build_data
 from qkd.distributed import on_main, resolve_device, setup
 from qkd.errors import QKDError
@@ -159,8 +159,7 @@ class LoadedStudent:
 
 
 #: what eval and export may change in a checkpoint's own settings: where and how it runs, not what it is
-EVAL_CHANGES = ("device", "name", "runtime.", "data.root", "data.num_workers", "data.eval_batch_size",
-                "data.download", "data.decode")  # fmt: skip
+EVAL_CHANGES = ("runtime.", *where_settings())
 
 
 def target_config(target: str | Path, overrides: list[str] | None = None, ckpt: dict | None = None) -> RunConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: ``data.decode``: how image folders are decoded (the other sources are decoded once, into memory)
 DECODE_MODES = ("pil", "cpu", "cuda")
@@ -32,19 +32,19 @@ class DataOptions:
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
 
     name: str = "digits"
-    root: str | None = None
+    root: str | None = field(default=None, metadata={"where": True})  # where, not what: qkd.config.WHERE
     batch_size: int = 64
-    eval_batch_size: int = 512
+    eval_batch_size: int = field(default=512, metadata={"where": True})
     val_size: float = 0.1
     val_from: str = "train"
     mean: list[float] | None = None
     std: list[float] | None = None
     augment: bool = True
-    download: bool = False
-    num_workers: int = 2
+    download: bool = field(default=False, metadata={"where": True})
+    num_workers: int = field(default=2, metadata={"where": True})
     limit: int | None = None
     train_limit: int | None = None
-    decode: str = "pil"
+    decode: str = field(default="pil", metadata={"where": True})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qkd.config import where_settings
 from qkd.errors import QKDError
 from qkd.export.contract import (
     PIXEL_MAX,
@@ -281,7 +282,7 @@ def open_export(path: str | Path) -> tuple[str, dict, Callable[[Tensor], Tensor]
 
 
 #: what ``qkd eval FILE`` may change in the data settings a file carries: where the data is and how it is read
-DATA_CHANGES = ("data.root", "data.num_workers", "data.eval_batch_size", "data.download", "data.decode")
+DATA_CHANGES = where_settings("data")
 
 
 def evaluate_export(path: str | Path, overrides: list[str] | None = None, engine: str | None = None) -> dict:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from qkd.checkpoint import load_checkpoint, write_json, write_text
-from qkd.config import read_mapping
+from qkd.config import read_mapping, where_settings
 from qkd.errors import QKDError
 from qkd.train.stages import Stage
 
@@ -103,18 +103,18 @@ def final_checkpoint(run_dir: Path, role: str = "student") -> Path:
 
 # ----- resuming: the newest intact checkpoint, settings that may change, stale exports ---------------
 PREVIOUS = "previous.pt"  # the last.pt before the newest, kept so that a damaged last.pt is not the end
-#: settings a resumed run may change: they touch neither the models, the data, nor the plan's shape
+#: settings a resumed run may change: they touch neither the models, the data, nor the plan's shape (the learning
+#: rates, distillation and runtime, and every setting that says where, not what: ``qkd.config.where_settings``)
 RESUMABLE = ("optim.lr", "optim.teacher_lr", "optim.quant_lr", "optim.momentum", "optim.nesterov",
-             "optim.weight_decay", "optim.max_loss_ratio", "distill.", "runtime.", "device", "name", "data.root",
-             "data.num_workers", "data.eval_batch_size", "data.download", "data.decode", "teacher.checkpoint",
-             "student.checkpoint")  # fmt: skip
+             "optim.weight_decay", "optim.max_loss_ratio", "distill.", "runtime.", *where_settings())  # fmt: skip
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as flat dotted keys: ``{"quant": {"weight_bits": 2}}`` -> ``{"quant.weight_bits": 2}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):  # an empty section has no settings (kwargs={} and kwargs unset are the same)
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -122,7 +122,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def changed_settings(saved: dict, now: dict) -> dict[str, tuple]:
     """``{dotted key: (saved, now)}`` for every setting that differs."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten(saved), flatten(now)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
