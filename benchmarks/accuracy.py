@@ -7,7 +7,7 @@ Step 0 fine-tunes the pretrained float teacher and student on this data (the flo
 reference and every method's starting point); then every method runs at the same epoch budget from
 those float weights. Choices are made on the validation split (5,000 training images held out);
 the test split gives only the final numbers. Each run is a normal ``qkd`` run folder under
-``runs/accuracy-<budget>/``: a finished one is reused, an interrupted one resumed.
+``runs/accuracy-<budget>/``: a finished one is reused, an interrupted one resumed (``qkd.reuse``).
 
     python benchmarks/accuracy.py --budget cpu-short --bits 2 --bits 4
     python benchmarks/accuracy.py --budget paper --device cuda        # the paper's 30/100/70 epochs
@@ -34,24 +34,18 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import multiprocessing
-import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
 import typer
-from throughput import command_line, machine, publish
+from common import DATA_DIR, ROOT, command_line, machine, publish, run_parallel
 
 from qkd import pipeline
 from qkd.config import RunConfig, load_config, with_overrides
-from qkd.phases import PHASES
 from qkd.report import figures as plot
-from qkd.train import Stage
+from qkd.reuse import read_history, run_or_reuse
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
 BUDGETS = {
     # epochs: the quantized budget shared by every method; fp_epochs: step-0 float fine-tuning;
@@ -80,83 +74,6 @@ def base_config(data_dir: Path, teacher: str, device: str, seed: int) -> RunConf
     )
 
 
-def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
-    """A finished run's summary, or the run (resumed if it was interrupted). A folder made with
-    another configuration is never reused: that would report one configuration's numbers as
-    another's (settings that this run's stages do not read may differ)."""
-    run_dir = out / cfg.name
-    if (run_dir / "config.yaml").is_file():
-        old = pipeline.load_run_config(run_dir).model_dump(exclude={"device"})
-        unused = _unused(stages or pipeline.run_plan(cfg))
-        changed = sorted(k for k in _diff(old, cfg.model_dump(exclude={"device"})) if not unused & _prefixes(k))
-        if changed:
-            raise typer.BadParameter(
-                f"{run_dir} was made with other settings ({', '.join(changed[:4])}); move it away or pass another --out"
-            )
-    if (run_dir / "summary.json").is_file():
-        return json.loads((run_dir / "summary.json").read_text())
-    if (run_dir / "config.yaml").is_file():
-        return pipeline.resume(run_dir)[1]
-    return pipeline.run(cfg, out, stages=stages)[1]
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for k in a.keys() | b.keys():
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys += _diff(x, y, f"{prefix}{k}.")
-        elif x != y:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def _prefixes(key: str) -> set[str]:
-    """``a.b.c`` -> {``a``, ``a.b``, ``a.b.c``}."""
-    parts = key.split(".")
-    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-
-
-def _unused(stages: list[Stage]) -> set[str]:
-    """Settings (or whole sections) that have no effect on these stages."""
-    unused = set()
-    roles = {s.role for s in stages}
-    if not any(PHASES[s.phase].uses_teacher for s in stages):  # the other model is never used
-        unused |= {"teacher", "student"} - roles
-    if not any(s.phase == "co_study" for s in stages):
-        unused.add("optim.teacher_lr")
-    if sum(s.quantized for s in stages) <= 1:  # one phase: one decay either way
-        unused.add("optim.schedule")
-    return unused
-
-
-def _run_job(cfg: RunConfig, out: Path, stages, threads: int) -> str:
-    torch.set_num_threads(threads)
-    _run(cfg, out, stages)
-    return cfg.name
-
-
-def run_all(jobs: list[tuple[RunConfig, list | None]], out: Path, parallel: int) -> None:
-    """Run (or reuse) each ``(config, stages)``, ``parallel`` at a time in worker processes (1: in this one).
-    A failed run does not stop the others; the failures are reported together at the end."""
-    if parallel <= 1:
-        for cfg, stages in jobs:
-            _run(cfg, out, stages)
-        return
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    failed = []
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_job, cfg, out, stages, threads): cfg.name for cfg, stages in jobs}
-        for future in as_completed(futures):
-            try:
-                logging.info("finished %s", future.result())
-            except Exception as e:  # noqa: BLE001 - reported below, with the run's name
-                failed.append(f"{futures[future]}: {type(e).__name__}: {e}")
-    if failed:
-        raise RuntimeError("runs failed:\n" + "\n".join(failed))
-
-
 def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path, parallel: int = 1) -> dict[str, Path]:
     """Fine-tune the pretrained teacher and student on this data; returns their checkpoints. A teacher of the
     student's architecture (self-distillation) is the fine-tuned student itself, not a second copy."""
@@ -174,7 +91,7 @@ def float_step(base: RunConfig, data_dir: Path, budget: dict, out: Path, paralle
         cfg.data.train_limit = budget["fp_train_limit"]
         jobs.append((cfg, [pipeline.model_float_stage(cfg, role)]))
         ckpts[role] = out / cfg.name / "checkpoints" / f"fp_{role}.pt"
-    run_all(jobs, out, min(parallel, len(jobs)))
+    run_parallel(run_or_reuse, [(cfg, out, stages) for cfg, stages in jobs], min(parallel, len(jobs)))
     return ckpts
 
 
@@ -196,8 +113,7 @@ def collect(out: Path, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         summary = json.loads((out / name / "summary.json").read_text())
-        history = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines()]
-        rows.append({"run": name, "summary": summary, "history": history})
+        rows.append({"run": name, "summary": summary, "history": read_history(out / name)})
     return rows
 
 
@@ -276,7 +192,7 @@ def main(
     seeds: list[int] = typer.Option([0], help="seeds; each adds a full set of runs"),
     teacher: str = TEACHER,
     device: str = "auto",
-    data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    data_dir: Path = DATA_DIR,
     out: Path = ROOT / "runs",
     append: bool = True,
     jobs: int = typer.Option(1, min=1, help="runs at once, each in its own process (for a GPU: about 5)"),
@@ -305,7 +221,7 @@ def main(
             summary = json.loads((path.parent.parent / "summary.json").read_text())
             fp.setdefault(role, []).append(summary["stages"][path.stem]["test"])
         cfgs = [method_config(base, ckpts, b, w, m, set_) for w in bits for m in methods]
-        run_all([(cfg, None) for cfg in cfgs], out, jobs)
+        run_parallel(run_or_reuse, [(cfg, out) for cfg in cfgs], jobs)
         names += [cfg.name for cfg in cfgs]
     rows = collect(out, names)
     fp_mean = {k: statistics.mean(v) for k, v in fp.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import typer
-from throughput import command_line, machine, publish
+from common import command_line, machine, publish
 
 import qkd.export.onnx  # noqa: F401  (imported now, not halfway through a long run)
 import qkd.export.onnx_int  # noqa: F401

@@ -34,7 +34,7 @@ import typer
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import command_line, machine  # noqa: E402
+from common import command_line, machine  # noqa: E402
 
 from qkd.data import build_data, jpeg  # noqa: E402
 from qkd.data.sources import IMAGENET_MEAN, IMAGENET_STD, _imagefolder_transforms  # noqa: E402

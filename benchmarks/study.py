@@ -11,7 +11,9 @@ paired difference.
 
 Results live in one JSON per study under ``docs/study/`` (every run's settings, summary and per-epoch
 history): a cell already there is never run again, on this machine or another, so seeds and bit-widths
-can be added later; ``report`` redraws the tables and figures from the JSON alone.
+can be added later. A cell is the same cell while it differs in no setting that it computes with (the rules of
+``qkd.reuse``: settings that say where are no part of it, nor is a setting added to qkd after the cell was
+stored while it holds its default); ``report`` redraws the tables and figures from the JSON alone.
 
     python benchmarks/study.py run --bits 2 --bits 3 --methods qat --methods kd --methods qkd --seeds 0 --seeds 1
     python benchmarks/study.py run --bits 2 --methods kd --methods qkd --epochs 12   # a point of the epochs curve
@@ -27,29 +29,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
-import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
 import typer
-from throughput import command_line, machine, publish
+from common import DATA_DIR, ROOT, command_line, machine, publish, run_parallel
 
 from qkd import pipeline
 from qkd.checkpoint import write_text
 from qkd.config import RunConfig, load_config
 from qkd.report import figures as plot
-from qkd.train import rundir
+from qkd.reuse import differences, identity, read_history, run_or_reuse, unused
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
 PRETRAINED = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 FLOAT_SEED = 0  # step 0 runs once, with this seed, for every seed of the study
-# Settings that say where things are, not what is computed: never part of a cell's identity.
-WHERE = {"name", "device", "data.root", "student.checkpoint", "teacher.checkpoint", "runtime.kernels"}
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 
 
@@ -72,20 +67,6 @@ def save_store(study: str, store: dict) -> None:
     path = store_path(study)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(json.dumps(store, indent=1, sort_keys=True) + "\n", path)  # atomic: a kill keeps the old file
-
-
-def identity(cfg: RunConfig) -> dict:
-    """What a run computes, as flat dotted keys (paths, device and kernels left out)."""
-    flat = rundir._flatten(cfg.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if k not in WHERE}
-
-
-def differences(a: dict, b: dict) -> list[str]:
-    """The keys in which two identities differ. A key that one of them lacks (a setting added to qkd after that
-    run was stored) counts only if the other holds something else than the setting's default."""
-    default = identity(RunConfig())
-    return sorted(k for k in a.keys() | b.keys()
-                  if a.get(k, default.get(k)) != b.get(k, default.get(k)))  # fmt: skip
 
 
 # ----- configurations -----------------------------------------------------------------------------------
@@ -141,43 +122,11 @@ def _grid(specs: list[str]) -> list[tuple[int, str, int, int | None]]:
 
 
 # ----- running --------------------------------------------------------------------------------------------
-def _run(cfg: RunConfig, out: Path, stages=None) -> dict:
-    """A run's record (settings, summary, history); an interrupted run folder is resumed, a finished one read."""
-    run_dir = out / cfg.name
-    if (run_dir / "config.yaml").is_file() and differences(identity(pipeline.load_run_config(run_dir)), identity(cfg)):
-        raise typer.BadParameter(f"{run_dir} was made with other settings; move it away")
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
-    elif (run_dir / "config.yaml").is_file():
-        summary = pipeline.resume(run_dir)[1]
-    else:
-        summary = pipeline.run(cfg, out, stages=stages)[1]
-    history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"config": identity(cfg), "summary": summary, "history": history}
-
-
-def _job(cfg: RunConfig, out: Path, stages, threads: int) -> tuple[str, dict]:
-    torch.set_num_threads(threads)
-    return cfg.name, _run(cfg, out, stages)
-
-
-def run_cells(jobs: list[tuple[RunConfig, list | None]], out: Path, parallel: int, done) -> None:
-    """Run each ``(config, stages)``, ``parallel`` at a time (each in its own process when > 1), calling
-    ``done(name, record)`` as each finishes; failures are reported together at the end."""
-    if parallel <= 1:
-        for cfg, stages in jobs:
-            done(cfg.name, _run(cfg, out, stages))
-        return
-    threads, failed = max(1, (os.cpu_count() or 1) // parallel), []
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_job, cfg, out, stages, threads): cfg.name for cfg, stages in jobs}
-        for future in as_completed(futures):
-            try:
-                done(*future.result())
-            except Exception as e:  # noqa: BLE001 - reported below, with the run's name
-                failed.append(f"{futures[future]}: {type(e).__name__}: {e}")
-    if failed:
-        raise RuntimeError("runs failed:\n" + "\n".join(failed))
+def record(cfg: RunConfig, out: Path, stages=None) -> dict:
+    """A run's record for the store (what it computes, its summary and history); the run itself is read where it
+    finished, resumed where it was interrupted, trained where there is none (``qkd.reuse``'s rules)."""
+    summary = run_or_reuse(cfg, out, stages)
+    return {"config": identity(cfg), "summary": summary, "history": read_history(out / cfg.name)}
 
 
 @app.command()
@@ -204,7 +153,7 @@ def run(
         help="runs at once, each in its own process (on 2 cores, 2 x 1 thread "
         "trains ~17 % more images per second than 1 x 2 threads)",
     ),
-    data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    data_dir: Path = DATA_DIR,
     out: Path = ROOT / "runs" / "study",
 ) -> None:
     """Run the cells that the study's JSON does not hold yet (in order: seed, then bits, then method)."""
@@ -232,11 +181,11 @@ def run(
             continue
         cfg = float_config(data_dir, role, model, fp_epochs, device)
         ckpts[role], start[role] = out / cfg.name / "checkpoints" / f"fp_{role}.pt", cfg.name
-        record = _run(cfg, out, [pipeline.model_float_stage(cfg, role)])
+        made = record(cfg, out, [pipeline.model_float_stage(cfg, role)])
         stored = store["float"].get(cfg.name)
         if stored is None:
-            keep("float", cfg.name, record)
-        elif stored["summary"]["stages"] != record["summary"]["stages"]:
+            keep("float", cfg.name, made)
+        elif stored["summary"]["stages"] != made["summary"]["stages"]:
             logging.warning("step 0 here (%s) differs from the stored one (another machine?): cells run now start "
                             "from other float weights than the stored cells", cfg.name)  # fmt: skip
 
@@ -252,14 +201,15 @@ def run(
             mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role].resolve()), 0
         stored = store["runs"].get(cfg.name)
         if stored is not None:
-            if differences(stored["config"], identity(cfg)) or stored["start"] != start:
+            if differences(stored["config"], cfg, unused(pipeline.run_plan(cfg))) or stored["start"] != start:
                 raise typer.BadParameter(f"{cfg.name} is stored with other settings; use another --tag")
             continue
         cells.append((cfg, None))
         about[cfg.name] = {"bits": b, "method": m, "seed": seed, "epochs": e, "train_limit": train_limit,
                            "tag": tag, "teacher": teacher}  # fmt: skip
     logging.info("%d cells to run (%d already stored)", len(cells), len(store["runs"]))
-    run_cells(cells, out, jobs, lambda name, rec: keep("runs", name, rec | {"start": start, "cell": about[name]}))
+    done = lambda job, rec: keep("runs", job[0].name, rec | {"start": start, "cell": about[job[0].name]})  # noqa: E731
+    run_parallel(record, [(cfg, out, stages) for cfg, stages in cells], jobs, done)
 
 
 # ----- reporting: from the JSON alone ---------------------------------------------------------------------

@@ -15,9 +15,6 @@ Peers need the optional extra: ``pip install -e .[bench]`` (Brevitas; torch.ao s
 from __future__ import annotations
 
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -27,6 +24,7 @@ from pathlib import Path
 
 import torch
 import typer
+from common import ROOT, command_line, machine
 from torch import nn
 from torch.nn import functional as F
 
@@ -37,7 +35,6 @@ from qkd.quant import QuantConfig, calibrate, quantize_model
 from qkd.quant.ste import set_kernel_backend
 from qkd.train.loop import Runtime
 
-ROOT = Path(__file__).resolve().parents[1]
 Step = Callable[[], None]
 
 
@@ -46,32 +43,6 @@ class Variant:
     name: str
     step: Step
     note: str = ""
-
-
-def command_line() -> str:
-    """The command that is running, as a user would type it again (arguments quoted where needed)."""
-    return f"python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}".strip()
-
-
-def publish(text: str, append: bool = True) -> None:
-    """Print a results section and, when ``append``, add it to docs/RESULTS.md."""
-    print(text)
-    if append:
-        with open(Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md", "a") as f:
-            f.write(text)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"Python {platform.python_version()}{gpu}"
-    )
 
 
 # ----- our variants ------------------------------------------------------------------------------------
@@ -179,7 +150,7 @@ class _AOQuantLayer(nn.Module):
 
     def __init__(self, layer: nn.Module, bits: int) -> None:
         from torch.ao.quantization import MovingAverageMinMaxObserver
-        from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize as LFQ
+        from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize as LFQ  # noqa: PLC2701 - torch.ao's own, the peer measured
 
         super().__init__()
         self.layer = layer

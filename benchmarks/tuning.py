@@ -14,17 +14,17 @@ import copy
 import itertools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import typer
-from accuracy import BUDGETS, ROOT, _run, base_config, float_step, method_config
-from throughput import command_line, machine, publish
+from accuracy import BUDGETS, base_config, float_step, method_config
+from common import DATA_DIR, ROOT, command_line, machine, publish
 
 from qkd import pipeline
 from qkd.config import with_overrides
 from qkd.quant import QuantConfig, calibrate, quantize_model, recalibrate_bn
+from qkd.reuse import read_history, run_or_reuse
 from qkd.train.loop import evaluate
 
 TUNE_BUDGETS = {
@@ -75,7 +75,7 @@ def main(
     seed: int = 0,
     teacher: str = "resnet56",
     device: str = "auto",
-    data_dir: Path = Path(os.environ.get("QKD_SHARED_DATA", ROOT.parent / "shared" / "data")),
+    data_dir: Path = DATA_DIR,
     out: Path = ROOT / "runs",
     append: bool = True,
     init_only: bool = typer.Option(False, help="only the accuracy right after quantization (no training)"),
@@ -96,10 +96,8 @@ def main(
         cfg = method_config(base, ckpts, {**BUDGETS[study], **TUNE_BUDGETS[budget]}, bits, method)
         cfg = with_overrides(cfg, START + VARIANTS[name])
         cfg.name = f"{cfg.name}-" + ("-".join(o.replace("=", "") for o in VARIANTS[name]) or "defaults")
-        summary = _run(cfg, out / f"tuning-{budget}")
-        history = [
-            json.loads(ln) for ln in (out / f"tuning-{budget}" / cfg.name / "metrics.jsonl").read_text().splitlines()
-        ]
+        summary = run_or_reuse(cfg, out / f"tuning-{budget}")
+        history = read_history(out / f"tuning-{budget}" / cfg.name)
         rows.append({"variant": name, "overrides": VARIANTS[name], "run": cfg.name, "wall_s": summary["wall_s"],
                      "final_val": list(summary["stages"].values())[-1]["val"],
                      "best_val": max(h["val_acc"] for h in history)})  # fmt: skip
