@@ -1,4 +1,5 @@
-# Two commands: `make run` (set up + the built-in default job) and `make test`.
+# Two commands: `make run` (set up + the built-in default job) and `make test` (lint, then every test);
+# `make test-fast` skips the slow tests and the real torchrun jobs.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 # project's CI machines; the package itself accepts any torch >= 2.2.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 $(BIN)/qkd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +21,13 @@ setup: $(BIN)/qkd
 run: setup
 	$(BIN)/qkd run
 
+# ruff first: the whole configured rule set (private names across modules included) in about a second
 test: setup
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not torchrun"
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
