@@ -19,6 +19,7 @@ from qkd.errors import QKDError
 from qkd.quant import calibrate, quantized_layers
 from qkd.train import live
 from qkd.train.stages import Stage
+from qkd.train.state import RunState
 
 PHASES = [{"name": "self_study", "epochs": 1}, {"name": "co_study", "epochs": 2}, {"name": "tutor", "epochs": 1}]
 # fp_teacher 1 epoch (step 1), 1_self_study (2), 2_co_study (3, 4), 3_tutor (5); 4 training steps an epoch
@@ -196,12 +197,12 @@ def test_quantizer_tags_of_both_quantizers_weights_and_inputs():
     for method, names in (("lsq", ["step"]), ("interval", ["lower", "upper"])):
         model = qkd.quantize_model(_net(8), qkd.QuantConfig(method=method, weight_bits=3, act_bits=3))
         calibrate(model, torch.randn(16, 1, 8, 8))
-        events = live.Events(Writer, None, [], 4, state={"stage": 0, "epoch": 0, "history": []}, inside_epoch=False,
+        events = live.Events(Writer, None, [], 4, state=RunState(), inside_epoch=False,
                              student=model)  # fmt: skip
         events.quantizers(model, 7)
         layers = dict(quantized_layers(model))
-        assert sorted(events.w.scalars) == sorted(f"quant/{layer}/{kind}_{name}" for layer in layers
+        assert sorted(events.writer.scalars) == sorted(f"quant/{layer}/{kind}_{name}" for layer in layers
                                                   for kind in ("a", "w") for name in names)  # fmt: skip
         q = layers["3"].weight_quant  # per-channel: the mean over the channels, of the value in use
         want = q.step.abs().mean() if method == "lsq" else q.upper.mean()
-        assert events.w.scalars[f"quant/3/w_{names[-1]}"] == (7, pytest.approx(want.item()))
+        assert events.writer.scalars[f"quant/3/w_{names[-1]}"] == (7, pytest.approx(want.item()))

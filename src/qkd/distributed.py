@@ -102,6 +102,16 @@ def wrap(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``SyncBatchNorm`` (BatchNorm over the global batch) under torchrun, GPUs only; the model itself with one
+    process. The weights and statistics keep their names, so checkpoints load into the plain model."""
+    if world_size() == 1:
+        return model
+    if device.type != "cuda":
+        raise QKDError("runtime.sync_bn needs GPUs (SyncBatchNorm runs on CUDA only); drop it on the CPU")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

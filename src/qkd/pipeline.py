@@ -25,9 +25,10 @@ from qkd.models import create_model, load_pretrained
 from qkd.plugins import is_import_path
 from qkd.quant import quantization_disabled, quantize_model
 from qkd.train import rundir
-from qkd.train.loop import Runtime, evaluate
+from qkd.train.loop import Runtime, top1_accuracy
+from qkd.train.resume import load_state
 from qkd.train.stages import Stage, float_stage, plan
-from qkd.train.trainer import EpochHook, Trainer, load_state
+from qkd.train.trainer import EpochHook, Trainer
 
 log = logging.getLogger("qkd")
 
@@ -155,7 +156,7 @@ class LoadedStudent:
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
         splits = {"val": self.data.val, "test": self.data.test}
-        return {k: evaluate(model, loader, self.runtime) for k, loader in splits.items() if loader is not None}
+        return {k: top1_accuracy(model, loader, self.runtime) for k, loader in splits.items() if loader is not None}
 
 
 #: what eval and export may change in a checkpoint's own settings: where and how it runs, not what it is

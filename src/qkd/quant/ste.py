@@ -11,15 +11,17 @@ Each quantizer has two forms with identical maths:
 
 The fused kernels run eagerly, or compiled by ``torch.compile`` into single loops (inductor; C++
 on the CPU, Triton on CUDA), which is what makes quantization-aware training cost about as much as
-float training. :func:`set_kernel_backend` picks; compilation happens once per process and shape
-family (``dynamic=True``), and a failure to compile falls back to eager with a warning.
+float training. :func:`use_kernel_backend` (a ``with`` block) or :func:`set_kernel_backend` picks;
+compilation happens once per process and shape family (``dynamic=True``), and a failure to compile
+falls back to eager with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -93,6 +95,21 @@ def set_kernel_backend(name: str) -> None:
 
 def kernel_backend() -> str:
     return _backend["name"]
+
+
+@contextlib.contextmanager
+def use_kernel_backend(name: str) -> Iterator[None]:
+    """:func:`set_kernel_backend` for the ``with`` block only; the backend before it is back afterwards.
+
+    >>> with use_kernel_backend("compiled"):
+    ...     train(model)
+    """
+    before = _backend["name"]
+    set_kernel_backend(name)
+    try:
+        yield
+    finally:
+        set_kernel_backend(before)
 
 
 def _call(name: str, per_channel: bool, *args):

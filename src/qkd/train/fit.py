@@ -10,8 +10,9 @@ from torch import nn
 from qkd.config import TrainConfig, build_config
 from qkd.errors import QKDError
 from qkd.quant import QuantConfig
+from qkd.train.measure import EvalFn
 from qkd.train.stages import plan
-from qkd.train.trainer import EpochHook, EvalFn, FitResult, Trainer
+from qkd.train.trainer import EpochHook, FitResult, Trainer
 
 PRETRAIN_LR = 0.05  # as a model config's float training
 

@@ -20,11 +20,14 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from qkd.distributed import is_main_process
+from qkd._version import __version__
+from qkd.distributed import is_main_process, world_size
 from qkd.errors import QKDError
 from qkd.phases import PHASES
 from qkd.quant import LSQQuantizer, Quantizer, quantized_layers
+from qkd.train.loop import Runtime
 from qkd.train.stages import Stage
+from qkd.train.state import RunState
 
 log = logging.getLogger("qkd")
 
@@ -60,6 +63,16 @@ def describe_stage(stage: Stage, steps_per_epoch: int) -> str:
         trains = PHASES[stage.phase].trains_teacher
         text += f", with the teacher (trained too, lr {stage.teacher_lr:g})" if trains else ", with the teacher"
     return text
+
+
+def headline(what: str, rt: Runtime, run_dir: Path | None, events: bool) -> str:
+    """The banner's first lines: what runs (``what``) where (``rt``, a :class:`~qkd.train.loop.Runtime`), in how
+    many processes, and where it writes (TensorBoard ``events`` too)."""
+    n = world_size()
+    head = f"qkd {__version__}: {what} on {rt.device} in {rt.precision}, {n} process{'es' if n > 1 else ''}\n"
+    if run_dir is None:
+        return head + "no run folder: nothing is written"
+    return head + f"run folder {run_dir}" + (f", TensorBoard events in {run_dir / FOLDER}" if events else "")
 
 
 def banner(head: str, splits: dict[str, Any], stages: list[Stage], resuming_from: str | None) -> str:
@@ -125,41 +138,41 @@ class Events:
     but the first, so a new run starts one too, at step 0.)
     """
 
-    def __init__(self, writer: type, folder: Path, stages: list[Stage], steps_per_epoch: int, *, state: dict,
+    def __init__(self, writer: type, folder: Path, stages: list[Stage], steps_per_epoch: int, *, state: RunState,
                  inside_epoch: bool, student: nn.Module) -> None:  # fmt: skip
         self.stages, self.steps_per_epoch = stages, steps_per_epoch
         self.start = list(itertools.accumulate((s.epochs for s in stages), initial=0))  # first step of each stage
-        now = self.start[state["stage"]] + state["epoch"]
-        self.w = writer(str(folder), purge_step=now + 1 if inside_epoch else now)
+        now = self.start[state.stage] + state.epoch
+        self.writer = writer(str(folder), purge_step=now + 1 if inside_epoch else now)
         if inside_epoch:
             return
         index = {s.key: i for i, s in enumerate(stages)}
-        last = state["history"][-1] if state["history"] else None
+        last = state.history[-1] if state.history else None
         if last is not None and self.start[index[last["stage"]]] + last["epoch"] == now:
             self.epoch(index[last["stage"]], last, student)
-        for i, s in enumerate(stages[: state["stage"]]):
+        for i, s in enumerate(stages[: state.stage]):
             if self.start[i + 1] == now:
-                self.stage_end(i, state["results"]["stages"][s.key])
+                self.stage_end(i, state.results["stages"][s.key])
 
     def epoch(self, i: int, record: dict, student: nn.Module) -> None:
         """An epoch's figures (``record``, as in metrics.jsonl), the stage's index and the quantizers."""
         step = self.start[i] + record["epoch"]
         for tag, key in EPOCH_TAGS.items():
             if record.get(key) is not None:
-                self.w.add_scalar(tag, record[key], step)
-        self.w.add_scalar("run/stage", i, step)
+                self.writer.add_scalar(tag, record[key], step)
+        self.writer.add_scalar("run/stage", i, step)
         self.quantizers(student, step)
-        self.w.flush()
+        self.writer.flush()
 
     def stage_start(self, i: int) -> None:
         stage = self.stages[i]
-        self.w.add_text("stages", f"**{stage.key}** ({stage.phase}): {describe_stage(stage, self.steps_per_epoch)}",
-                        self.start[i])  # fmt: skip
+        text = f"**{stage.key}** ({stage.phase}): {describe_stage(stage, self.steps_per_epoch)}"
+        self.writer.add_text("stages", text, self.start[i])
 
     def quantized(self, i: int, student: nn.Module) -> None:
         """The quantizers as calibrated, before stage ``i`` trains them."""
         self.quantizers(student, self.start[i])
-        self.w.flush()
+        self.writer.flush()
 
     def stage_end(self, i: int, result: dict) -> None:
         """A stage's results: ``stage_end/<role>_<split>``, and the teacher's of co-study."""
@@ -167,8 +180,8 @@ class Events:
         for who, figures in ((role, result), ("teacher", result.get("teacher", {}))):
             for split in ("val", "test"):
                 if split in figures:
-                    self.w.add_scalar(f"stage_end/{who}_{split}", figures[split], step)
-        self.w.flush()
+                    self.writer.add_scalar(f"stage_end/{who}_{split}", figures[split], step)
+        self.writer.flush()
 
     def quantizers(self, model: nn.Module, step: int) -> None:
         """Per quantized layer: ``quant/<layer>/w_step`` (LSQ) or ``w_lower``/``w_upper`` (interval), and the
@@ -181,10 +194,10 @@ class Events:
                         tags.append(f"quant/{name}/{kind}_{pname}")
                         values.append(value.float().mean())
         for tag, value in zip(tags, torch.stack(values).tolist() if values else []):  # one read from the device
-            self.w.add_scalar(tag, value, step)
+            self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
-        self.w.close()
+        self.writer.close()
 
 
 def _learned(q: Quantizer) -> Iterable[tuple[str, torch.Tensor]]:

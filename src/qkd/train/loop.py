@@ -57,6 +57,11 @@ class Runtime:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """``model`` moved to the device, in the memory layout (in place; returned for chaining)."""
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        return model.to(self.device, memory_format=layout)
+
     def autocast(self, training: bool = True) -> torch.autocast:
         """bf16 autocast where ``precision`` says so (bf16 needs no loss scaling); for evaluation on CUDA only."""
         on = self.precision == "bfloat16" and (training or self.device.type == "cuda")
@@ -198,7 +203,7 @@ def _skip(batches: Iterator, state: EpochState) -> None:
 # no_grad, not inference_mode: inference tensors carry other dispatch keys, and each such variant made the
 # compiled fake-quant kernels recompile (on CUDA with autocast they hit dynamo's limit and fell back to eager)
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> float:
+def top1_accuracy(model: nn.Module, loader: Iterable, rt: Runtime) -> float:
     """Top-1 accuracy of ``model`` in eval mode; the model's training flag is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -213,6 +218,9 @@ def evaluate(model: nn.Module, loader: Iterable, rt: Runtime) -> float:
     model.train(was_training)
     correct, seen = all_sum(counts).tolist()  # every rank's share counted once
     return correct / max(seen, 1)
+
+
+evaluate = top1_accuracy  # its old name
 
 
 @torch.no_grad()

@@ -68,6 +68,14 @@ def init(run_dir: Path, config: dict[str, Any], stages: list[Stage]) -> None:
         raise QKDError(f"cannot write run folder {run_dir}: {e.strerror or e}; choose another --out") from None
 
 
+def start(run_dir: Path, overwrite: bool, config: dict[str, Any], stages: list[Stage], models: list) -> None:
+    """A new run's folder: refused where it is taken (unless ``overwrite``) or lacks room for ``models``' checkpoints;
+    then made, with its config and plan."""
+    check_new(run_dir, overwrite)
+    check_room(run_dir, models)
+    init(run_dir, config, stages)
+
+
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     """The raw ``config.yaml`` of a run folder."""
     path = Path(run_dir) / "config.yaml"
@@ -139,6 +147,11 @@ def write_settings(run_dir: Path, config: dict[str, Any], stages: list[Stage]) -
     """Replace the settings of a run resumed with changes (the change itself is in its checkpoints and summary)."""
     write_text(yaml.safe_dump(config, sort_keys=False), run_dir / "config.yaml")
     write_json([asdict(s) for s in stages], run_dir / "stages.json")
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """``metrics.jsonl``: one line per epoch, as the trainer records it."""
+    write_text("".join(json.dumps(r) + "\n" for r in history), run_dir / "metrics.jsonl")
 
 
 def last_intact_checkpoint(run_dir: Path) -> dict | None:
