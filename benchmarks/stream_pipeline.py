@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine  # noqa: E402
 
 from qkd.data import build_data, jpeg  # noqa: E402
-from qkd.data.sources import IMAGENET_MEAN, IMAGENET_STD, _imagefolder_transforms  # noqa: E402
+from qkd.data.stream import IMAGENET_MEAN, IMAGENET_STD, imagefolder_transforms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.npz"
@@ -78,7 +78,7 @@ def stages(files: list[Path]) -> dict[str, float]:
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
     from torchvision.transforms import Compose
 
-    train_tf, _ = _imagefolder_transforms(IMAGENET_MEAN, IMAGENET_STD, augment=True)
+    train_tf, _ = imagefolder_transforms(IMAGENET_MEAN, IMAGENET_STD, augment=True)
     cpu_path = jpeg.DecodeHere(True, IMAGENET_MEAN, IMAGENET_STD)
     crop_flip, tensor_norm = Compose(train_tf.transforms[:2]), Compose(train_tf.transforms[2:])
     decoded = [Image.open(f).convert("RGB") for f in files]

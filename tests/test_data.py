@@ -11,7 +11,8 @@ import torch
 
 from qkd.data import DataBundle, TensorLoader, build_data, list_datasets
 from qkd.data.augment import crop_at, crop_offsets, normalize, random_crop, random_flip
-from qkd.data.sources import _Options, _split_val, _three_splits
+from qkd.data.options import SourceOptions
+from qkd.data.splits import split_val, three_splits
 from qkd.errors import QKDError
 
 SHARED_DATA = Path(os.environ.get("QKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -173,19 +174,20 @@ def test_digits_bundle_shapes_and_splits() -> None:
     assert x.shape == (64, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert abs(x.mean().item()) < 0.3  # normalised with the train split's own statistics
     other = build_data("digits", seed=1)
-    assert torch.equal(b.test.x, other.test.x) and torch.equal(b.test.y, other.test.y)  # fixed test split
-    assert not torch.equal(b.val.y, other.val.y)  # seeded val split
+    assert torch.equal(b.test.images, other.test.images)  # fixed test split
+    assert torch.equal(b.test.labels, other.test.labels)
+    assert not torch.equal(b.val.labels, other.val.labels)  # seeded val split
 
 
 def test_val_split_is_disjoint_stratified_and_seeded() -> None:
     y = np.repeat(np.arange(5), 20)
-    train, val = _split_val(y, 0.2, seed=0)
+    train, val = split_val(y, 0.2, seed=0)
     assert len(val) == 20 and len(set(train) & set(val)) == 0
     assert sorted([*train, *val]) == list(range(100))
     assert np.bincount(y[val]).tolist() == [4] * 5
-    assert np.array_equal(val, _split_val(y, 0.2, seed=0)[1])
-    assert not np.array_equal(val, _split_val(y, 0.2, seed=1)[1])
-    assert len(_split_val(y, 10, seed=0)[1]) == 10
+    assert np.array_equal(val, split_val(y, 0.2, seed=0)[1])
+    assert not np.array_equal(val, split_val(y, 0.2, seed=1)[1])
+    assert len(split_val(y, 10, seed=0)[1]) == 10
 
 
 def test_val_from_test_splits_the_test_split_once_for_every_seed() -> None:
@@ -193,13 +195,14 @@ def test_val_from_test_splits_the_test_split_once_for_every_seed() -> None:
     training image trains (the split for pretrained weights that saw the whole training split)."""
     b = build_data("digits", val_from="test", val_size=100, seed=0)
     assert (b.train.num_samples, b.val.num_samples, b.test.num_samples) == (1437, 100, 260)
-    assert torch.bincount(b.val.y).tolist() == [10] * 10
-    splits = _three_splits(np.arange(50) % 5, np.arange(30) % 5, _Options(val_from="test", val_size=10))
+    assert torch.bincount(b.val.labels).tolist() == [10] * 10
+    splits = three_splits(np.arange(50) % 5, np.arange(30) % 5, SourceOptions(val_from="test", val_size=10))
     (tr_src, tr), (val_src, val), (te_src, te) = splits["train"], splits["val"], splits["test"]
     assert (tr_src, val_src, te_src) == ("train", "test", "test") and list(tr) == list(range(50))
     assert sorted([*val, *te]) == list(range(30)) and len(val) == 10  # disjoint halves of the test split
     other = build_data("digits", val_from="test", val_size=100, seed=3)
-    assert torch.equal(b.val.x, other.val.x) and torch.equal(b.test.x, other.test.x)  # fixed once, whatever the seed
+    # fixed once, whatever the seed
+    assert torch.equal(b.val.images, other.val.images) and torch.equal(b.test.images, other.test.images)
     with pytest.raises(QKDError, match="val_from must be train or test"):
         build_data("digits", val_from="valid")
     with pytest.raises(QKDError, match="leaves no test images"):
@@ -327,7 +330,7 @@ def test_shared_cifar10_npz_loads_with_limit() -> None:
     b = build_data("npz", str(SHARED_DATA / "cifar10-jpeg-train.npz"), limit=2000, batch_size=256)
     assert (b.num_classes, b.in_channels, b.image_size) == (10, 3, 32)
     assert (b.train.num_samples, b.val.num_samples, b.test.num_samples) == (2000, 2000, 2000)
-    assert torch.bincount(b.train.y).tolist() == [200] * 10  # stratified subsample
+    assert torch.bincount(b.train.labels).tolist() == [200] * 10  # stratified subsample
     assert b.train.crop_padding == 4 and b.train.flip
     assert all(abs(m - c) < 0.01 for m, c in zip(b.mean, (0.4914, 0.4822, 0.4465), strict=True))
     x, _ = next(iter(b.train))
@@ -353,14 +356,14 @@ def test_tensor_loader_shards_are_disjoint_equal_and_the_global_batch() -> None:
 
 
 def test_stream_loader_shards(monkeypatch, tmp_path: Path) -> None:
-    from qkd.data import sources
+    from qkd.data import stream
 
     data = torch.utils.data.TensorDataset(torch.zeros(21, 1), torch.arange(21))
 
     def loaders(r: int, shuffle: bool):
-        monkeypatch.setattr(sources, "rank", lambda: r)
-        monkeypatch.setattr(sources, "world_size", lambda: 2)
-        return sources.StreamLoader(data, batch_size=4, shuffle=shuffle, num_workers=0, device=torch.device("cpu"))
+        monkeypatch.setattr(stream, "rank", lambda: r)
+        monkeypatch.setattr(stream, "world_size", lambda: 2)
+        return stream.StreamLoader(data, batch_size=4, shuffle=shuffle, num_workers=0, device=torch.device("cpu"))
 
     test = _ranks(lambda r: loaders(r, False), 2)
     assert sorted(torch.cat([torch.cat(t) for t in test]).tolist()) == list(range(21))
@@ -393,7 +396,8 @@ def test_npz_of_undecoded_jpegs_decodes_to_the_same_pixels(tmp_path: Path) -> No
         np.savez(tmp_path / "pixels" / f"px-{split}.npz", x=decoded, y=y)
     a = build_data("npz", str(tmp_path / "bytes-train.npz"), val_size=6, augment=False)
     b = build_data("npz", str(tmp_path / "pixels"), val_size=6, augment=False)
-    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.x, b.test.x) and a.mean == b.mean
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.images, b.test.images)
+    assert a.mean == b.mean
     np.savez(tmp_path / "bad-train.npz", jpeg=np.zeros(10, np.uint8), offsets=np.array([0, 20]), y=np.zeros(1))
     np.savez(tmp_path / "bad-test.npz", jpeg=np.zeros(10, np.uint8), offsets=np.array([0, 10]), y=np.zeros(1))
     with pytest.raises(QKDError, match="bad-train.npz: expected uint8 x"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qkd.data import build_data, jpeg, sources
+from qkd.data import build_data, jpeg, sources, stream
 from qkd.errors import QKDError
 
 TOLERANCE = 0.02  # mean |pil - cpu| in normalised units (a level of 1/255 is about 0.017 here)
@@ -42,7 +42,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture
 def gpu_path_on_cpu(monkeypatch):
     """decode=cuda with the batch finished on the CPU: the GPU path's logic, without a GPU."""
-    monkeypatch.setattr(sources, "_check_gpu_decode", lambda device: None)
+    monkeypatch.setattr(stream, "_check_gpu_decode", lambda device: None)
 
 
 def _bundle(folder: Path, decode: str, workers: int = 0, **kw):
@@ -154,8 +154,8 @@ def test_shards_under_torchrun_with_every_decode(folder: Path, monkeypatch, gpu_
     """Two ranks: evaluation images rank::2 of the one-process order, training the global batch halved."""
     whole = torch.cat([x for x, _ in _bundle(folder, decode).test])
     for r in range(2):
-        monkeypatch.setattr(sources, "rank", lambda r=r: r)
-        monkeypatch.setattr(sources, "world_size", lambda: 2)
+        monkeypatch.setattr(stream, "rank", lambda r=r: r)
+        monkeypatch.setattr(stream, "world_size", lambda: 2)
         b = _bundle(folder, decode)
         assert torch.equal(torch.cat([x for x, _ in b.test]), whole[r::2])
         assert [len(y) for _, y in _batches(b.train, seed=0)] == [2]  # 5 training images: 2 per rank, batch 4 / 2
@@ -163,12 +163,12 @@ def test_shards_under_torchrun_with_every_decode(folder: Path, monkeypatch, gpu_
 
 def test_export_of_a_gpu_decoded_run_evaluates_on_the_cpu(folder: Path) -> None:
     """`qkd eval FILE` rebuilds the run's data on the CPU: a recorded decode=cuda becomes cpu there."""
-    from qkd.export.deploy import _export_data
+    from qkd.export.read import data_of_export
 
     settings = {"name": "imagefolder", "root": str(folder), "val_size": 2, "num_workers": 0, "decode": "cuda"}
-    data = _export_data(Path("student.onnx"), {"data": settings}, [])
+    data = data_of_export(Path("student.onnx"), {"data": settings}, [])
     assert data.test._finish is None and isinstance(data.test._loader.dataset.dataset.transform, jpeg.DecodeHere)
-    data = _export_data(Path("student.onnx"), {"data": settings}, ["data.decode=pil"])
+    data = data_of_export(Path("student.onnx"), {"data": settings}, ["data.decode=pil"])
     assert not isinstance(data.test._loader.dataset.dataset.transform, jpeg.DecodeHere)
 
 

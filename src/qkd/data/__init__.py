@@ -1,7 +1,9 @@
 """Data: named sources behind :func:`build_data`, served from device memory by :class:`TensorLoader`.
 
-``options`` defines the data options once; ``sources`` holds the built-in sources, ``factory`` user
-factories by import path, ``tensor_loader`` and ``augment`` the in-memory loader.
+``options`` defines the data options once; ``sources`` is the registry of names; ``arrays`` the in-memory
+sources (digits, CIFAR, npz), ``stream`` the streamed one (image folders, :class:`StreamLoader`), ``splits``
+the validation split, limits and statistics, ``factory`` user factories by import path, ``tensor_loader``
+and ``augment`` the in-memory loader, ``jpeg`` the tensor decoders.
 """
 
 from qkd.data.options import DataBundle, DataOptions

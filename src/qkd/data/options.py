@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
+
 #: ``data.decode``: how image folders are decoded (the other sources are decoded once, into memory)
 DECODE_MODES = ("pil", "cpu", "cuda")
 
@@ -78,3 +80,11 @@ class DataBundle:
     image_size: int | None = None
     mean: tuple[float, ...] | None = None  # the normalisation the loaders apply (None: unknown)
     std: tuple[float, ...] | None = None
+
+
+@dataclass
+class SourceOptions(DataOptions):
+    """What a source is built from: the data options, where the loaders serve from (device), their seed."""
+
+    device: torch.device = torch.device("cpu")
+    seed: int = 0

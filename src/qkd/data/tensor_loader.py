@@ -55,8 +55,8 @@ class TensorLoader:
             raise ValueError(f"the batch size {batch_size} (the global batch) must be a multiple of the "
                              f"{self.world} processes")  # fmt: skip
         self.device = torch.device(device)
-        self.x = x.to(self.device)
-        self.y = y.to(self.device, torch.int64)
+        self.images = x.to(self.device)
+        self.labels = y.to(self.device, torch.int64)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -71,7 +71,7 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         """Images in the data set (not batches; ``len(loader)`` is the number of batches)."""
-        return int(self.y.shape[0])
+        return int(self.labels.shape[0])
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
@@ -105,7 +105,7 @@ class TensorLoader:
             if self.world > 1:
                 at = torch.arange(start + self.rank, end, self.world, device=self.device)
             idx = at if order is None else order[at]
-            yield self._finish(self.x[idx], draws, at), self.y[idx]
+            yield self._finish(self.images[idx], draws, at), self.labels[idx]
 
     def _draw_augmentation(self, n: int, gen: torch.Generator) -> dict[str, Tensor]:
         """Draw the whole pass's crop corners and flip choices at once and move them in one copy."""

@@ -260,9 +260,9 @@ def _class_names(name: str, root: str | None) -> list[str] | None:
             base = Path(root).expanduser() / "train"
             return sorted(e.name for e in os.scandir(base) if e.is_dir())
         if name == "npz":
-            from qkd.data.sources import _npz_paths
+            from qkd.data.arrays import npz_paths
 
-            with np.load(_npz_paths(root)[0], allow_pickle=False) as f:
+            with np.load(npz_paths(root)[0], allow_pickle=False) as f:
                 return [str(c) for c in f["classes"]] if "classes" in f.files else None
         if name == "cifar100":
             from torchvision.datasets import CIFAR100
