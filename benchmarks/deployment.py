@@ -20,10 +20,10 @@ import torch
 import typer
 from common import command_line, machine, publish
 
-import qkd.export.onnx  # noqa: F401  (imported now, not halfway through a long run)
-import qkd.export.onnx_int  # noqa: F401
+import qkd.export.onnx_int  # noqa: F401  (imported now, not halfway through a long run)
+import qkd.export.onnx_qdq  # noqa: F401
 from qkd import pipeline
-from qkd.export.deploy import EXTENSIONS, compare, export_student, float_checkpoint_bytes
+from qkd.export import EXTENSIONS, compare, export_student, float_checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_VERSION = 3  # 2: also against the fake-quant model evaluated in float64; 3: the onnx-int format

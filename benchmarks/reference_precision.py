@@ -16,8 +16,7 @@ import torch
 import typer
 
 from qkd import pipeline
-from qkd.export.intengine import IntEngine
-from qkd.export.intgraph import to_int_program
+from qkd.export import IntRuntime, to_int_program
 
 
 def main(run: Path, limit: int = 10_000) -> None:
@@ -26,7 +25,7 @@ def main(run: Path, limit: int = 10_000) -> None:
     r = pipeline.load_student(cfg, run, "cpu")
     m32 = r.student.eval().cpu()
     m64 = copy.deepcopy(m32).double()
-    engine = IntEngine(*to_int_program(m32))
+    engine = IntRuntime(*to_int_program(m32))
     seen = a32_64 = a32_int = a64_int = 0
     max_diff = 0.0
     with torch.no_grad():

@@ -3,7 +3,7 @@
 For each family: build it (``weights=None``, 10 classes), set its BatchNorm statistics on eight random
 images, ``quantize_model`` at W4A4 (first and last layers 8-bit), calibrate on the same images (and
 set the statistics again), take one SGD step (gradient norm clipped to 1), then export it to the integer
-program (``to_int_program`` + ``IntEngine``) and to ONNX with integer convolutions (``onnx-int``) and
+program (``to_int_program`` + ``IntRuntime``) and to ONNX with integer convolutions (``onnx-int``) and
 measure top-1 agreement with the float64 fake-quant model (``deploy.compare(exact=True)``) on other
 random images. A refusal is recorded with its message. Writes a markdown table to
 ``docs/torchvision-families.md``.
@@ -29,11 +29,7 @@ import torchvision
 from torch.nn import functional as F
 
 from qkd.errors import QKDError
-from qkd.export.deploy import compare
-from qkd.export.intengine import IntEngine
-from qkd.export.intgraph import to_int_program
-from qkd.export.onnx import onnx_runner
-from qkd.export.onnx_int import export_onnx_int
+from qkd.export import IntRuntime, compare, export_onnx_int, onnx_runner, to_int_program
 from qkd.quant import QuantConfig, calibrate, quantization_summary, quantize_model, recalibrate_bn
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "torchvision-families.md"
@@ -134,7 +130,7 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor) -> str:
 
 
 def _int(model: torch.nn.Module, x: torch.Tensor, batches: list) -> str:
-    return _agreement(compare(IntEngine(*to_int_program(model, x)), model, batches, exact=True))
+    return _agreement(compare(IntRuntime(*to_int_program(model, x)), model, batches, exact=True))
 
 
 def _onnx_int(model: torch.nn.Module, x: torch.Tensor, batches: list, tmp: Path) -> str:

@@ -18,9 +18,7 @@ from qkd import pipeline
 from qkd.cli import main
 from qkd.data.augment import normalize_affine
 from qkd.errors import QKDError
-from qkd.export.contract import preprocess, raw_from_input
-from qkd.export.deploy import default_path, export_loaded, export_student, open_export
-from qkd.export.intfile import load_int
+from qkd.export import default_path, export_loaded, export_student, load_int, open_export, preprocess, raw_from_input
 
 CASES = [("int", False), ("onnx", False), ("onnx", True), ("onnx-int", False), ("onnx-int", True)]
 

@@ -13,12 +13,19 @@ from safetensors import safe_open
 from torch import nn
 
 from qkd.errors import QKDError
-from qkd.export.deploy import compare, export_student, float_checkpoint_bytes
-from qkd.export.intengine import IntEngine, shift_round, thresholds
-from qkd.export.intfile import load_int, save_int
-from qkd.export.intgraph import fixed_multiplier, to_int_program, to_real_program
-from qkd.export.onnx import onnx_runner
-from qkd.export.onnx_int import export_onnx_int
+from qkd.export import (
+    IntRuntime,
+    compare,
+    export_onnx_int,
+    export_student,
+    float_checkpoint_bytes,
+    load_int,
+    onnx_runner,
+    save_int,
+    to_int_program,
+    to_real_program,
+)
+from qkd.export.fixedpoint import fixed_multiplier, shift_round, thresholds
 from qkd.export.packing import pack_bits, unpack_bits
 from qkd.models import create_model
 from qkd.quant import QuantConfig, calibrate, quantize_model
@@ -122,7 +129,7 @@ def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel, me
     torch.manual_seed(1)
     x = torch.randn(16, 3, 16, 16)
     model = _trained(MODELS[name](), bits, per_channel, x, method)
-    out = IntEngine(*to_int_program(model))(x)
+    out = IntRuntime(*to_int_program(model))(x)
     with torch.no_grad():
         ref = model(x)
         ref64 = copy.deepcopy(model).double()(x.double())
@@ -169,7 +176,7 @@ def test_file_round_trip_sizes_and_manifest(tmp_path):
     path = tmp_path / "r20.safetensors"
     export_student(model, "int", path, x[:2], {"model": "resnet20"})
     engine, manifest = load_int(tmp_path / "r20.safetensors")
-    direct = IntEngine(*to_int_program(model))
+    direct = IntRuntime(*to_int_program(model))
     assert torch.equal(engine(x), direct(x))  # export, reload: the same numbers
     assert manifest["model"] == "resnet20" and (tmp_path / "r20.safetensors.json").is_file()
     # 2-bit middle layers packed four per byte: far below the float checkpoint and below int8 storage
@@ -186,13 +193,13 @@ def test_file_round_trip_of_an_interval_model(tmp_path):
     model = _trained(create_model("mobilenetv2_cifar", width_mult=0.25), 2, True, x, "interval")
     save_int(tmp_path / "m.safetensors", *to_int_program(model), {})
     engine, _ = load_int(tmp_path / "m.safetensors")
-    assert torch.equal(engine(x), IntEngine(*to_int_program(model))(x))
+    assert torch.equal(engine(x), IntRuntime(*to_int_program(model))(x))
 
 
 def test_compare_reports_agreement():
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     model = _trained(create_model("tiny_cnn", in_channels=3, width=8), 4, True, x)
-    result = compare(IntEngine(*to_int_program(model)), model, [(x, y)], exact=True)
+    result = compare(IntRuntime(*to_int_program(model)), model, [(x, y)], exact=True)
     assert result["images"] == 8 and result["agreement"] == result["agreement_f64"] == 1.0
     assert result["max_logit_diff_f64"] < 1e-6
     with torch.no_grad():
@@ -232,6 +239,6 @@ def test_exact_reference_keeps_the_float32_input_codes():
     x[:n, 0, 0, 0] = ties[:n]  # a pixel of each image: codes one step apart in float32 and float64
     with torch.no_grad():
         naive = copy.deepcopy(model).double()(x.double())
-    engine = IntEngine(*to_int_program(model))
+    engine = IntRuntime(*to_int_program(model))
     result = compare(engine, model, [(x, torch.zeros(8, dtype=torch.long))], exact=True)
     assert result["max_logit_diff_f64"] < 1e-6 < float((engine(x) - naive).abs().max())

@@ -15,7 +15,7 @@ import onnx  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 
 from qkd.errors import QKDError  # noqa: E402
-from qkd.export.onnx import export_onnx, run_onnx  # noqa: E402
+from qkd.export import export_onnx, run_onnx  # noqa: E402
 from qkd.models import create_model  # noqa: E402
 from qkd.quant import IntervalQuantizer, QConv2d, QLinear, QuantConfig, calibrate, quantize_model, set_quantization  # noqa: E402
 

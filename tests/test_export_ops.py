@@ -21,11 +21,8 @@ from torchvision.models.shufflenetv2 import InvertedResidual, channel_shuffle
 from torchvision.ops import SqueezeExcitation
 
 from qkd.errors import QKDError
-from qkd.export.deploy import compare
-from qkd.export.intengine import IntEngine, mul_round
-from qkd.export.intgraph import to_int_program
-from qkd.export.onnx import onnx_runner
-from qkd.export.onnx_int import export_onnx_int
+from qkd.export import IntRuntime, compare, export_onnx_int, onnx_runner, to_int_program
+from qkd.export.fixedpoint import mul_round
 from qkd.quant import QuantConfig, calibrate, quantize_model
 
 
@@ -177,7 +174,7 @@ def _inputs(n: int = 16, size: int = 16, seed: int = 0) -> torch.Tensor:
 
 def _check_exports(model: nn.Module, x: torch.Tensor, tmp_path) -> None:
     y = torch.zeros(len(x), dtype=torch.long)
-    engine = IntEngine(*to_int_program(model, x[:2]))
+    engine = IntRuntime(*to_int_program(model, x[:2]))
     got = compare(engine, model, [(x, y)], exact=True)
     assert got["agreement_f64"] == 1.0 and got["max_logit_diff_f64"] < 1e-6, got
     run = onnx_runner(export_onnx_int(model, x[:2], tmp_path / "m.onnx"))
@@ -202,14 +199,14 @@ def test_batch_size_stays_free(tmp_path):
     assert [op["shape"][0] for op in ops if op["op"] == "reshape"] == [-1] * 5  # 2 by the user, 2 shuffle, 1 view
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
-    assert (IntEngine(ops, tensors)(x[:5]) - ref[:5]).abs().max() < 1e-6
+    assert (IntRuntime(ops, tensors)(x[:5]) - ref[:5]).abs().max() < 1e-6
 
 
 def test_integer_only_activations_round_once():
     """Hardsigmoid and Hardswish in the fixed point: the exact value, rounded half up once."""
     one = 2**32
     v = torch.tensor([-4 * one, -3 * one, -one - 12345, -1, 0, 7, one // 3, 2 * one + 99, 3 * one, 2**50])
-    engine = IntEngine([], {})
+    engine = IntRuntime([], {})
     for fn, exact in ((engine._hardsigmoid, lambda a: (min(max(a + 3 * one, 0), 6 * one) * 2 + 6) // 12),
                       (engine._hardswish, lambda a: a if a >= 3 * one else
                        (2 * a * min(max(a + 3 * one, 0), 6 * one) + 6 * one) // (12 * one))):  # fmt: skip
@@ -368,7 +365,7 @@ def test_in_place_conv1d_is_refused_by_name():
 @pytest.mark.parametrize("name", ["se-hardsigmoid", "shufflenet", "same-pad"])
 def test_qdq_onnx_exports_the_new_ops(tmp_path, name):
     """The QDQ form (torch.onnx): float32 arithmetic in the runtime, so compared with the float32 model."""
-    from qkd.export.onnx import export_onnx
+    from qkd.export import export_onnx
 
     torch.manual_seed(0)
     x = _inputs(8)
@@ -379,7 +376,7 @@ def test_qdq_onnx_exports_the_new_ops(tmp_path, name):
 
 
 def test_qdq_onnx_refuses_what_torch_onnx_cannot_write(tmp_path):
-    from qkd.export.onnx import export_onnx
+    from qkd.export import export_onnx
 
     x = _inputs(4)
     model = _quantized(PoolNet(), 4, "lsq", x)
@@ -389,11 +386,11 @@ def test_qdq_onnx_refuses_what_torch_onnx_cannot_write(tmp_path):
 
 def test_file_round_trip_of_the_new_ops(tmp_path):
     """The packed file keeps the standalone BatchNorm's multipliers and every op's attributes."""
-    from qkd.export.intfile import load_int, save_int
+    from qkd.export import load_int, save_int
 
     x = _inputs(4)
     for make in (PoolNet, SplitCatNet, lambda: SENet(nn.SiLU, nn.Sigmoid)):
         model = _quantized(make(), 4, "lsq", x)
         program = to_int_program(model, x[:2])
         engine, manifest = load_int(save_int(tmp_path / "m.safetensors", *program, {}))
-        assert manifest["format"] == "qkd-int/4" and torch.equal(engine(x), IntEngine(*program)(x))
+        assert manifest["format"] == "qkd-int/4" and torch.equal(engine(x), IntRuntime(*program)(x))

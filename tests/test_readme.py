@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qkd.export.deploy import evaluate_export, export_run
+from qkd.export import evaluate_export, export_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

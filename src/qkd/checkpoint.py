@@ -24,7 +24,9 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write, before_rename=None) -> None:
+def atomic_write(path: Path, write, before_rename=None) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file renamed over it (readers never see half a
+    file), with the mode ``open()`` would give it; ``before_rename()`` runs just before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -88,7 +90,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: str 
             os.replace(path, previous)
 
     with _reported(path, "the checkpoint before it is intact: free space or fix the folder, then resume"):
-        _atomic_write(path, lambda f: torch.save(state, f), before_rename)
+        atomic_write(path, lambda f: torch.save(state, f), before_rename)
 
 
 @contextmanager
@@ -129,4 +131,4 @@ def write_json(obj: Any, path: str | Path) -> None:
 def write_text(text: str, path: str | Path) -> None:
     if is_main_process():
         with _reported(Path(path), "free space or fix the folder (a file it replaces is left as it was)"):
-            _atomic_write(Path(path), lambda f: f.write(text.encode()))
+            atomic_write(Path(path), lambda f: f.write(text.encode()))

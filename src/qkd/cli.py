@@ -282,7 +282,8 @@ def eval_(
         if r.quantized:
             typer.echo("  (quantizers off: the same weights run in float; not a float-trained model)")
         return
-    from qkd.export.deploy import check_split, compare, default_path, export_student
+    from qkd.export import compare, default_path, export_student
+    from qkd.export.verify import check_split
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / default_path(target, engine).name
@@ -311,7 +312,7 @@ def _is_export(target: Path) -> bool:
 
 
 def _eval_export(path: Path, args: list[str] | None, engine: str | None) -> None:
-    from qkd.export.deploy import evaluate_export
+    from qkd.export import evaluate_export
 
     if engine == "torch":
         raise QKDError(f"{path} is an exported file; --engine torch evaluates a run or checkpoint (give "
@@ -358,7 +359,8 @@ def export(
 ) -> None:
     """Export the quantized student with its input contract (layout, size, normalisation, classes, bits, in the
     file's metadata) and check it against the trained model on test images."""
-    from qkd.export.deploy import check_format, default_path, export_loaded, require_quantized
+    from qkd.export import check_format, default_path, export_loaded
+    from qkd.export.api import require_quantized
 
     check_format(format, bake_preprocessing)  # before the run is read
     path = out or default_path(target, format, bake_preprocessing)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from qkd.checkpoint import atomic_write
 from qkd.errors import QKDError
 
 #: data sets whose raw values are not 0..255 (the pipeline stores them as round(v * 255 / pixel_max))
@@ -227,7 +228,7 @@ def read_onnx_contract(path: Path) -> dict[str, Any] | None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise QKDError(f"{path} is not a qkd export (int, onnx or onnx-int): {_first_line(e)}") from None
+        raise QKDError(f"{path} is not a qkd export (int, onnx or onnx-int): {first_line(e)}") from None
     if not model.graph.node:
         raise QKDError(f"{path} is not a qkd export (int, onnx or onnx-int): no ONNX graph in it")
     props = {p.key: p.value for p in model.metadata_props}
@@ -247,8 +248,19 @@ def is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < n < os.path.getsize(path)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first non-empty line of an exception's message (its type where it has none), for one-line errors."""
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
+# ----- writing ---------------------------------------------------------------------------------------------------
+def write_export(path: str | Path, data: bytes) -> None:
+    """Write an exported file atomically (a temporary file renamed over ``path``) with the mode the umask gives;
+    a place that cannot take it is a one-line :class:`QKDError`. Every format writes its file through it."""
+    try:
+        atomic_write(Path(path), lambda f: f.write(data))
+    except OSError as e:
+        raise QKDError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
 
 
 def _class_names(name: str, root: str | None) -> list[str] | None:

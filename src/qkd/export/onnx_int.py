@@ -1,10 +1,10 @@
 """ONNX export in integer form: integer convolutions (ConvInteger/MatMulInteger), float64 requantization.
 
-The QDQ export (:mod:`qkd.export.onnx`) leaves the arithmetic to the runtime, which runs it in
+The QDQ export (:mod:`qkd.export.onnx_qdq`) leaves the arithmetic to the runtime, which runs it in
 float32: deep low-bit networks then part from the trained model's exact answers on a fraction of a
 percent of images (a float32 rounding tips an activation across a quantization step, and the step
 propagates). This form pins the arithmetic down instead, from the same program as the integer engine
-(:func:`qkd.export.intgraph.to_real_program`):
+(:func:`qkd.export.trace.to_real_program`):
 
 - each layer's input is quantized to its integer codes (``Round((x - offset) / step)``, clipped to the
   layer's range, stored in UINT8/INT8);
@@ -23,7 +23,7 @@ the window sizes (the spatial size is the export example's), global averages as 
 Every rounding decision is then the exact model's up to float64 rounding (about 1e-16), so the file
 gives the float64 fake-quant model's predictions. Weights are stored as 8-bit integers (the integer
 ops take no 4-bit inputs): the file is about twice the QDQ file at 4 bits. Interval (affine) grids add
-the offset terms of ``intgraph.TERMS`` as further integer convolutions, with ones in place of codes.
+the offset terms of ``program.TERMS`` as further integer convolutions, with ones in place of codes.
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
-from qkd.export.contract import apply_to_onnx
-from qkd.export.intfile import write_export
-from qkd.export.intgraph import SHAPE_OPS, TERMS, pool_windows, to_real_program
-from qkd.export.onnx import storage_type
+from qkd.export.onnx_common import save_onnx, storage_type
+from qkd.export.program import SHAPE_OPS, TERMS, pool_windows
+from qkd.export.trace import to_real_program
 
-__all__ = ["export_onnx_int"]
+__all__ = ["OnnxIntBuilder", "export_onnx_int"]
 
 OPSET = 21  # Pad and ReduceMean with axes as inputs (18); integer ops since 10
 _INT64_MAX = 2**63 - 1
@@ -72,25 +71,25 @@ class _Graph:
         return out
 
 
-class _Exporter:
-    """Translates the program's ops one by one (see ``IntEngine`` for the integer semantics they mirror)."""
+class OnnxIntBuilder:
+    """Translates the program's ops one by one, each op of :data:`~qkd.export.program.OPS` by a method ``_<op>``
+    (see :class:`~qkd.export.int_runtime.IntRuntime` for the integer semantics they mirror)."""
 
     def __init__(self, ops: list[dict], tensors: dict[str, Tensor]) -> None:
         self.ops, self.t, self.g = ops, tensors, _Graph()
-        self.inputs = {op["name"] for op in ops if op["op"] == "input"}
-        for x in self.inputs:
-            self.g.node("Identity", ["input"], x)
         # values that are still the float32 input (shape ops only): quantized with the first layer's float32 maths
-        self.raw = set(self.inputs)
+        self.raw = {op["name"] for op in ops if op["op"] == "input"}
         for op in ops:
             if op["op"] in SHAPE_OPS and op["in"] and all(i in self.raw for i in op["in"]):
                 self.raw.add(op["name"])
 
     def run(self) -> _Graph:
         for op in self.ops:
-            if op["op"] != "input":
-                getattr(self, "_" + op["op"])(op, *op["in"])
+            getattr(self, "_" + op["op"])(op, *op["in"])
         return self.g
+
+    def _input(self, op: dict) -> None:
+        self.g.node("Identity", ["input"], op["name"])
 
     # ----- layers ----------------------------------------------------------------------------------
     def _codes(self, op: dict, x: str, offset: int = 0) -> str:
@@ -216,7 +215,7 @@ class _Exporter:
         g.node("ReduceMean", [x, axes], name, keepdims=int(op.get("keepdim", True)))
 
     def _pool(self, op: dict, x: str) -> None:
-        """Separable window sums (see ``intgraph.pool_windows``): ``rows @ x @ cols.T / sizes``, in float64."""
+        """Separable window sums (see ``program.pool_windows``): ``rows @ x @ cols.T / sizes``, in float64."""
         if "in_hw" not in op:
             raise QKDError(f"pooling '{op['name']}' has no input size: export with an example input")
         g, name = self.g, op["name"]
@@ -308,7 +307,7 @@ def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path, contrac
         raise QKDError(f"the integer ONNX form takes a model with one input; this one has {len(inputs)}")
     with torch.no_grad():
         n_out = model(example.float().cpu()).shape[1:]
-    g = _Exporter(ops, tensors).run()
+    g = OnnxIntBuilder(ops, tensors).run()
     graph = helper.make_graph(
         g.nodes,
         "qkd-int",
@@ -317,8 +316,4 @@ def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path, contrac
         g.inits,
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qkd")
-    if contract is not None:
-        apply_to_onnx(onnx_model, contract)
-    onnx.checker.check_model(onnx_model, full_check=True)
-    write_export(path, onnx_model.SerializeToString())
-    return Path(path)
+    return save_onnx(onnx_model, path, contract)

@@ -53,7 +53,7 @@ def png(fig: Figure) -> bytes:
 
 def save(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG atomically (a failed write leaves an earlier file as it was)."""
-    from qkd.export.intfile import write_export
+    from qkd.export.contract import write_export
 
     write_export(path, png(fig))
     return Path(path)

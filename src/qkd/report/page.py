@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qkd._version import __version__
 from qkd.errors import QKDError
-from qkd.export.intfile import write_export
+from qkd.export.contract import write_export
 from qkd.report import figures, table
 from qkd.report.runs import Run
 

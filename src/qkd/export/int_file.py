@@ -1,4 +1,6 @@
-"""The packed integer checkpoint: one safetensors file plus a JSON manifest.
+"""The int file: the integer program packed into one safetensors file plus a JSON manifest.
+
+Its runtime is :class:`~qkd.export.int_runtime.IntRuntime`.
 
 Weights are stored at their bit-width (two 4-bit or four 2-bit values per byte, see
 :mod:`qkd.export.packing`); requantization multipliers and shifts as int32, biases as int64 fixed point; the op list
@@ -17,27 +19,18 @@ import torch
 from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from qkd.checkpoint import _atomic_write
 from qkd.errors import QKDError
-from qkd.export.intengine import IntEngine
-from qkd.export.intgraph import FRAC_BITS, LAYERS
+from qkd.export.contract import write_export
+from qkd.export.int_runtime import IntRuntime
 from qkd.export.packing import pack_bits, unpack_bits
+from qkd.export.program import FRAC_BITS, LAYERS
 
-FORMAT = "qkd-int/4"  # 3: affine (interval) grids, with the extra terms of intgraph.TERMS; 4: torchvision's ops
+FORMAT = "qkd-int/4"  # 3: affine (interval) grids, with the extra terms of program.TERMS; 4: torchvision's ops
 READS = ("qkd-int/2", "qkd-int/3", FORMAT)  # each a subset of the next: /2 has LSQ grids only, /3 no ops of /4
 
 
 def _layer_ops(ops: list[dict]) -> dict[str, dict]:
     return {op["name"]: op for op in ops if op["op"] in LAYERS}
-
-
-def write_export(path: str | Path, data: bytes) -> None:
-    """Write an exported file atomically (a temporary file renamed over ``path``) with the mode the umask gives;
-    a place that cannot take it is a one-line :class:`QKDError`. The ONNX exporters write through it too."""
-    try:
-        _atomic_write(Path(path), lambda f: f.write(data))
-    except OSError as e:
-        raise QKDError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
 
 
 def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
@@ -58,8 +51,11 @@ def save_int(path: str | Path, ops: list[dict], tensors: dict[str, torch.Tensor]
     return path
 
 
-def load_int(path: str | Path) -> tuple[IntEngine, dict[str, Any]]:
-    """Read a packed integer checkpoint back into an :class:`IntEngine` and its manifest."""
+def load_int(path: str | Path) -> tuple[IntRuntime, dict[str, Any]]:
+    """Read a packed integer checkpoint back into an :class:`~qkd.export.int_runtime.IntRuntime` and its manifest.
+
+    >>> runtime, manifest = load_int("runs/demo/export/student-int.safetensors")
+    """
     path = Path(path)
     if not path.is_file():
         raise QKDError(f"integer checkpoint not found: {path}")
@@ -82,4 +78,4 @@ def load_int(path: str | Path) -> tuple[IntEngine, dict[str, Any]]:
             tensors[key] = torch.from_numpy(codes).view(op["w_shape"])
         else:
             tensors[key] = value.long()
-    return IntEngine(manifest["ops"], tensors), manifest
+    return IntRuntime(manifest["ops"], tensors), manifest

@@ -1,4 +1,4 @@
-"""The integer reference engine: runs an integer program (see :mod:`qkd.export.intgraph`) on the CPU.
+"""The integer runtime: runs an integer program (:mod:`qkd.export.program`) on the CPU.
 
 Activations entering a layer are its low-bit integers; weights are low-bit integers; accumulation
 is exact integer arithmetic checked to stay within int32; requantization between layers is an
@@ -28,77 +28,13 @@ quantizing the network's input, with the first layer's own float32 maths.
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from qkd.errors import QKDError
-from qkd.export.intgraph import FRAC_BITS, LAYERS, OPS, TERMS, pool_windows
-
-INT32 = 2**31
-INT64_SAFE = 2**62  # headroom below int64 for the sums between layers
-ONE = 2**FRAC_BITS  # 1.0 in the fixed point
-_LOW = 2**32 - 1
-
-
-def shift_round(v: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
-    """``round(v * mult / 2**shift)`` (round half up) for int64 ``v``, int32 ``mult``, ``-30 <= shift <= 93``.
-
-    Exact without a 128-bit product: with ``v = hi * 2**31 + lo`` and ``0 <= lo < 2**31``,
-    ``v * mult = high * 2**31 + low`` where ``high = hi * mult + (lo * mult >> 31)`` and
-    ``low = lo * mult mod 2**31``; every term stays within int64 for ``|v| < 2**62``.
-    """
-    hi, lo = torch.bitwise_right_shift(v, 31), torch.bitwise_and(v, INT32 - 1)
-    prod_lo = lo * mult
-    high = hi * mult + torch.bitwise_right_shift(prod_lo, 31)
-    low = torch.bitwise_and(prod_lo, INT32 - 1)
-    one = torch.ones_like(shift)
-    # shift >= 32: the rounding half 2**(shift-1) lands in ``high``, and ``low`` cannot carry into it
-    big = torch.bitwise_right_shift(high + torch.bitwise_left_shift(one, (shift - 32).clamp_min(0)),
-                                    (shift - 31).clamp(0, 63))  # fmt: skip
-    # 1 <= shift <= 31: high * 2**31 is a multiple of 2**shift; shift <= 0: a plain left shift
-    mid = shift.clamp(1, 31)
-    low = torch.where(shift >= 1, torch.bitwise_right_shift(low + torch.bitwise_left_shift(one, mid - 1), mid),
-                      torch.bitwise_left_shift(low, (-shift).clamp(0, 62)))  # fmt: skip
-    small = torch.bitwise_left_shift(high, (31 - shift).clamp(0, 62)) + low
-    return torch.where(shift >= 32, big, small)
-
-
-def mul_round(a: Tensor, b: Tensor, div: int = 1) -> Tensor:
-    """``round(a * b / (div * 2**32))`` (round half up) for int64 ``a``, ``b`` and a small ``div > 0``, exactly.
-
-    The 128-bit product is kept as ``high * 2**32 + low`` with ``0 <= low < 2**32``: with
-    ``a = ah * 2**32 + al`` (the same for ``b``) and ``al = alh * 2**16 + all``,
-    ``a * b = (ah bh 2**32 + ah bl + al bh) 2**32 + al bl`` and ``al bl = alh bl 2**16 + all bl``, each
-    partial product within int64 while ``|a|, |b| < 2**62`` and ``|a * b| / 2**32 < 2**62``.
-    """
-    ah, al = torch.bitwise_right_shift(a, 32), torch.bitwise_and(a, _LOW)
-    bh, bl = torch.bitwise_right_shift(b, 32), torch.bitwise_and(b, _LOW)
-    alh, all_ = torch.bitwise_right_shift(al, 16), torch.bitwise_and(al, 2**16 - 1)
-    t = alh * bl  # < 2**48
-    low = torch.bitwise_left_shift(torch.bitwise_and(t, 2**16 - 1), 16) + all_ * bl  # < 2**49
-    high = torch.bitwise_left_shift(ah * bh, 32) + ah * bl + al * bh + torch.bitwise_right_shift(t, 16)
-    high, low = high + torch.bitwise_right_shift(low, 32), torch.bitwise_and(low, _LOW)
-    q = torch.div(high, div, rounding_mode="floor")
-    rest = (high - q * div) * 2**32 + low  # the remainder, below div * 2**32
-    return q + torch.div(2 * rest + div * 2**32, 2 * div * 2**32, rounding_mode="floor")
-
-
-def thresholds(mult: int, shift: int, lo: int, hi: int) -> list[int]:
-    """Integer thresholds ``t_k`` with ``clamp(shift_round(v, mult, shift), lo, hi) == lo + #{k: v >= t_k}``.
-
-    ``round_half_up(v * mult / 2**shift) >= k``  <=>  ``2 * v * mult >= (2k - 1) * 2**shift``; for
-    ``mult > 0`` that is ``v >= ceil((2k - 1) * 2**shift / (2 * mult))``, computed exactly in Python
-    integers. Requantizing to a few levels is then one sorted search per value (threshold
-    activation units in low-bit accelerators do the same).
-    """
-    if mult <= 0:
-        raise QKDError("an activation requantization multiplier must be positive")
-    scale = Fraction(2**shift) if shift >= 0 else Fraction(1, 2**-shift)  # exact rationals, no float
-    return [math.ceil((2 * k - 1) * scale / (2 * mult)) for k in range(lo + 1, hi + 1)]
+from qkd.export.fixedpoint import INT32, INT64_SAFE, ONE, mul_round, shift_round, thresholds
+from qkd.export.program import LAYERS, OPS, TERMS, pool_windows
 
 
 def _check_range(t: Tensor, bound: int, what: str) -> Tensor:
@@ -122,14 +58,14 @@ def _channels(t: Tensor, dim: int) -> Tensor:
     return t.view(1, -1, *[1] * (dim - 2))
 
 
-class IntEngine:
-    """Callable integer network: ``IntEngine(ops, tensors)(x) -> logits`` (float, for reading only).
+class IntRuntime:
+    """Callable integer network: ``IntRuntime(ops, tensors)(x) -> logits`` (float, for reading only).
 
-    >>> engine = IntEngine(*to_int_program(student))
-    >>> logits = engine(images)
+    >>> runtime = IntRuntime(*to_int_program(student))
+    >>> logits = runtime(images)
 
-    An int file (``qkd export --format int``) is read with ``qkd.export.intfile.load_int(path)``, which returns
-    its engine and manifest.
+    An int file (``qkd export --format int``) is read with ``qkd.export.load_int(path)``, which returns
+    its runtime and manifest. Each op of :data:`~qkd.export.program.OPS` is a method ``_<op>``.
     """
 
     def __init__(self, ops: list[dict], tensors: dict[str, Tensor]) -> None:
@@ -148,8 +84,8 @@ class IntEngine:
     def __call__(self, x: Tensor) -> Tensor:
         env: dict[str, Tensor] = {}
         for i, op in enumerate(self.ops):
-            args = [env[name] for name in op["in"]]
-            env[op["name"]] = getattr(self, "_" + op["op"])(op, *args) if op["op"] != "input" else x
+            args = [env[name] for name in op["in"]] if op["op"] != "input" else [x]
+            env[op["name"]] = getattr(self, "_" + op["op"])(op, *args)
             if op["op"] == "output":
                 return env[op["name"]]
             for name in op["in"]:  # int64 activations are large: keep a value only until its last reader
@@ -187,7 +123,7 @@ class IntEngine:
         return out
 
     def _layer(self, op: dict, x: Tensor, linear) -> Tensor:
-        """``linear(input, weight)`` for each term the layer has (see ``intgraph.TERMS``), requantized and summed."""
+        """``linear(input, weight)`` for each term the layer has (see ``program.TERMS``), requantized and summed."""
         name = op["name"]
         xi, w = self._layer_input(op, x), self.t[f"{name}.weight"]
         # what each term convolves; built only for the terms the layer has (LSQ layers: the first one)
@@ -218,6 +154,9 @@ class IntEngine:
         return self._layer(op, x, F.linear)
 
     # ----- exact ops --------------------------------------------------------------------------------
+    def _input(self, op: dict, x: Tensor) -> Tensor:
+        return x
+
     def _relu(self, op: dict, x: Tensor) -> Tensor:
         return x.clamp_min(0)
 
@@ -305,3 +244,6 @@ class IntEngine:
 
     def _output(self, op: dict, x: Tensor) -> Tensor:
         return x.double() / ONE
+
+
+IntEngine = IntRuntime  # the old name, kept for old imports

@@ -36,25 +36,22 @@ from onnx import TensorProto, helper, version_converter
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
-from qkd.export.contract import apply_to_onnx
-from qkd.export.intfile import write_export
-from qkd.quant import IntervalQuantizer, LSQQuantizer, Quantizer, quantizers
+from qkd.export.grid import activation_grid, check_quantized, float_weight, grid, weight_layers
+from qkd.export.onnx_common import FOUR_BIT, onnx_runner, run_onnx, save_onnx, storage_type
+from qkd.quant import Quantizer, quantizers
 
-__all__ = ["export_onnx", "onnx_runner", "run_onnx"]
+__all__ = ["export_onnx", "onnx_runner", "run_onnx", "storage_type"]
 
 _MIN_OPSET = 13  # per-axis (per-channel) QuantizeLinear/DequantizeLinear
 _INT4_MIN_OPSET = 21
 _TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's ceiling; later opsets come from the version converter
 _DOMAIN = "qkd"
-# (type, lowest code, highest code), narrowest first: the first that holds [qn, qp] stores the codes.
-_STORAGE = [(TensorProto.UINT4, 0, 15), (TensorProto.INT4, -8, 7), (TensorProto.UINT8, 0, 255),
-            (TensorProto.INT8, -128, 127)]  # fmt: skip
-_FOUR_BIT = (TensorProto.UINT4, TensorProto.INT4)
 
 
 @dataclass
 class _Grid:
-    """One quantizer as an affine integer grid; ``codes`` holds the integer weights (None: activation)."""
+    """One quantizer's grid (:class:`qkd.export.grid.Grid`) in float32 numpy; ``codes`` holds the integer weights
+    (None: activation)."""
 
     name: str  # the quantizer's qualified name: it prefixes the nodes and initializers that replace it
     scale: np.ndarray  # float32, shape () per tensor or (C,) per output channel
@@ -108,41 +105,20 @@ class _Marker(nn.Module):
 
 
 # ----- from quantizers to grids ----------------------------------------------------------------------
-def _affine(name: str, q: Quantizer) -> tuple[Tensor, Tensor, int, int]:
-    """(scale, offset, qn, qp) of an initialised quantizer, with the quantizer's own maths."""
-    if not bool(q.initialized):
-        raise QKDError(f"quantizer '{name}' was never initialised; calibrate or train the model before export")
-    if isinstance(q, LSQQuantizer | IntervalQuantizer):
-        return q.affine()
-    raise QKDError(f"quantizer '{name}' is a {type(q).__name__}; ONNX export supports LSQ and interval quantizers")
-
-
 def _grid(name: str, q: Quantizer, weight: Tensor | None) -> _Grid:
-    """The grid of ``q``; for a weight quantizer also its integer codes, quantized once here."""
-    scale, offset, qn, qp = _affine(name, q)
-    grid = _Grid(name, _flat(scale), _flat(offset), int(qn), int(qp))
-    if weight is not None:  # read the codes back from the quantizer's own output: the same rounding, bit for bit
-        with torch.no_grad():
-            codes = torch.clamp(torch.round((q(weight) - offset) / scale), qn, qp)
-        grid.codes = codes.to(torch.int64).cpu().numpy()
-    elif grid.per_channel:
-        raise QKDError(f"activation quantizer '{name}' is per channel; ONNX export supports per-tensor activations")
-    return grid
+    """The grid of ``q`` in float32; for a weight quantizer also its integer codes, quantized once here."""
+    g = grid(name, q) if weight is not None else activation_grid(name, q)
+    codes = g.codes(weight).to(torch.int64).cpu().numpy() if weight is not None else None
+    return _Grid(name, _float32(g.scale), _float32(g.offset), g.qn, g.qp, codes)
 
 
-def _flat(t: Tensor) -> np.ndarray:
-    """A per-tensor parameter as a 0-d array, a per-channel one (C, 1, ...) as (C,)."""
-    t = t.detach().float().cpu()
-    return (t.reshape(()) if t.dim() == 0 else t.reshape(-1)).numpy().astype(np.float32)
+def _float32(t: Tensor) -> np.ndarray:
+    return t.float().numpy().astype(np.float32)
 
 
 def _weight_inputs(model: nn.Module) -> dict[int, Tensor]:
-    """Weight quantizers (by id) and the weight each one quantizes, from the layers holding them."""
-    return {
-        id(m.weight_quant): m.weight
-        for m in model.modules()
-        if isinstance(getattr(m, "weight_quant", None), Quantizer) and isinstance(getattr(m, "weight", None), Tensor)
-    }
+    """Weight quantizers (by id) and the float weight each one quantizes, from the layers holding them."""
+    return {id(m.weight_quant): float_weight(m) for _, m in weight_layers(model)}
 
 
 def _mark_quantizers(model: nn.Module) -> list[_Grid]:
@@ -161,14 +137,6 @@ def _mark_quantizers(model: nn.Module) -> list[_Grid]:
 
 
 # ----- the graph rewrite -----------------------------------------------------------------------------
-def storage_type(qn: int, qp: int, int4: bool) -> tuple[int, int, int]:
-    """The narrowest ONNX integer type holding [qn, qp]: (type, its lowest code, its highest code)."""
-    for dtype, lo, hi in _STORAGE:
-        if lo <= qn and qp <= hi and (int4 or dtype not in _FOUR_BIT):
-            return dtype, lo, hi
-    raise QKDError(f"integer range [{qn}, {qp}] fits no 8-bit ONNX type")
-
-
 def _tensor(name: str, dtype: int, values: np.ndarray) -> TensorProto:
     values = np.asarray(values)
     return helper.make_tensor(name, dtype, values.shape, values.ravel().tolist())
@@ -220,7 +188,7 @@ class _Rewriter:
         g = self.grid
         lo = self.const("clip_min", TensorProto.FLOAT, np.float32(g.qn) * g.scale)
         hi = self.const("clip_max", TensorProto.FLOAT, np.float32(g.qp) * g.scale)
-        if self.dtype in _FOUR_BIT:
+        if self.dtype in FOUR_BIT:
             return self.node("Min", [self.node("Max", [x, lo]), hi])
         return self.node("Clip", [x, lo, hi])
 
@@ -320,8 +288,7 @@ def export_onnx(
     """
     if opset < _MIN_OPSET:
         raise QKDError(f"ONNX export needs opset {_MIN_OPSET} or later (per-channel QDQ); got {opset}")
-    if not any(q.active for _, q in quantizers(model)):
-        raise QKDError(f"{type(model).__name__} has no quantized layers; export the student of a quantized run")
+    check_quantized(model)
     clone = copy.deepcopy(model).float().cpu().eval()
     grids = _mark_quantizers(clone)
     with torch.no_grad():
@@ -329,26 +296,4 @@ def export_onnx(
     if opset > _TORCHSCRIPT_MAX_OPSET:  # before the rewrite, so no 4-bit type meets an older opset
         onnx_model = version_converter.convert_version(onnx_model, opset)
     _rewrite(onnx_model, grids, int4=opset >= _INT4_MIN_OPSET)
-    if contract is not None:
-        apply_to_onnx(onnx_model, contract)
-    onnx.checker.check_model(onnx_model, full_check=True)
-    write_export(path, onnx_model.SerializeToString())
-    return Path(path)
-
-
-def onnx_runner(path: str | Path):
-    """One onnxruntime CPU session for an exported model; returns ``f(x) -> logits`` (numpy in and out)."""
-    import onnxruntime as ort
-
-    # onnxruntime's Clip->QuantizeLinear fusion rejects 4-bit zero points (ReLU6 before a UINT4
-    # quantizer fails to load); the graph runs the same without that fusion.
-    session = ort.InferenceSession(
-        str(path), providers=["CPUExecutionProvider"], disabled_optimizers=["ClipQuantRewrite"]
-    )
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
-def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """Run an exported model with onnxruntime on the CPU; returns the first output (the logits)."""
-    return onnx_runner(path)(x)
+    return save_onnx(onnx_model, path, contract)

@@ -1,0 +1,157 @@
+"""Export a trained student in a format and check the export against it: ``qkd export`` from Python.
+
+:func:`export_run` takes a run folder or checkpoint, :func:`export_loaded` a student read by the pipeline,
+:func:`export_student` any quantized model. Every export is verified at once: the exported model's top-1
+predictions are compared with the fake-quant model's on real images, and the agreement and largest logit
+difference are reported (:mod:`qkd.export.verify`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qkd.errors import QKDError
+from qkd.export.contract import complete, raw_from_input, run_contract
+from qkd.export.grid import check_quantized
+from qkd.export.int_file import load_int, save_int
+from qkd.export.trace import to_int_program
+from qkd.export.verify import check_split, compare
+from qkd.quant import dequantize_model
+
+# format -> file extension: packed integers; ONNX with QDQ nodes; ONNX with integer convolutions
+EXTENSIONS = {"int": "safetensors", "onnx": "onnx", "onnx-int": "onnx"}
+FORMATS = tuple(EXTENSIONS)
+
+
+def float_checkpoint_bytes(student: nn.Module) -> int:
+    """Size of the same network saved as a plain float32 state dict (the usual checkpoint)."""
+    plain = dequantize_model(copy.deepcopy(student).cpu())
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)
+    return buf.tell()
+
+
+def export_student(
+    student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict, bake_preprocessing: bool = False
+) -> Callable[[Tensor], Tensor]:
+    """Write ``student`` in ``fmt`` to ``path``; return a callable that runs the written file on the network's
+    input (the normalised images, also for a file that takes raw pixels).
+
+    ``info`` goes into the file as the start of its input contract (:mod:`qkd.export.contract`): a run's
+    :func:`~qkd.export.contract.run_contract`, :func:`~qkd.export.contract.input_contract` for your own data, or
+    ``{}``; the file adds its format, input shape and the qkd version. ``bake_preprocessing`` (ONNX formats):
+    the file takes raw pixel values and normalises them in its graph."""
+    return _export(student, fmt, path, example, info, bake_preprocessing)[0]
+
+
+def _export(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict,
+            bake_preprocessing: bool) -> tuple[Callable[[Tensor], Tensor], dict]:  # fmt: skip
+    """:func:`export_student`, also returning the contract written into the file."""
+    check_format(fmt, bake_preprocessing)
+    check_quantized(student)
+    student, example = student.eval().cpu(), example.cpu()
+    contract = complete(info, fmt, example, bake_preprocessing)
+    if fmt == "int":
+        ops, tensors = to_int_program(student, example)
+        save_int(path, ops, tensors, contract)
+        return load_int(path)[0], contract
+    from qkd.export.onnx_common import onnx_runner  # onnx is imported when an ONNX format is asked for
+
+    if fmt == "onnx":
+        from qkd.export.onnx_qdq import export_onnx
+
+        export_onnx(student, example, path, contract=contract)
+    else:
+        from qkd.export.onnx_int import export_onnx_int
+
+        export_onnx_int(student, example, path, contract=contract)
+    run = onnx_runner(path)  # one session for every batch
+    if not bake_preprocessing:
+        return (lambda x: torch.from_numpy(run(x.numpy()))), contract
+    mean, std, pixel_max = contract["mean"], contract["std"], contract["pixel_max"]
+    return (lambda x: torch.from_numpy(run(raw_from_input(x, mean, std, pixel_max).numpy()))), contract
+
+
+def check_format(fmt: str, bake_preprocessing: bool = False) -> None:
+    """A one-line :class:`QKDError` for a format that is not one, or preprocessing to bake into the int file."""
+    if fmt not in FORMATS:
+        raise QKDError(f"unknown export format '{fmt}'; valid formats: {', '.join(FORMATS)}")
+    if bake_preprocessing and fmt == "int":
+        raise QKDError("--bake-preprocessing applies to the ONNX formats (onnx, onnx-int); the int file's "
+                       "manifest says the preprocessing (qkd.export.contract.preprocess applies it)")  # fmt: skip
+
+
+def default_path(target: str | Path, fmt: str, baked: bool = False) -> Path:
+    """``<run>/export/student-<format>[-baked].<ext>`` (beside a checkpoint file given instead of a run)."""
+    target = Path(target)
+    check_format(fmt, baked)
+    folder = target if target.is_dir() else target.parent
+    return folder / "export" / f"student-{fmt}{'-baked' if baked else ''}.{EXTENSIONS[fmt]}"
+
+
+@dataclass
+class Exported:
+    """What :func:`export_run` wrote and how it compared with the trained model (``check``: :func:`compare`'s
+    figures on ``split``)."""
+
+    path: Path
+    contract: dict
+    check: dict
+    split: str
+    loaded: Any  # the pipeline.LoadedStudent exported
+
+
+def require_quantized(loaded: Any, target: str | Path) -> None:
+    if not loaded.quantized:
+        raise QKDError(f"{target} holds a float student (the run did not reach a quantized stage); export a run "
+                       "or checkpoint of a quantized stage")  # fmt: skip
+
+
+def export_loaded(loaded: Any, fmt: str, path: str | Path, *, bake_preprocessing: bool = False,
+                  verify: int | None = 1000) -> Exported:  # fmt: skip
+    """Export a run's model read by ``pipeline.load_student`` with the run's contract; check it on ``verify``
+    images of the test split against the trained model."""
+    path = Path(path)
+    split, images = check_split(loaded.data)
+    contract = run_contract(loaded.cfg, loaded.data, loaded.where)
+    contract["float32_bytes"] = float_checkpoint_bytes(loaded.student)  # what the export is compared with
+    example = next(iter(images))[0][:2]
+    run, contract = _export(loaded.student, fmt, path, example, contract, bake_preprocessing)
+    check = compare(run, loaded.student, images, limit=verify, exact=True)
+    return Exported(path, contract, check, split, loaded)
+
+
+def export_run(
+    target: str | Path,
+    fmt: str = "int",
+    out: str | Path | None = None,
+    *,
+    bake_preprocessing: bool = False,
+    verify: int | None = 1000,
+    unfinished: bool = False,
+    overrides: list[str] | None = None,
+) -> Exported:
+    """``qkd export`` from Python: the student of a run folder or checkpoint file, written in ``fmt`` to ``out``
+    (default :func:`default_path`) with its input contract, and checked against the trained model.
+
+    >>> exported = export_run("runs/demo", "onnx")
+    >>> exported.path, exported.check["agreement_f64"]
+    """
+    from qkd import pipeline
+    from qkd.checkpoint import load_checkpoint
+
+    target = Path(target)
+    ckpt = load_checkpoint(target) if target.is_file() else None  # read once, for its settings and weights
+    cfg = pipeline.target_config(target, [*(overrides or []), "device=cpu"], ckpt)
+    loaded = pipeline.load_student(cfg, target, role="student", unfinished=unfinished, ckpt=ckpt)
+    require_quantized(loaded, target)
+    path = Path(out) if out is not None else default_path(target, fmt, bake_preprocessing)
+    return export_loaded(loaded, fmt, path, bake_preprocessing=bake_preprocessing, verify=verify)
