@@ -97,7 +97,7 @@ def test_fit_user_model_and_dataloader_end_to_end_and_exact_resume(tmp_path):
 
 
 def test_fit_exports_the_user_model_exactly(tmp_path):
-    from qkd.export.deploy import compare, export_student
+    from qkd.export import compare, export_student
 
     train, val = _loaders()
     student, teacher = _models()

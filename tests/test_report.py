@@ -25,7 +25,7 @@ def qkd(*args, cwd=None):
 def runs(tmp_path_factory, one_thread):
     """Two finished digits runs (qkd W2A2 with an int export, qat W3A3) and a copy of the first cut short."""
     from qkd import pipeline
-    from qkd.export.deploy import export_run
+    from qkd.export import export_run
 
     out = tmp_path_factory.mktemp("report") / "runs"
     a, _ = pipeline.run(load_config(None, [*TINY, "name=qkd-w2"]), out)
