@@ -1,6 +1,5 @@
-"""The int file: the integer program packed into one safetensors file plus a JSON manifest.
-
-Its runtime is :class:`~qkd.export.int_runtime.IntRuntime`.
+"""The int file: the integer program packed into one safetensors file plus a JSON manifest; its runtime is
+:class:`~qkd.export.int_runtime.IntRuntime` (:func:`load_int` returns one).
 
 Weights are stored at their bit-width (two 4-bit or four 2-bit values per byte, see
 :mod:`qkd.export.packing`); requantization multipliers and shifts as int32, biases as int64 fixed point; the op list

@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from qkd.errors import QKDError
 from qkd.export.fixedpoint import affine_to_fixed_point, layer_to_fixed_point
-from qkd.export.grid import check_quantized, layer_grids
+from qkd.export.grid import check_quantized, float_weight, layer_grids
 from qkd.export.program import SHAPE_OPS
 from qkd.export.trace_calls import (
     OTHER_CONVS,
@@ -76,10 +76,11 @@ def _is_in_place(m: nn.Module) -> bool:
     )
 
 
-def _layer_op(name: str, wq: Quantizer, aq: Quantizer, weight: Tensor, bias: Tensor | None,
+def _layer_op(name: str, layer: nn.Module, bias: Tensor | None,
               conv: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Tensor]]:  # fmt: skip
-    """The integer form of one quantized layer (before any BatchNorm is folded in); ``weight`` is the
-    float weight before its quantizer, ``conv`` the convolution's hyperparameters (None: linear)."""
+    """The integer form of one quantized layer (before any BatchNorm is folded in); ``conv`` the convolution's
+    hyperparameters (None: linear)."""
+    wq, aq, weight = layer.weight_quant, layer.act_quant, float_weight(layer)
     wg, ag = layer_grids(name, wq, aq)
     out_ch = weight.shape[0]
     w_step, w_off = (t.reshape(-1).expand(out_ch) for t in (wg.scale, wg.offset))
@@ -272,7 +273,7 @@ class Builder(CallTranslator):
             if conv is not None and m.padding_mode != "zeros":
                 raise QKDError(f"layer '{node.target}': padding_mode='{m.padding_mode}' is not supported by the "
                                "integer engine")  # fmt: skip
-            self.layer(node, x, *_layer_op(node.target, m.weight_quant, m.act_quant, m.weight, m.bias, conv))
+            self.layer(node, x, *_layer_op(node.target, m, m.bias, conv))
         elif isinstance(m, nn.BatchNorm2d):
             self.batchnorm(node, node.target, m)
         elif type(m) in _ACT_MODULES:
@@ -343,9 +344,8 @@ class Builder(CallTranslator):
         if node.target is F.conv2d:
             a = [self.arg(node, i, k, d) for i, (k, d) in
                  enumerate([("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)], start=3)]  # fmt: skip
-            conv = _conv_params(name, *a, kernel=list(layer.parametrizations.weight.original.shape[2:]))
-        wq, weight = layer.parametrizations.weight[0], layer.parametrizations.weight.original
-        self.layer(node, node.args[0], *_layer_op(name, wq, layer.act_quant, weight, bias, conv))
+            conv = _conv_params(name, *a, kernel=list(float_weight(layer).shape[2:]))
+        self.layer(node, node.args[0], *_layer_op(name, layer, bias, conv))
 
 
 def _trace(model: nn.Module, example: Tensor | None) -> Builder:

@@ -23,6 +23,15 @@ _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardsw
                   F.sigmoid: "sigmoid"}  # fmt: skip
 _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 IDENTITY_METHODS = ("contiguous", "clone", "detach")
+# the pooling functions' arguments after the input: (name, default)
+_POOLS = {
+    F.adaptive_avg_pool2d: (("output_size", None),),
+    F.avg_pool2d: (("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                   ("count_include_pad", True), ("divisor_override", None)),
+    F.max_pool2d: (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
+                   ("return_indices", False)),
+}  # fmt: skip
+_POOLS[torch.max_pool2d] = _POOLS[F.max_pool2d]
 OTHER_CONVS = (F.conv1d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 _ARITHMETIC = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.mul: "mul", operator.imul: "mul",
                torch.mul: "mul", operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", operator.truediv: "div",
@@ -116,25 +125,36 @@ class CallTranslator:
         elif f in OTHER_CONVS:
             raise QKDError(f"{describe_node(node)}: {f.__name__} is not supported by the integer engine (Conv2d and "
                            "Linear are)")  # fmt: skip
-        elif f is torch.flatten:
+        elif f is F.dropout or target_name(f) == "stochastic_depth":  # torchvision.ops.stochastic_depth
+            if self.arg(node, 2 if f is F.dropout else 3, "training", True):
+                raise QKDError(f"{describe_node(node)}: {target_name(f)} with training=True in eval mode")
+            self.same(node, args[0])
+        elif f in _POOLS:
+            self.pool_function(node)
+        elif not self.shape_function(node):
+            raise QKDError(f"function {target_name(f)} ({describe_node(node)}) is not supported by the integer engine")
+
+    def pool_function(self, node: fx.Node) -> None:
+        """``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ``F.max_pool2d``."""
+        f, x = node.target, node.args[0]
+        if f is F.adaptive_avg_pool2d:
+            self.adaptive_avgpool(node, x, self.arg(node, 1, "output_size"))
+            return
+        names = _POOLS[f]
+        args = [self.arg(node, i, k, d) for i, (k, d) in enumerate(names, start=1)]
+        (self.avgpool if f is F.avg_pool2d else self.maxpool)(node, x, *args)
+
+    def shape_function(self, node: fx.Node) -> bool:
+        """A function that moves values (flatten, pad, indexing, cat, chunk/split, transpose, permute, reshape) or
+        averages them (mean); False: not one of them."""
+        f, args = node.target, node.args
+        if f is torch.flatten:
             self.flatten(node, args[0], self.arg(node, 1, "start_dim", 0), self.arg(node, 2, "end_dim", -1))
         elif f is F.pad:
             self.pad(node, args[0], self.arg(node, 1, "pad"), self.arg(node, 2, "mode", "constant"),
                      self.arg(node, 3, "value", None))  # fmt: skip
         elif f is operator.getitem:
             self.getitem(node, args[0], args[1])
-        elif f is F.adaptive_avg_pool2d:
-            self.adaptive_avgpool(node, args[0], self.arg(node, 1, "output_size"))
-        elif f is F.avg_pool2d:
-            a = [self.arg(node, i, k, d) for i, (k, d) in enumerate(
-                [("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
-                 ("count_include_pad", True), ("divisor_override", None)], start=1)]  # fmt: skip
-            self.avgpool(node, args[0], *a)
-        elif f in (F.max_pool2d, torch.max_pool2d):
-            a = [self.arg(node, i, k, d) for i, (k, d) in enumerate(
-                [("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
-                 ("return_indices", False)], start=1)]  # fmt: skip
-            self.maxpool(node, args[0], *a)
         elif f in (torch.cat, torch.concat):
             self.emit(node, "cat", list(args[0]), dim=self.arg(node, 1, "dim", 0))
         elif f in (torch.chunk, torch.split):
@@ -148,12 +168,9 @@ class CallTranslator:
             self.emit(node, "reshape", [args[0]], shape=self.out_shape(node))
         elif f is torch.mean:
             self.mean(node, args[0], self.arg(node, 1, "dim"), self.arg(node, 2, "keepdim", False))
-        elif f is F.dropout or target_name(f) == "stochastic_depth":  # torchvision.ops.stochastic_depth
-            if self.arg(node, 2 if f is F.dropout else 3, "training", True):
-                raise QKDError(f"{describe_node(node)}: {target_name(f)} with training=True in eval mode")
-            self.same(node, args[0])
         else:
-            raise QKDError(f"function {target_name(f)} ({describe_node(node)}) is not supported by the integer engine")
+            return False
+        return True
 
     def method(self, node: fx.Node) -> None:
         name, x = node.target, node.args[0]
