@@ -1,21 +1,13 @@
-import contextlib
-import io
-import logging
+"""Fixtures only: what many tests read is made once per session. Shared names live in helpers.py."""
+
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import qkd
+from helpers import DEMO, FIT_SETTINGS, TINY, digits_loaders, user_models
 from qkd.config import load_config
-
-SHARED_DATA = Path(os.environ.get("QKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-# A run small enough for unit tests: digits, a few epochs per stage.
-TINY = ["epochs=4", "teacher.train_epochs=1", "student.train_epochs=1", "teacher.kwargs={width: 8}",
-        "data.batch_size=128"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +17,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class StopAfter:
-    """An ``on_epoch_end`` hook that raises KeyboardInterrupt after ``n`` epochs, as Ctrl-C would."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __call__(self, record: dict) -> None:
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture
@@ -54,47 +34,28 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-# A quantized digits run as the README's deployment examples name it (runs/demo), quick to train: its folder's
-# parent is the working directory those examples run in.
-DEMO = ["teacher.train_epochs=1", "teacher.kwargs={width: 8}", "data.batch_size=128", "method=qat",
-        "student.train_epochs=4", "epochs=4", "optim.lr=0.05", "name=demo"]  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """(working directory, run folder, the run's test accuracy) of one W2A2 digits run, trained once."""
+    """(working directory, run folder, the run's test accuracy) of one finished W2A2 digits QAT run, trained once
+    and written under umask 022. Tests that write into a run (exports, resumes) take a copy (helpers.copy_run)."""
     from qkd import pipeline
 
     root = tmp_path_factory.mktemp("demo")
-    before = torch.get_num_threads()
+    threads, umask = torch.get_num_threads(), os.umask(0o022)
     torch.set_num_threads(1)
     try:
         run_dir, summary = pipeline.run(load_config(None, DEMO), root / "runs")
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(threads)
+        os.umask(umask)
     return root, run_dir, summary["stages"]["1_self_study"]["test"]
 
 
-def qkd_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``qkd ARGS`` through the command's own ``main()`` in this process: its exit status, stdout and stderr as a
-    real process gives them, without the 5 s a fresh interpreter spends importing torch. Only for input the
-    command refuses before any work; the tests that train or export run real processes."""
-    from qkd.cli import main
-
-    out, err, root = io.StringIO(), io.StringIO(), logging.getLogger()
-    handlers, level, argv, here = root.handlers[:], root.level, sys.argv, Path.cwd()
-    sys.argv = ["qkd", *args]
-    try:
-        os.chdir(cwd or here)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-        os.chdir(here)
-        root.handlers[:] = handlers  # the command configures logging for itself (basicConfig(force=True))
-        root.setLevel(level)
-    return subprocess.CompletedProcess(["qkd", *args], code, out.getvalue(), err.getvalue())
+@pytest.fixture(scope="session")
+def full_fit(tmp_path_factory):
+    """(result, the student object passed in) of the uninterrupted ``qkd.fit(**FIT_SETTINGS)`` run on a user's
+    network and DataLoaders: the run that stopped and resumed twins must end bit-identical to."""
+    train, val = digits_loaders()
+    student, teacher = user_models()
+    out = tmp_path_factory.mktemp("full") / "run"
+    return qkd.fit(student, teacher, train, val, out=out, **FIT_SETTINGS), student

@@ -4,6 +4,7 @@ Real processes, as a user runs them. Folders made read-only with chmod stop only
 power to write anywhere: as root those cases run under ``setpriv`` without that power, or are skipped.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -13,15 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, qkd_in_process
+from helpers import TINY, copy_run, qkd_in_process, qkd_process
 
 QUICK = [*TINY, "method=qat"]
 STRANGER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]  # root that chmod stops
-
-
-def qkd(*args, prefix=(), cwd=None):
-    cmd = [*prefix, sys.executable, "-m", "qkd", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def with_umask(umask: str) -> list[str]:
@@ -53,13 +49,19 @@ def assert_one_line_error(res, needle: str) -> None:
     assert needle in lines[0], lines[0]
 
 
-@pytest.fixture(scope="module")
-def run_022(tmp_path_factory):
-    """One finished tiny run, written under umask 022."""
-    out = tmp_path_factory.mktemp("runs")
-    res = qkd("run", *QUICK, "--name", "r", "--out", str(out), prefix=with_umask("022"))
-    assert res.returncode == 0, res.stderr
-    return out / "r"
+@pytest.fixture
+def run_022(demo_run, tmp_path_factory):
+    """A finished tiny run written under umask 022 (a copy of the session's)."""
+    return copy_run(demo_run[1], tmp_path_factory.mktemp("runs"))
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 # ----- qkd run: each case makes its input in tmp_path and gives (arguments after `run`, command prefix) -------
@@ -114,7 +116,7 @@ def test_run_bad_input_one_line_nothing_written(tmp_path, run_022, case):
     args, prefix = make(tmp_path, run_022)
     before = snapshot(tmp_path)
     # as another user (a prefix) in a real process, else in this one: the same main(), without torch's import
-    res = qkd("run", *args, prefix=prefix) if prefix else qkd_in_process("run", *args)
+    res = qkd_process("run", *args, prefix=prefix) if prefix else qkd_in_process("run", *args)
     assert_one_line_error(res, needle)
     assert snapshot(tmp_path) == before
 
@@ -126,7 +128,12 @@ def test_export_to_a_read_only_folder(tmp_path, run_022, fmt):
     (tmp_path / "ro" / "student.bin").write_text("an earlier export")
     prefix = read_only(tmp_path / "ro")
     before = snapshot(tmp_path), snapshot(run_022)
-    res = qkd("export", str(run_022), "--format", fmt, "--out", str(tmp_path / "ro" / "student.bin"), prefix=prefix)
+    out = str(tmp_path / "ro" / "student.bin")
+    res = (
+        qkd_process("export", str(run_022), "--format", fmt, "--out", out, prefix=prefix)
+        if prefix
+        else qkd_in_process("export", str(run_022), "--format", fmt, "--out", out)
+    )
     assert_one_line_error(res, f"cannot write {tmp_path / 'ro' / 'student.bin'}: Permission denied; choose another")
     assert (snapshot(tmp_path), snapshot(run_022)) == before
 
@@ -135,7 +142,7 @@ def test_export_out_naming_a_folder_leaves_it_alone(tmp_path, run_022):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("precious")
     before = snapshot(tmp_path)
-    res = qkd("export", str(run_022), "--format", "int", "--out", str(tmp_path / "taken"))
+    res = qkd_in_process("export", str(run_022), "--format", "int", "--out", str(tmp_path / "taken"))
     assert_one_line_error(res, "Is a directory; choose another --out")
     assert snapshot(tmp_path) == before  # no temporary file left beside it either
 
@@ -145,22 +152,28 @@ def _modes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("umask, mode", [("022", 0o644), ("002", 0o664)])
-def test_run_and_export_files_get_the_umask_mode(tmp_path, run_022, umask, mode):
-    if umask == "022":
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664)], ids=["022", "002"])
+def test_run_and_export_files_get_the_umask_mode(tmp_path, run_022, mask, mode):
+    """Under 022, the session's run and exports in this process; under 002, a real process started with that
+    umask, as a user's shell gives it."""
+    if mask == 0o022:
         run = run_022
     else:
-        res = qkd("run", *QUICK, "--name", "r", "--out", str(tmp_path), prefix=with_umask(umask))
+        res = qkd_process("run", *QUICK, "--name", "r", "--out", str(tmp_path), prefix=with_umask("002"))
         assert res.returncode == 0, res.stderr
         run = tmp_path / "r"
     written = _modes(run)
     for name in ("config.yaml", "summary.json", "quantization.json", "checkpoints/last.pt"):
         assert name in written
-    onnx_format = "onnx-int" if umask == "002" else "onnx"  # one export per format and umask is enough
+    onnx_format = "onnx-int" if mask == 0o002 else "onnx"  # one export per format and umask is enough
     for fmt in ("int", onnx_format):
-        out = tmp_path / umask / f"student-{fmt}.bin"
-        res = qkd("export", str(run), "--format", fmt, "--out", str(out), "--verify", "10", prefix=with_umask(umask))
+        args = ("export", str(run), "--format", fmt, "--out", str(tmp_path / "exports" / f"student-{fmt}.bin"))
+        if mask == 0o002:
+            res = qkd_process(*args, "--verify", "10", prefix=with_umask("002"))
+        else:
+            with umask(mask):
+                res = qkd_in_process(*args, "--verify", "10")
         assert res.returncode == 0, res.stderr
-    exported = _modes(tmp_path / umask)
+    exported = _modes(tmp_path / "exports")
     assert set(exported) == {"student-int.bin", "student-int.bin.json", f"student-{onnx_format}.bin"}
     assert {**written, **exported} == dict.fromkeys({**written, **exported}, mode)

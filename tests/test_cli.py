@@ -1,24 +1,30 @@
-"""The command line end to end, as a user runs it: real processes, exit codes, one-line errors."""
+"""The command line end to end, as a user runs it: exit codes, printed tables, one-line errors.
+
+One test starts the installed ``qkd`` entry point in a real process; the others run the same ``main()`` in this
+process (helpers.qkd_in_process), which gives the same exit codes and output without a torch import each."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, qkd_in_process
+from helpers import TINY, copy_run, qkd_in_process
 from qkd.models import create_model
 
-
-def qkd(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qkd", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+qkd = qkd_in_process
 
 
 def test_default_run_end_to_end(tmp_path):
-    """`qkd run` with no arguments: the built-in digits demo, the table, the run folder."""
-    res = qkd("run", cwd=tmp_path)
+    """`qkd run` with no arguments, through the installed entry point in a real process: the built-in digits demo,
+    the table, the run folder."""
+    script = shutil.which("qkd", path=str(Path(sys.executable).parent)) or shutil.which("qkd")
+    assert script, "the qkd entry point is not installed beside this Python"
+    res = subprocess.run([script, "run"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr
     for row in ("teacher FP (tiny_cnn_wide)", "student FP (tiny_cnn)", "after 1_self_study", "after 2_co_study",
                 "after 3_tutor"):  # fmt: skip
@@ -30,13 +36,11 @@ def test_default_run_end_to_end(tmp_path):
     assert summary["stages"]["3_tutor"]["test"] > 0.8
 
 
-@pytest.fixture(scope="module")
-def qat_run(tmp_path_factory):
-    """One finished tiny QAT run, shared by the tests that read it (eval, resume of a finished run, export)."""
-    out = tmp_path_factory.mktemp("runs")
-    res = qkd("run", *TINY, "method=qat", "--name", "r", "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    return out / "r"
+@pytest.fixture
+def qat_run(demo_run, tmp_path):
+    """A copy of the session's finished tiny QAT run, for the tests that read it and write beside it (eval, resume
+    of a finished run, export)."""
+    return copy_run(demo_run[1], tmp_path / "copy")
 
 
 def test_eval_train_fp_and_resume_commands(tmp_path, qat_run):
@@ -47,9 +51,9 @@ def test_eval_train_fp_and_resume_commands(tmp_path, qat_run):
     res = qkd("train-fp", *TINY, "--role", "student", "--name", "fp", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "fp" / "checkpoints" / "fp_student.pt").is_file()
-    res = qkd_in_process("config", "digits", "quant.weight_bits=3")
+    res = qkd("config", "digits", "quant.weight_bits=3")
     assert res.returncode == 0 and "weight_bits: 3" in res.stdout
-    res = qkd_in_process("list")
+    res = qkd("list")
     assert "resnet20" in res.stdout and "cifar10" in res.stdout
 
 
@@ -84,7 +88,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case):
     make_args, needle = BAD[case]
-    res = qkd_in_process("run", *make_args(tmp_path), "--out", str(tmp_path / "runs"))
+    res = qkd("run", *make_args(tmp_path), "--out", str(tmp_path / "runs"))
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1 and lines[0].startswith("qkd: error: "), res.stderr
@@ -130,10 +134,9 @@ def test_export_int_and_onnx_and_eval_engines(tmp_path, qat_run):
     for engine in ("int", "onnx-int"):
         res = qkd("eval", str(qat_run), "--engine", engine)
         assert res.returncode == 0 and "agreement" in res.stdout
-    res = qkd_in_process("export", str(qat_run), "--format", "tflite")
+    res = qkd("export", str(qat_run), "--format", "tflite")
     assert res.returncode == 2 and "unknown export format 'tflite'" in res.stderr
-    res = qkd("run", *TINY, "--name", "fp", "--out", str(tmp_path), "method=qat", "student.train_epochs=1", "epochs=1")
-    res = qkd_in_process("export", str(tmp_path / "fp" / "checkpoints" / "fp_student.pt"))
+    res = qkd("export", str(qat_run / "checkpoints" / "fp_student.pt"))
     assert res.returncode == 2 and "holds a float student" in res.stderr
 
 

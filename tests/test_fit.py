@@ -5,92 +5,32 @@ import logging
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 import qkd
-from conftest import StopAfter
+from helpers import FIT_SETTINGS, StopAfter, UserNet, digits_loaders, user_models
 from qkd.checkpoint import load_checkpoint
 from qkd.errors import QKDError
 
 
-class SamePadConv(nn.Conv2d):
-    """A "same"-padding conv with its own forward (as Keras ports and timm's Conv2dSame have)."""
-
-    def __init__(self, cin: int, cout: int, k: int) -> None:
-        super().__init__(cin, cout, k, padding=0, bias=False)
-        self.same = ((k - 1) // 2, k // 2) * 2
-
-    def forward(self, x):
-        return F.conv2d(F.pad(x, self.same), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-class SplitBlock(nn.Module):
-    """Channel split (as in ShuffleNetV2): half the channels pass, half go through a conv branch."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.branch = nn.Sequential(nn.Conv2d(c // 2, c // 2, 3, padding=1, bias=False), nn.BatchNorm2d(c // 2),
-                                    nn.ReLU())  # fmt: skip
-
-    def forward(self, x):
-        a, b = x.chunk(2, dim=1)
-        return torch.cat([a, self.branch(b)], dim=1)
-
-
-class UserNet(nn.Module):
-    def __init__(self, width: int = 8, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(SamePadConv(1, width, 3), nn.BatchNorm2d(width), nn.ReLU())
-        self.block = SplitBlock(width)
-        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(2 * width), nn.ReLU())  # fmt: skip
-        self.head = nn.Linear(2 * width, classes)
-
-    def forward(self, x):
-        x = self.down(self.block(self.stem(x)))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def _loaders():
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
-    y = torch.tensor(digits.target)
-    train = TensorDataset(x[:1400], y[:1400])
-    val = TensorDataset(x[1400:], y[1400:])
-    return DataLoader(train, batch_size=100, shuffle=True), DataLoader(val, batch_size=200)
-
-
-def _models():
-    torch.manual_seed(0)
-    return UserNet(8), UserNet(16)
-
-
-SETTINGS = dict(method="qkd", epochs=4, pretrain={"teacher": (3, 0.3), "student": (3, 0.3)},
-                quant=qkd.QuantConfig(weight_bits=3, act_bits=3), optim={"lr": 0.1})  # fmt: skip
-
-
-def test_fit_user_model_and_dataloader_end_to_end_and_exact_resume(tmp_path):
-    train, val = _loaders()
-    student, teacher = _models()
-    result = qkd.fit(student, teacher, train, val, out=tmp_path / "full", **SETTINGS)
+def test_fit_user_model_and_dataloader_end_to_end_and_exact_resume(tmp_path, full_fit):
+    train, val = digits_loaders()
+    result, student = full_fit
     summary = result.summary
     assert list(summary["stages"]) == ["fp_teacher", "fp_student", "1_self_study", "2_co_study", "3_tutor"]
     assert summary["layers"] == {"quantized": 4, "float": 0}  # the same-padding conv included
     assert summary["stages"]["3_tutor"]["val"] > 0.5  # learns (chance is 0.1)
     assert summary["student"] == "UserNet" and result.student is student
-    files = {p.name for p in (tmp_path / "full").iterdir()}
+    files = {p.name for p in result.run_dir.iterdir()}
     assert files >= {"config.yaml", "stages.json", "metrics.jsonl", "quantization.json", "summary.json", "checkpoints"}
-    layers = json.loads((tmp_path / "full" / "quantization.json").read_text())["layers"]
+    layers = json.loads((result.run_dir / "quantization.json").read_text())["layers"]
     assert [row["name"] for row in layers] == ["stem.0", "block.branch.0", "down.0", "head"]
 
-    student, teacher = _models()
+    student, teacher = user_models()
     with pytest.raises(KeyboardInterrupt):  # stopped mid co-study; resumed with the same objects, as in a notebook
-        qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=StopAfter(6), **SETTINGS)
-    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "part", resume=True, **SETTINGS)
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["student"]
+        qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=StopAfter(6), **FIT_SETTINGS)
+    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "part", resume=True, **FIT_SETTINGS)
+    a = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["student"]
     b = resumed.student.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.summary["stages"]["3_tutor"]["val"] == summary["stages"]["3_tutor"]["val"]
@@ -99,9 +39,9 @@ def test_fit_user_model_and_dataloader_end_to_end_and_exact_resume(tmp_path):
 def test_fit_exports_the_user_model_exactly(tmp_path):
     from qkd.export import compare, export_student
 
-    train, val = _loaders()
-    student, teacher = _models()
-    result = qkd.fit(student, teacher, train, val, **{**SETTINGS, "epochs": 2, "method": "kd"})
+    train, val = digits_loaders()
+    student, teacher = user_models()
+    result = qkd.fit(student, teacher, train, val, **{**FIT_SETTINGS, "epochs": 2, "method": "kd"})
     x = next(iter(val))[0][:2]
     for fmt, ext in (("int", "safetensors"), ("onnx-int", "onnx")):
         run = export_student(result.student, fmt, tmp_path / f"user.{ext}", x, {})
@@ -110,7 +50,7 @@ def test_fit_exports_the_user_model_exactly(tmp_path):
 
 
 def test_fit_without_a_run_folder_and_generator_factories():
-    train, val = _loaders()
+    train, val = digits_loaders()
     batches = list(train)
 
     def stream():  # a generator function: every epoch calls it again
@@ -129,7 +69,7 @@ def test_fit_without_a_run_folder_and_generator_factories():
 
 
 def test_fit_bad_input_is_one_line(tmp_path):
-    train, val = _loaders()
+    train, val = digits_loaders()
     with pytest.raises(QKDError, match="need a teacher"):
         qkd.fit(UserNet(8), None, train, val, method="kd", epochs=1)
     with pytest.raises(QKDError, match="method"):
@@ -145,7 +85,7 @@ def test_fit_bad_input_is_one_line(tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
-    train, val = _loaders()
+    train, val = digits_loaders()
     qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r")
     with pytest.raises(QKDError, match="differ in epochs"):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=2, out=tmp_path / "r", resume=True)
@@ -154,7 +94,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 
 def test_resume_starts_a_run_not_yet_there_and_refuses_other_stages(tmp_path):
-    train, val = _loaders()
+    train, val = digits_loaders()
     first = qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r", resume=True)
     again = qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r", resume=True)
     assert again.summary == first.summary  # finished: only reports
@@ -163,29 +103,29 @@ def test_resume_starts_a_run_not_yet_there_and_refuses_other_stages(tmp_path):
                 resume=True)  # fmt: skip
 
 
-def test_teacher_student_agreement_is_measured_and_survives_a_stop_in_co_study(tmp_path):
+def test_teacher_student_agreement_is_measured_and_survives_a_stop_in_co_study(tmp_path, full_fit):
     """The mechanism QKD claims: each distillation stage records, on the validation split, the teacher's top-1
     and KL(teacher || student) at its start and end; co-study also the KL from the teacher it started from. A
     run stopped inside co-study and resumed records the same figures as an uninterrupted run."""
-    train, val = _loaders()
-    full = qkd.fit(*_models(), train, val, out=tmp_path / "full", **SETTINGS).summary["teacher_student"]
+    train, val = digits_loaders()
+    full = full_fit[0].summary["teacher_student"]
     assert list(full) == ["2_co_study", "3_tutor"]
     co, tu = full["2_co_study"], full["3_tutor"]
     assert set(co["start"]) == {"teacher_acc", "student_acc", "kl"} and "kl_reference" in co["end"]
     assert co["end"]["kl"] == tu["start"]["kl"] and co["end"]["teacher_acc"] == tu["start"]["teacher_acc"]
     assert co["start"]["kl"] > 0 and co["start"]["teacher_acc"] > 0.5
-    student, teacher = _models()
+    student, teacher = user_models()
     with pytest.raises(KeyboardInterrupt):  # fp stages 3 + 3 epochs, self-study 1, then 1 of co-study's 2
-        qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=StopAfter(8), **SETTINGS)
-    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "part", resume=True, **SETTINGS)
+        qkd.fit(student, teacher, train, val, out=tmp_path / "part", on_epoch_end=StopAfter(8), **FIT_SETTINGS)
+    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "part", resume=True, **FIT_SETTINGS)
     assert resumed.summary["teacher_student"] == full
 
 
 def test_agreement_matches_its_definition():
     from qkd.train.loop import Runtime, agreement
 
-    _, val = _loaders()
-    student, teacher = _models()
+    _, val = digits_loaders()
+    student, teacher = user_models()
     got = agreement(teacher, student, val, Runtime(), reference=student)
     x, y = val.dataset.tensors
     with torch.no_grad():
@@ -199,8 +139,8 @@ def test_agreement_matches_its_definition():
 def test_amp_on_a_cpu_without_native_bf16_says_so_and_trains_in_float32(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr("qkd.train.loop.cpu_has_native_bf16", lambda: False)
     caplog.set_level(logging.INFO, "qkd")
-    train, val = _loaders()
-    result = qkd.fit(*_models(), train, val, method="qat", epochs=1, runtime={"amp": True},
+    train, val = digits_loaders()
+    result = qkd.fit(*user_models(), train, val, method="qat", epochs=1, runtime={"amp": True},
                      quant=qkd.QuantConfig(weight_bits=4, act_bits=4))  # fmt: skip
     assert result.summary["precision"] == "float32" and "no native bf16" in caplog.text
 
@@ -215,9 +155,9 @@ def test_cpu_bf16_autocast_keeps_fake_quantization_on_its_float32_grid(monkeypat
     monkeypatch.setattr("qkd.train.loop.cpu_has_native_bf16", lambda: True)
     rt = Runtime(amp=True)
     assert rt.precision == "bfloat16" and not rt.autocast(training=False)._enabled
-    student, _ = _models()
+    student, _ = user_models()
     quantize_model(student, qkd.QuantConfig(weight_bits=3, act_bits=3))
-    train, _ = _loaders()
+    train, _ = digits_loaders()
     x, y = next(iter(train))
     calibrate(student, x)
     seen = []
@@ -236,10 +176,10 @@ def test_cpu_bf16_autocast_keeps_fake_quantization_on_its_float32_grid(monkeypat
 def test_lean_evaluation_measures_less_and_trains_the_same(tmp_path):
     """runtime.eval=lean (for studies of many runs): no float evaluation, validation at stage ends only, the test
     split at the end only; the training and the final figures are those of a full run."""
-    train, val = _loaders()
-    settings = dict(SETTINGS, pretrain=None)
-    full = qkd.fit(*_models(), train, val, val, **settings).summary
-    lean = qkd.fit(*_models(), train, val, val, runtime={"eval": "lean"}, **settings).summary
+    train, val = digits_loaders()
+    settings = dict(FIT_SETTINGS, pretrain=None)
+    full = qkd.fit(*user_models(), train, val, val, **settings).summary
+    lean = qkd.fit(*user_models(), train, val, val, runtime={"eval": "lean"}, **settings).summary
     assert "student_fp" in full and "student_fp" not in lean and "teacher_fp" not in lean
     assert [set(r) & {"val", "test"} for r in lean["stages"].values()] == [{"val"}, {"val"}, {"val", "test"}]
     assert lean["stages"]["3_tutor"]["test"] == full["stages"]["3_tutor"]["test"]

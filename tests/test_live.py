@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import qkd
-from conftest import StopAfter
+from helpers import StopAfter
 from qkd.errors import QKDError
 from qkd.quant import calibrate, quantized_layers
 from qkd.train import live

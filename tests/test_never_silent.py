@@ -8,25 +8,11 @@ import pytest
 import torch
 
 import qkd
-from conftest import TINY, StopAfter
+from helpers import FIT_SETTINGS, TINY, StopAfter, UserNet, digits_loaders, same_weights, user_models
+from helpers import qkd_in_process as cli
 from qkd.checkpoint import load_checkpoint, save_checkpoint
 from qkd.errors import QKDError
 from qkd.train.loop import DivergenceGuard
-from test_cli import qkd as cli
-from test_fit import SETTINGS, UserNet, _loaders, _models
-
-
-def _same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    """The uninterrupted run the interrupted ones must end identical to."""
-    train, val = _loaders()
-    student, teacher = _models()
-    out = tmp_path_factory.mktemp("full") / "run"
-    return qkd.fit(student, teacher, train, val, out=out, **SETTINGS)
 
 
 class SignalAt:
@@ -46,29 +32,29 @@ class SignalAt:
             yield batch
 
 
-def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path, full_run):
-    train, val = _loaders()
-    student, teacher = _models()
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path, full_fit):
+    train, val = digits_loaders()
+    student, teacher = user_models()
     # 14 batches per epoch: 6 float epochs, the calibration batches, then a few steps into a quantized epoch
     stopping = SignalAt(train, 14 * 6 + 25, signal.SIGTERM)
     with pytest.raises(qkd.Stopped, match=r"stopped by SIGTERM in .* after step \d+; saved") as stop:
-        qkd.fit(student, teacher, stopping, val, out=tmp_path / "r", **SETTINGS)
+        qkd.fit(student, teacher, stopping, val, out=tmp_path / "r", **FIT_SETTINGS)
     assert stop.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after fit
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
     assert ckpt["partial"]["step"] > 0 and not ckpt["qkd"]["finished"]
-    student, teacher = _models()
-    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "r", resume=True, **SETTINGS)
-    assert _same_weights(resumed.student.state_dict(), full_run.student.state_dict())
-    assert _same_weights(resumed.teacher.state_dict(), full_run.teacher.state_dict())
+    student, teacher = user_models()
+    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "r", resume=True, **FIT_SETTINGS)
+    assert same_weights(resumed.student.state_dict(), full_fit[0].student.state_dict())
+    assert same_weights(resumed.teacher.state_dict(), full_fit[0].teacher.state_dict())
 
 
 @pytest.mark.parametrize("damage", ["truncated", "changed bytes"])
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, full_run, caplog, damage):
-    train, val = _loaders()
-    student, teacher = _models()
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, full_fit, caplog, damage):
+    train, val = digits_loaders()
+    student, teacher = user_models()
     with pytest.raises(KeyboardInterrupt):
-        qkd.fit(student, teacher, train, val, out=tmp_path / "r", on_epoch_end=StopAfter(8), **SETTINGS)
+        qkd.fit(student, teacher, train, val, out=tmp_path / "r", on_epoch_end=StopAfter(8), **FIT_SETTINGS)
     last = tmp_path / "r" / "checkpoints" / "last.pt"
     data = bytearray(last.read_bytes())
     if damage == "truncated":
@@ -76,14 +62,14 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, full
     else:
         data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     last.write_bytes(bytes(data))
-    student, teacher = _models()
-    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "r", resume=True, **SETTINGS)
+    student, teacher = user_models()
+    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "r", resume=True, **FIT_SETTINGS)
     assert "resuming from previous.pt" in caplog.text
-    assert _same_weights(resumed.student.state_dict(), full_run.student.state_dict())
+    assert same_weights(resumed.student.state_dict(), full_fit[0].student.state_dict())
 
 
 def test_no_intact_checkpoint_is_one_line(tmp_path):
-    train, val = _loaders()
+    train, val = digits_loaders()
     with pytest.raises(KeyboardInterrupt):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=3, out=tmp_path / "r", on_epoch_end=StopAfter(2))
     for name in ("last.pt", "previous.pt"):
@@ -98,7 +84,7 @@ def test_a_disk_without_room_for_the_checkpoints_is_refused_before_training(tmp_
     from qkd.train import rundir
 
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    train, val = _loaders()
+    train, val = digits_loaders()
     with pytest.raises(QKDError, match=r"has 0 MiB free; the run's checkpoints need about .* choose another --out"):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
@@ -129,7 +115,7 @@ def test_the_checksum_finds_a_changed_tensor(tmp_path):
 
 
 def test_divergence_stops_and_resume_with_a_lower_rate_is_recorded(tmp_path):
-    train, val = _loaders()
+    train, val = digits_loaders()
     with pytest.raises(qkd.Diverged, match=r"training diverged in 1_self_study epoch 1: loss .* at step \d+"):
         qkd.fit(UserNet(8), None, train, val, method="qat", epochs=2, optim={"lr": 1e4}, out=tmp_path / "r")
     assert not (tmp_path / "r" / "summary.json").exists()
@@ -158,7 +144,7 @@ def test_the_divergence_guard():
 
 
 def test_a_stage_at_chance_accuracy_is_flagged(tmp_path):
-    train, val = _loaders()
+    train, val = digits_loaders()
     result = qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, optim={"lr": 1e-6})
     assert result.summary["at_chance"] == ["1_self_study"]
     assert result.summary["stages"]["1_self_study"]["at_chance"] is True

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import StopAfter
+from helpers import StopAfter, copy_run
 from qkd import pipeline
 from qkd.checkpoint import load_checkpoint
 from qkd.errors import QKDError
@@ -107,8 +107,9 @@ def test_learning_rate_schedule(tiny_config, tmp_path, schedule):
         assert all(a >= b for a, b in zip(lrs, lrs[1:])) and min(ends[:2]) > 0
 
 
-def test_resume_of_a_finished_run_only_reports(tiny_config, tmp_path):
-    run_dir, summary = pipeline.run(tiny_config("name=r", "method=qat"), tmp_path)
+def test_resume_of_a_finished_run_only_reports(demo_run, tmp_path):
+    run_dir = copy_run(demo_run[1], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
     _, again = pipeline.resume(run_dir)
     assert again == summary
 
@@ -118,25 +119,24 @@ def test_resume_needs_a_run_folder(tmp_path):
         pipeline.resume(tmp_path)
 
 
-def test_pretrained_checkpoint_feeds_a_run(tiny_config, tmp_path):
+def test_pretrained_checkpoint_feeds_a_run(tiny_config, tmp_path, demo_run):
     """A float stage's boundary checkpoint is a valid ``*.checkpoint`` for a later run."""
-    run_dir, _ = pipeline.run(tiny_config("name=fp", "method=qat"), tmp_path)
-    ckpt = run_dir / "checkpoints" / "fp_student.pt"
+    ckpt = demo_run[1] / "checkpoints" / "fp_student.pt"
     _, summary = pipeline.run(
         tiny_config("name=q", "method=qat", "student.train_epochs=0", f"student.checkpoint={ckpt}"), tmp_path
     )
     assert summary["student_fp"]["test"] == pytest.approx(load_checkpoint(ckpt)["result"]["test"])
 
 
-def test_checkpoint_that_does_not_fit_the_model(tiny_config, tmp_path):
-    run_dir, _ = pipeline.run(tiny_config("name=fp", "method=qat"), tmp_path)
-    ckpt = run_dir / "checkpoints" / "fp_student.pt"
+def test_checkpoint_that_does_not_fit_the_model(tiny_config, tmp_path, demo_run):
+    ckpt = demo_run[1] / "checkpoints" / "fp_student.pt"
     with pytest.raises(QKDError, match="does not fit the model"):
         pipeline.run(tiny_config("name=q", "student.kwargs={width: 5}", f"student.checkpoint={ckpt}"), tmp_path)
 
 
-def test_evaluate_checkpoint_reports_quantized_and_float(tiny_config, tmp_path):
-    run_dir, summary = pipeline.run(tiny_config("name=r", "method=qat"), tmp_path)
+def test_evaluate_checkpoint_reports_quantized_and_float(demo_run, tmp_path):
+    run_dir = copy_run(demo_run[1], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
     result = pipeline.evaluate_checkpoint(pipeline.load_run_config(run_dir), run_dir)
     assert result["quantized"] is True
     assert result["test"] == pytest.approx(summary["stages"]["1_self_study"]["test"])

@@ -4,21 +4,16 @@ import base64
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import TINY
+from helpers import TINY
+from helpers import qkd_in_process as qkd
 from qkd.config import load_config
 from qkd.report import figures, load_run, load_runs, write_report
 from qkd.report.table import rows, shared_line
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def qkd(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "qkd", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="module")

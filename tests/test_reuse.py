@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import DEMO
+from helpers import DEMO
 from qkd import pipeline, reuse
 from qkd.config import RunConfig, load_config
 from qkd.errors import QKDError
