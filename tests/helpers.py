@@ -150,3 +150,12 @@ FIT_SETTINGS = dict(method="qkd", epochs=4, pretrain={"teacher": (3, 0.3), "stud
 def same_weights(a: dict, b: dict) -> bool:
     """Two state dicts with the same keys and bit-identical tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def one_grid_per_model(models: list[str], grids: list[tuple]) -> list:
+    """``(model, *grid)`` parameters for an export matrix: by default each model with one grid, taken in turn so
+    that every grid and every model is still covered; the rest of the matrix is marked ``slow``."""
+    import pytest
+
+    return [pytest.param(m, *g, marks=() if j == i % len(grids) else pytest.mark.slow, id="-".join(map(str, (m, *g))))
+            for i, m in enumerate(models) for j, g in enumerate(grids)]  # fmt: skip

@@ -110,6 +110,7 @@ RUN = {
 }
 
 
+@pytest.mark.cli  # as another user or under another umask: real processes
 @pytest.mark.parametrize("case", list(RUN))
 def test_run_bad_input_one_line_nothing_written(tmp_path, run_022, case):
     make, needle = RUN[case]
@@ -122,6 +123,7 @@ def test_run_bad_input_one_line_nothing_written(tmp_path, run_022, case):
 
 
 # ----- qkd export ---------------------------------------------------------------------------------------------
+@pytest.mark.cli  # as another user or under another umask: real processes
 @pytest.mark.parametrize("fmt", ["int", "onnx", "onnx-int"])
 def test_export_to_a_read_only_folder(tmp_path, run_022, fmt):
     (tmp_path / "ro").mkdir()
@@ -152,6 +154,7 @@ def _modes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.cli  # as another user or under another umask: real processes
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664)], ids=["022", "002"])
 def test_run_and_export_files_get_the_umask_mode(tmp_path, run_022, mask, mode):
     """Under 022, the session's run and exports in this process; under 002, a real process started with that

@@ -19,6 +19,7 @@ from qkd.models import create_model
 qkd = qkd_in_process
 
 
+@pytest.mark.cli
 def test_default_run_end_to_end(tmp_path):
     """`qkd run` with no arguments, through the installed entry point in a real process: the built-in digits demo,
     the table, the run folder."""

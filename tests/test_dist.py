@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from helpers import qkd_in_process
 from qkd.distributed import broadcast_state, is_main_process, rank, resolve_device
 from qkd.models import create_model
 from qkd.quant import QuantConfig, calibrate, quantize_model
@@ -58,8 +59,12 @@ def _last(run_dir):
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    res = subprocess.run([sys.executable, "-m", "qkd", "run", *EQUAL, "--out", str(out), "--name", "one"],
-                         capture_output=True, text=True, timeout=600, env=ENV)  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun ranks run (OMP_NUM_THREADS=1)
+    try:
+        res = qkd_in_process("run", *EQUAL, "--out", str(out), "--name", "one")
+    finally:
+        torch.set_num_threads(threads)
     assert res.returncode == 0, res.stderr
     return out / "one"
 
@@ -72,6 +77,7 @@ def two_process_run(tmp_path_factory):
     return out, res
 
 
+@pytest.mark.torchrun
 def test_two_processes_are_one_run_with_the_weights_of_one_process(two_process_run, one_process_run):
     tmp_path, res = two_process_run
     assert [p.name for p in tmp_path.iterdir()] == ["two"]  # one folder, written once
@@ -91,6 +97,7 @@ def _identical(a: dict, b: dict) -> bool:
     return all(torch.equal(a[m][k], b[m][k]) for m in ("student", "teacher") for k in a[m])
 
 
+@pytest.mark.torchrun
 def test_a_two_process_run_stopped_by_sigterm_resumes_bit_identical(tmp_path, two_process_run):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "qkd", "run", *EQUAL,
            "--out", str(tmp_path), "--name", "two"]  # fmt: skip
@@ -124,6 +131,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.torchrun
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
 def test_torchrun_restarts_a_run_whose_rank_was_killed_and_it_continues(tmp_path, two_process_run):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1", "-m", "qkd",
@@ -142,6 +150,7 @@ def test_torchrun_restarts_a_run_whose_rank_was_killed_and_it_continues(tmp_path
     assert _identical(_last(two_process_run[0] / "two"), _last(tmp_path / "two"))
 
 
+@pytest.mark.torchrun
 def test_two_torchrun_nodes_on_loopback_form_one_run(tmp_path, two_process_run):
     """Multi-node as a cluster runs it: one torchrun per node, c10d rendezvous (here both on this machine)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
@@ -155,6 +164,7 @@ def test_two_torchrun_nodes_on_loopback_form_one_run(tmp_path, two_process_run):
     assert _identical(_last(two_process_run[0] / "two"), _last(tmp_path / "two"))
 
 
+@pytest.mark.torchrun
 def test_a_bad_run_under_torchrun_is_one_line_from_rank_0(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     res = torchrun("run", "--out", str(tmp_path / "afile"), "--name", "x")

@@ -19,6 +19,7 @@ def load_script():
 
 
 @pytest.mark.slow
+@pytest.mark.cli  # real processes killed with SIGKILL
 def test_killed_and_resumed_runs_are_bit_identical(tmp_path):
     fault_injection = load_script()
     # every kind of kill in two trials: at a random moment and again on resume; at a checkpoint write

@@ -289,7 +289,7 @@ def test_compiled_kernels_match_eager(channels_last):
 def test_compiled_kernels_compile_once_for_training_and_evaluation():
     """Training and evaluation share the compiled graphs: no variant per requires_grad, view or inference
     tensor (they once made ResNet-20 compile ten graphs, and on CUDA hit dynamo's recompile limit)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # noqa: PLC2701  (torch has no public recompile counter)
 
     from qkd.train.loop import Runtime, evaluate
 
