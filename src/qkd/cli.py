@@ -58,51 +58,12 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:6.2f}"
-
-
-def format_summary(summary: dict) -> str:
-    """The table printed at the end of a run: accuracies (%) on the validation and test splits."""
-    stages = summary.get("stages", {})
-    rows = [("", "epochs", "val %", "test %", "teacher test %", "wall s", "")]
-    for who in ("teacher", "student"):
-        if f"{who}_fp" in summary:
-            fp, trained = summary[f"{who}_fp"], stages.get(f"fp_{who}", {})
-            wall = f"{trained['wall_s']:.1f}" if trained else ""
-            rows.append((f"{who} FP ({summary[who]})", str(trained.get("epochs", 0)), _pct(fp.get("val")),
-                         _pct(fp.get("test")), "", wall, _chance(trained)))  # fmt: skip
-    bits = summary["bits"]
-    for key, r in stages.items():
-        if r["quantized"]:
-            label = f"student W{bits['weight'] or 'f'}A{bits['act'] or 'f'} after {key}"
-            teacher = _pct(r["teacher"].get("test")) if "teacher" in r else ""
-            rows.append((label, str(r["epochs"]), _pct(r.get("val")), _pct(r.get("test")), teacher,
-                         f"{r['wall_s']:.1f}", _chance(r)))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-        for row in rows
-    ]
-    lines[1:1] = ["-" * max(len(ln) for ln in lines)]
-    if summary.get("at_chance"):
-        lines.append(f"AT CHANCE: {', '.join(summary['at_chance'])} ended at chance accuracy: that model learned "
-                     "nothing (check the learning rate, the data and the checkpoint)")  # fmt: skip
-    return "\n".join(lines)
-
-
-def _chance(result: dict) -> str:
-    return "<- at chance" if result.get("at_chance") else ""
-
-
 def _report(run_dir: Path, summary: dict) -> None:
     from qkd.distributed import is_main_process
+    from qkd.report.summary import finished_run
 
-    if not is_main_process():
-        return
-    typer.echo(format_summary(summary))
-    typer.echo(f"\nrun folder: {run_dir}  (summary.json, metrics.jsonl, checkpoints/; compare runs: qkd report "
-               f"{run_dir.parent})")  # fmt: skip
+    if is_main_process():
+        typer.echo(finished_run(run_dir, summary))
 
 
 @app.command()
@@ -118,7 +79,7 @@ def run(
     from qkd import pipeline
 
     _setup_logging()
-    restarted = _restarted_by_torchrun(out, name) if resume is None else None
+    restarted = pipeline.restarted_run(out, name) if resume is None else None
     if restarted is not None:  # the same command again: its own run folder, as it was configured
         _report(*_interruptible(lambda: pipeline.resume(restarted), restarted))
         return
@@ -131,21 +92,6 @@ def run(
         return
     cfg = _config(args, name, device)
     _start(cfg, out, overwrite)
-
-
-def _restarted_by_torchrun(out: Path, name: str | None) -> Path | None:
-    """Under ``torchrun --max-restarts``, a restarted ``qkd run`` continues its own run folder."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts == 0:
-        return None
-    if name is None:
-        raise QKDError("torchrun restarted this run, but without --name its run folder cannot be found again; "
-                       "pass --name with --max-restarts")  # fmt: skip
-    run_dir = out / name
-    if not (run_dir / "config.yaml").is_file():
-        return None  # it failed before its folder was written: start again
-    logging.getLogger("qkd").warning("torchrun restart %d: continuing %s from its last checkpoint", restarts, run_dir)
-    return run_dir
 
 
 def _start(cfg: RunConfig, out: Path, overwrite: bool, stages=None) -> Path:
@@ -196,12 +142,15 @@ def train_fp(
     typer.echo(f"checkpoint: {run_dir / 'checkpoints' / f'fp_{role}.pt'}  (use as {role}.checkpoint=...)")
 
 
-Engine = Annotated[
+Backend = Annotated[
     str | None,
     typer.Option(
-        help="torch (the fake-quant model, the default for a run or checkpoint), int (integer engine), onnx (QDQ) "
-        "or onnx-int (ConvInteger). With a run or checkpoint, int/onnx/onnx-int export it afresh to a temporary "
-        "file and compare; with an exported file, the file's own format (the default there).",
+        "--backend",
+        "--engine",
+        help="torch (the fake-quant model, the default for a run or checkpoint), int (the integer runtime), onnx "
+        "(QDQ) or onnx-int (ConvInteger), run by onnxruntime. With a run or checkpoint, int/onnx/onnx-int export it "
+        "afresh to a temporary file and compare; with an exported file, the file's own format (the default there). "
+        "--engine is its old name.",
         show_default=False,
     ),
 ]
@@ -225,106 +174,75 @@ EvalTarget = Annotated[
 ]
 
 
-def _load(target: Path, args: list[str] | None, device: str | None, role: str | None, unfinished: bool):
-    from qkd import pipeline
-    from qkd.checkpoint import load_checkpoint
-
-    if role not in (None, "teacher", "student"):
-        raise QKDError(f"--role must be teacher or student, not '{role}'")
-    ckpt = load_checkpoint(target) if target.is_file() else None  # read once, for its settings and weights
-    cfg = pipeline.target_config(target, list(args or []) + [f"device={device}"] * bool(device), ckpt)
-    return pipeline.load_student(cfg, target, role=role, unfinished=unfinished, ckpt=ckpt)
-
-
-def _describe(r) -> str:
-    """What was read: which model, at which bits, from which state of the run."""
-    q = r.cfg.quant
-    edges = f"{q.first_last_bits} bits" if q.first_last_bits else "as the rest"
-    bits = f"W{q.weight_bits}A{q.act_bits} fake-quant (first/last layers {edges})"
-    how = bits if r.quantized else "float"
-    state = "at the end of the run" if r.where == "the end of the run" else r.where
-    state = state if state.startswith(("at ", "after ")) else f"UNFINISHED, stopped at {state}"
-    return f"the {r.role} {getattr(r.cfg, r.role).name}, {how}, {state}"
-
-
 @app.command("eval")
 def eval_(
     target: EvalTarget,
     args: ConfigArgs = None,
     device: Device = None,
-    engine: Engine = None,
+    backend: Backend = None,
     role: TargetRole = None,
     unfinished: Unfinished = False,
 ) -> None:
-    """Top-1 accuracy (%) of a run's model: as trained (fake-quant), with quantization off, or through an
-    exported engine; or of an exported file (qkd eval runs/<name>/export/student-onnx.onnx), which takes
+    """Top-1 accuracy (%) of a run's model: as trained (fake-quant), with quantization off, or exported and run by
+    another backend; or of an exported file (qkd eval runs/<name>/export/student-onnx.onnx), which takes
     data.root=... (data.num_workers, data.eval_batch_size, data.download, data.decode) where its run's data
     has moved."""
-    if _is_export(target):
+    from qkd import trained
+    from qkd.report.summary import describe_loaded, pct
+
+    if trained.is_export_file(target):
         if device not in (None, "cpu") or role is not None or unfinished:
             raise QKDError(f"{target} is an exported file: it runs on the CPU, holds the student and was finished "
                            "when exported; drop --device, --role and --unfinished")  # fmt: skip
-        _eval_export(target, args, engine)
+        _eval_export(target, args, backend)
         return
-    engine = engine or "torch"
-    r = _load(target, args, device if engine == "torch" else "cpu", role, unfinished)
-    typer.echo(f"{target}: {_describe(r)}")
-    if engine == "torch":
-        rows = [(f"{k} top-1 %", v) for k, v in r.evaluate_splits(r.student).items()]
-        if r.quantized:
-            from qkd.quant import quantization_disabled
+    backend = backend or "torch"
+    r = trained.load_target(target, args, device if backend == "torch" else "cpu", role, unfinished)
+    typer.echo(f"{target}: {describe_loaded(r)}")
+    if backend != "torch":
+        _eval_fresh_export(r, target, backend)
+        return
+    result = trained.evaluate_loaded(r)
+    rows = [(f"{k} top-1 %", result[k]) for k in ("val", "test") if k in result]
+    rows += [(f"{k} top-1 % quantizers off", result[f"{k}_fp"]) for k in ("val", "test") if f"{k}_fp" in result]
+    for label, v in rows:
+        typer.echo(f"  {label:28s} {pct(v)}")
+    if r.quantized:
+        typer.echo("  (quantizers off: the same weights run in float; not a float-trained model)")
 
-            with quantization_disabled(r.student):
-                off = r.evaluate_splits(r.student)
-            rows += [(f"{k} top-1 % quantizers off", v) for k, v in off.items()]
-        for label, v in rows:
-            typer.echo(f"  {label:28s} {_pct(v)}")
-        if r.quantized:
-            typer.echo("  (quantizers off: the same weights run in float; not a float-trained model)")
-        return
-    from qkd.export import compare, default_path, export_student
-    from qkd.export.verify import check_split
+
+def _eval_fresh_export(r, target: Path, backend: str) -> None:
+    """A run's model exported afresh to a temporary file, run by ``backend`` and compared with the model."""
+    from qkd.export.deploy import check_split, compare, default_path, export_student
+    from qkd.report.summary import pct
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / default_path(target, engine).name
+        path = Path(tmp) / default_path(target, backend).name
         split, images = check_split(r.data)
-        run = export_student(r.student, engine, path, next(iter(images))[0][:2], {})
-        result = {"engine": engine, "split": split, **compare(run, r.student, images, exact=True)}
+        run = export_student(r.model, backend, path, next(iter(images))[0][:2], {})
+        result = {"backend": backend, "split": split, **compare(run, r.model, images, exact=True)}
     percent = ("acc", "agreement", "agreement_f64")
     for k, v in result.items():
-        typer.echo(f"  {k:20s} {_pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
+        typer.echo(f"  {k:20s} {pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
     typer.echo(f"  (exported afresh to a temporary file; to evaluate a file you exported, give it: qkd eval "
-               f"{default_path(target, engine)})")  # fmt: skip
+               f"{default_path(target, backend)})")  # fmt: skip
 
 
-#: checkpoint files (torch.save): a zip archive, or a pickle in torch's legacy format
-_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+def _eval_export(path: Path, args: list[str] | None, backend: str | None) -> None:
+    from qkd.export.deploy import evaluate_export
+    from qkd.report.summary import pct
 
-
-def _is_export(target: Path) -> bool:
-    """A file written by qkd export (or meant as one): by its name, else by not being a torch checkpoint."""
-    if not target.is_file() or target.suffix in (".pt", ".pth", ".ckpt"):
-        return False
-    if target.suffix in (".onnx", ".safetensors"):
-        return True
-    with open(target, "rb") as f:
-        return not f.read(4).startswith(_CHECKPOINT_MAGIC)
-
-
-def _eval_export(path: Path, args: list[str] | None, engine: str | None) -> None:
-    from qkd.export import evaluate_export
-
-    if engine == "torch":
-        raise QKDError(f"{path} is an exported file; --engine torch evaluates a run or checkpoint (give "
-                       "--engine int, onnx or onnx-int, or none)")  # fmt: skip
-    result = evaluate_export(path, list(args or []), engine)
+    if backend == "torch":
+        raise QKDError(f"{path} is an exported file; --backend torch evaluates a run or checkpoint (give "
+                       "--backend int, onnx or onnx-int, or none)")  # fmt: skip
+    result = evaluate_export(path, list(args or []), backend)
     c = result["contract"]
     bits = f"W{c.get('weight_bits', '?')}A{c.get('act_bits', '?')} {c.get('quantizer', '')}".rstrip()
     runtime = "the integer engine" if result["export_format"] == "int" else "onnxruntime"
     typer.echo(f"{path}: {result['export_format']} export of {c.get('model', 'a model')} {bits}, trained to "
                f"{c.get('trained_to', '?')}, run by {runtime}")  # fmt: skip
     typer.echo(f"  input: {c.get('preprocessing', '?')}")
-    typer.echo(f"  {result['split'] + ' top-1 %':28s} {_pct(result['top1'])}  ({result['images']} images)")
+    typer.echo(f"  {result['split'] + ' top-1 %':28s} {pct(result['top1'])}  ({result['images']} images)")
 
 
 @app.command()
@@ -359,14 +277,16 @@ def export(
 ) -> None:
     """Export the quantized student with its input contract (layout, size, normalisation, classes, bits, in the
     file's metadata) and check it against the trained model on test images."""
-    from qkd.export import check_format, default_path, export_loaded
-    from qkd.export.api import require_quantized
+    from qkd.export.deploy import check_format, default_path, export_loaded, require_quantized
 
     check_format(format, bake_preprocessing)  # before the run is read
     path = out or default_path(target, format, bake_preprocessing)
-    r = _load(target, args, "cpu", "student", unfinished)
+    from qkd import trained
+    from qkd.report.summary import describe_loaded
+
+    r = trained.load_target(target, args, "cpu", "student", unfinished)
     require_quantized(r, target)
-    typer.echo(f"{target}: {_describe(r)}")
+    typer.echo(f"{target}: {describe_loaded(r)}")
     exported = export_loaded(r, format, path, bake_preprocessing=bake_preprocessing, verify=verify)
     size, fp = path.stat().st_size, exported.contract["float32_bytes"]
     typer.echo(
