@@ -99,7 +99,7 @@ def complete(info: dict[str, Any], fmt: str, example: Tensor, baked: bool) -> di
     if baked and info.get("input_scale") is None:
         raise QKDError("--bake-preprocessing needs the data's normalisation (mean/std), which this run's data "
                        "does not give (a data factory normalises its own images); export without it")  # fmt: skip
-    from qkd import __version__
+    from qkd._version import __version__
 
     contract = {
         "qkd_version": __version__,
@@ -182,7 +182,7 @@ def apply_to_onnx(model: Any, contract: dict[str, Any]) -> None:
 
     if contract.get("preprocessing_baked"):
         _bake(model.graph, contract)
-    from qkd import __version__
+    from qkd._version import __version__
 
     model.producer_name, model.producer_version = "qkd", __version__
     model.doc_string = contract["preprocessing"]
