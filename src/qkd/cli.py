@@ -245,45 +245,50 @@ def _eval_export(path: Path, args: list[str] | None, backend: str | None) -> Non
     typer.echo(f"  {result['split'] + ' top-1 %':28s} {pct(result['top1'])}  ({result['images']} images)")
 
 
+Format = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="int (packed integers, safetensors), onnx (QDQ, runs in float32) or onnx-int (integer convolutions "
+        "and float64 requantization: the trained model's exact answers).",
+    ),
+]
+ExportOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Output file (default: <run>/export/student-int.safetensors, student-onnx.onnx or "
+        "student-onnx-int.onnx; student-onnx-baked.onnx etc. with --bake-preprocessing).",
+        readable=False,
+    ),
+]
+Bake = Annotated[
+    bool,
+    typer.Option(
+        help="ONNX formats: the file takes raw pixel values (0..255, or the digits' 0..16) and normalises them "
+        "in its graph; without it the file takes normalised images. Either way its metadata says which."
+    ),
+]
+
+
 @app.command()
 def export(
     target: Target,
     args: ConfigArgs = None,
-    format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="int (packed integers, safetensors), onnx (QDQ, runs in float32) or onnx-int (integer convolutions "
-            "and float64 requantization: the trained model's exact answers).",
-        ),
-    ] = "int",
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            help="Output file (default: <run>/export/student-int.safetensors, student-onnx.onnx or "
-            "student-onnx-int.onnx; student-onnx-baked.onnx etc. with --bake-preprocessing).",
-            readable=False,
-        ),
-    ] = None,
+    format: Format = "int",
+    out: ExportOut = None,
     verify: Verify = 1000,
     unfinished: Unfinished = False,
-    bake_preprocessing: Annotated[
-        bool,
-        typer.Option(
-            help="ONNX formats: the file takes raw pixel values (0..255, or the digits' 0..16) and normalises them "
-            "in its graph; without it the file takes normalised images. Either way its metadata says which."
-        ),
-    ] = False,
+    bake_preprocessing: Bake = False,
 ) -> None:
     """Export the quantized student with its input contract (layout, size, normalisation, classes, bits, in the
     file's metadata) and check it against the trained model on test images."""
+    from qkd import trained
     from qkd.export.deploy import check_format, default_path, export_loaded, require_quantized
+    from qkd.report.summary import describe_loaded
 
     check_format(format, bake_preprocessing)  # before the run is read
     path = out or default_path(target, format, bake_preprocessing)
-    from qkd import trained
-    from qkd.report.summary import describe_loaded
-
     r = trained.load_target(target, args, "cpu", "student", unfinished)
     require_quantized(r, target)
     typer.echo(f"{target}: {describe_loaded(r)}")
