@@ -213,7 +213,8 @@ def eval_(
 
 def _eval_fresh_export(r, target: Path, backend: str) -> None:
     """A run's model exported afresh to a temporary file, run by ``backend`` and compared with the model."""
-    from qkd.export.deploy import check_split, compare, default_path, export_student
+    from qkd.export import compare, default_path, export_student
+    from qkd.export.verify import check_split
     from qkd.report.summary import pct
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +230,7 @@ def _eval_fresh_export(r, target: Path, backend: str) -> None:
 
 
 def _eval_export(path: Path, args: list[str] | None, backend: str | None) -> None:
-    from qkd.export.deploy import evaluate_export
+    from qkd.export import evaluate_export
     from qkd.report.summary import pct
 
     if backend == "torch":
@@ -284,7 +285,8 @@ def export(
     """Export the quantized student with its input contract (layout, size, normalisation, classes, bits, in the
     file's metadata) and check it against the trained model on test images."""
     from qkd import trained
-    from qkd.export.deploy import check_format, default_path, export_loaded, require_quantized
+    from qkd.export import check_format, default_path, export_loaded
+    from qkd.export.api import require_quantized
     from qkd.report.summary import describe_loaded
 
     check_format(format, bake_preprocessing)  # before the run is read
