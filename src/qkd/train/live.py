@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -128,6 +129,19 @@ def tensorboard_writer(setting: bool | str, run_dir: Path | None) -> type | None
     return SummaryWriter
 
 
+def after_earlier_event_files(folder: Path | None) -> None:
+    """Wait, if need be, until the clock's second is past every event file's in ``folder``. TensorBoard reads a
+    folder's files in name order, and a name is ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: within one
+    second, a later writer of this process may sort first (counter 10 before 9), and its curves read as a restart
+    would be purged. Only a run resumed within a second of its last start waits (tests, a notebook)."""
+    if folder is None:
+        return
+    names = [p.name.split(".") for p in Path(folder).glob("events.out.tfevents.*")]
+    seconds = [int(n[3]) for n in names if len(n) > 3 and n[3].isdigit()]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
+
+
 class Events:
     """TensorBoard events of one run, on one step axis: the epochs of the run so far, across its stages (step 0 is
     before training; epoch ``e`` of stage ``i`` is step ``sum(epochs of the stages before i) + e``).
@@ -143,6 +157,7 @@ class Events:
         self.stages, self.steps_per_epoch = stages, steps_per_epoch
         self.start = list(itertools.accumulate((s.epochs for s in stages), initial=0))  # first step of each stage
         now = self.start[state.stage] + state.epoch
+        after_earlier_event_files(folder)
         self.writer = writer(str(folder), purge_step=now + 1 if inside_epoch else now)
         if inside_epoch:
             return
