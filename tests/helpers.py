@@ -152,10 +152,13 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def one_grid_per_model(models: list[str], grids: list[tuple]) -> list:
-    """``(model, *grid)`` parameters for an export matrix: by default each model with one grid, taken in turn so
-    that every grid and every model is still covered; the rest of the matrix is marked ``slow``."""
+def one_grid_per_model(models: list[str], grids: list[tuple], offset: int = 0) -> list:
+    """``(model, *grid)`` parameters for an export matrix: by default each model with one grid, taken in turn
+    (from ``offset``) so that every grid and every model is still covered; the rest of the matrix is ``slow``."""
     import pytest
 
-    return [pytest.param(m, *g, marks=() if j == i % len(grids) else pytest.mark.slow, id="-".join(map(str, (m, *g))))
-            for i, m in enumerate(models) for j, g in enumerate(grids)]  # fmt: skip
+    def param(i: int, m: str, j: int, g: tuple):
+        default = j == (i + offset) % len(grids)
+        return pytest.param(m, *g, marks=() if default else pytest.mark.slow, id="-".join(map(str, (m, *g))))
+
+    return [param(i, m, j, g) for i, m in enumerate(models) for j, g in enumerate(grids)]

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 from safetensors import safe_open
 from torch import nn
 
+from helpers import one_grid_per_model
 from qkd.errors import QKDError
 from qkd.export import (
     IntRuntime,
@@ -119,12 +120,11 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MODELS))
 # interval grids have offsets: signed weights and the image input (off zero), MobileNetV2's linear bottlenecks
-@pytest.mark.parametrize(
-    ("bits", "per_channel", "method"),
-    [(4, True, "lsq"), (2, False, "lsq"), (2, True, "interval"), (4, False, "interval")],
-)
+GRIDS = [(4, True, "lsq"), (2, False, "lsq"), (2, True, "interval"), (4, False, "interval")]
+
+
+@pytest.mark.parametrize(("name", "bits", "per_channel", "method"), one_grid_per_model(list(MODELS), GRIDS))
 def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel, method):
     torch.manual_seed(1)
     x = torch.randn(16, 3, 16, 16)
@@ -143,11 +143,7 @@ def test_integer_engine_gives_the_fake_quant_answers(name, bits, per_channel, me
     assert ((ref.double() - ref64).abs().amax(1)[moved] > 50 * tol).all()
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize(
-    ("bits", "per_channel", "method"),
-    [(4, True, "lsq"), (2, False, "lsq"), (2, True, "interval"), (4, False, "interval")],
-)
+@pytest.mark.parametrize(("name", "bits", "per_channel", "method"), one_grid_per_model(list(MODELS), GRIDS, 2))
 def test_integer_onnx_gives_the_exact_fake_quant_answers(tmp_path, name, bits, per_channel, method):
     """ConvInteger/MatMulInteger accumulate the integer codes, float64 requantizes: the float64 model's logits."""
     torch.manual_seed(1)

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torchvision.models.shufflenetv2 import InvertedResidual, channel_shuffle
 from torchvision.ops import SqueezeExcitation
 
+from helpers import one_grid_per_model
 from qkd.errors import QKDError
 from qkd.export import IntRuntime, compare, export_onnx_int, onnx_runner, to_int_program
 from qkd.export.fixedpoint import mul_round
@@ -182,8 +183,7 @@ def _check_exports(model: nn.Module, x: torch.Tensor, tmp_path) -> None:
     assert got["agreement_f64"] == 1.0 and got["max_logit_diff_f64"] < 1e-9, got
 
 
-@pytest.mark.parametrize(("bits", "method"), CASES, ids=lambda v: str(v))
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(("name", "bits", "method"), one_grid_per_model(list(MODELS), CASES))
 def test_ops_export_exactly(tmp_path, name, bits, method):
     torch.manual_seed(0)
     x = _inputs()
