@@ -1,7 +1,7 @@
 """Export trained runs to every format (packed integers, ONNX QDQ, ONNX integer) and check them on the test split.
 
 For each run folder and format: the file size against the float32 checkpoint, and top-1 agreement
-with the fake-quant model, the largest logit difference and accuracy (the integer engine for the
+with the fake-quant model, the largest logit difference and accuracy (the integer runtime for the
 packed file, onnxruntime for the ONNX files).
 The fake-quant model is evaluated as trained (float32) and in float64: where float32 rounding puts a
 value on the other side of a quantization step, the float64 evaluation is the model's exact answer.
@@ -65,12 +65,12 @@ def _measure(run_dir: Path, limit: int | None) -> dict:
     for fmt, ext in EXTENSIONS.items():
         path = run_dir / "export" / f"student-{fmt}.{ext}"
         t0 = time.perf_counter()
-        engine = export_student(student, fmt, path, example, {"model": cfg.student.name})
+        exported = export_student(student, fmt, path, example, {"model": cfg.student.name})
         outputs = {}  # the exported model runs once per batch, for both references
 
-        def run(x, engine=engine, outputs=outputs):
+        def run(x, exported=exported, outputs=outputs):
             if x.data_ptr() not in outputs:
-                outputs[x.data_ptr()] = engine(x)
+                outputs[x.data_ptr()] = exported(x)
             return outputs[x.data_ptr()]
 
         row[fmt] = {"kib": path.stat().st_size / 1024}
@@ -96,7 +96,7 @@ def main(runs: list[Path], limit: int | None = None, append: bool = True) -> Non
                 f"| {r['run']} | {r['model']} | {r['bits']} | {fmt} | {e['kib']:.0f} ({r['float_kib']:.0f}) "
                 f"| {e['images']} | {100 * e['agreement']:.2f} / {100 * e['agreement_f64']:.2f} % "
                 f"| {e['max_logit_diff']:.1e} / {e['max_logit_diff_f64']:.1e} "
-                f"| {100 * e['engine_acc']:.2f} ({100 * e['fake_quant_acc']:.2f}) |"
+                f"| {100 * e.get('export_acc', e.get('engine_acc')):.2f} ({100 * e['fake_quant_acc']:.2f}) |"
             )
     command = command_line()
     text = (

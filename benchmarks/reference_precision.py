@@ -1,8 +1,8 @@
 """How much of the export's disagreement is float32 rounding in the reference itself.
 
 Runs a run folder's student three ways on the test split (the fake-quant model in float32, the
-same model in float64, and the integer engine) and prints the pairwise top-1 agreement and the
-largest logit difference between the float64 model and the integer engine.
+same model in float64, and the integer runtime) and prints the pairwise top-1 agreement and the
+largest logit difference between the float64 model and the integer runtime.
 
     python benchmarks/reference_precision.py runs/accuracy-cpu-short/w2a2-qkd-resnet56-s0
 """

@@ -168,7 +168,7 @@ model (`deploy.compare(exact=True)`) on 4 other random images, with the largest 
 "quantized / float" counts Conv/Linear-like layers (`quantization_summary`); the float ones are attention
 projections that `nn.MultiheadAttention` reads directly. Random weights and images say nothing about
 accuracy: the table shows which families quantize, train and export, and that the exports are exact.
-The integer engine holds values between layers to 2**-32: where a float64 activation lies closer than
+The integer runtime holds values between layers to 2**-32: where a float64 activation lies closer than
 that to a rounding boundary of the next quantizer, its code can differ by one step, which moves the
 logits by up to about 0.1 without changing the top-1 (not in this run; once in a resnet18 trial on other images).
 

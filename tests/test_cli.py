@@ -126,14 +126,14 @@ def test_eval_of_a_checkpoint_file_alone_uses_its_own_settings(tmp_path):
     assert res.returncode == 0 and "the student tiny_cnn, float, after fp_student" in res.stdout
 
 
-def test_export_int_and_onnx_and_eval_engines(tmp_path, qat_run):
+def test_export_int_and_onnx_and_eval_backends(tmp_path, qat_run):
     for fmt, ext in (("int", "safetensors"), ("onnx", "onnx"), ("onnx-int", "onnx")):
         res = qkd("export", str(qat_run), "--format", fmt)
         assert res.returncode == 0, res.stderr
         assert (qat_run / "export" / f"student-{fmt}.{ext}").is_file()
         assert "smaller" in res.stdout and "top-1 agreement" in res.stdout
-    for engine in ("int", "onnx-int"):
-        res = qkd("eval", str(qat_run), "--engine", engine)
+    for option, backend in (("--backend", "int"), ("--engine", "onnx-int")):  # --engine: the old name, kept
+        res = qkd("eval", str(qat_run), option, backend)
         assert res.returncode == 0 and "agreement" in res.stdout
     res = qkd("export", str(qat_run), "--format", "tflite")
     assert res.returncode == 2 and "unknown export format 'tflite'" in res.stderr

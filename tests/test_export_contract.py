@@ -86,7 +86,7 @@ def test_the_contract_is_the_loaders_normalisation_and_baking_it_changes_no_logi
         outside = open_export(files[fmt, False].path)[2](preprocess(images, contract))
         inside = open_export(files[fmt, True].path)[2](images[:, None].astype(np.float32))  # raw values in
         assert torch.equal(inside, outside)
-        assert (inside.argmax(1).numpy() == labels).mean() == files[fmt, True].check["engine_acc"]
+        assert (inside.argmax(1).numpy() == labels).mean() == files[fmt, True].check["export_acc"]
         ops = [n.op_type for n in onnx.load(str(files[fmt, True].path)).graph.node]
         assert ops[:4] == ["Mul", "Round", "Mul", "Sub"]  # v * 255/16, rounded, then the normalisation
         assert not torch.equal(open_export(files[fmt, False].path)[2](images[:, None].astype(np.float32)), outside)
@@ -111,10 +111,10 @@ def _one_line_error(code, err, needle):
 def test_eval_evaluates_the_given_file(demo_run, exports, tmp_path, monkeypatch, capsys):
     _, _, accuracy = demo_run
     for (fmt, baked), exported in exports[1].items():
-        code, out, err = _cli(monkeypatch, capsys, "eval", exported.path, *["--engine", fmt] * baked)
+        code, out, err = _cli(monkeypatch, capsys, "eval", exported.path, *["--backend", fmt] * baked)
         assert code == 0, err
         assert f"{fmt} export of tiny_cnn W2A2 lsq" in out and "(360 images)" in out
-        assert _top1(out) == round(100 * exported.check["engine_acc"], 2)
+        assert _top1(out) == round(100 * exported.check["export_acc"], 2)
         assert abs(_top1(out) - 100 * accuracy) <= 100 / 360 + 0.005  # the run's accuracy, within one image
     # a file that differs is evaluated as it is: integer weights changed; an ONNX file's normalisation changed
     original = exports[1]["int", False].path
@@ -132,7 +132,7 @@ def test_eval_evaluates_the_given_file(demo_run, exports, tmp_path, monkeypatch,
                               ("changed.onnx", exports[1]["onnx", False])):  # fmt: skip
         code, out, err = _cli(monkeypatch, capsys, "eval", tmp_path / changed)
         assert code == 0, err
-        assert _top1(out) < 100 * exported.check["engine_acc"] - 20
+        assert _top1(out) < 100 * exported.check["export_acc"] - 20
 
 
 def test_eval_of_a_file_that_is_no_export_of_this_kind(demo_run, exports, tmp_path, monkeypatch, capsys):
@@ -144,7 +144,7 @@ def test_eval_of_a_file_that_is_no_export_of_this_kind(demo_run, exports, tmp_pa
     cases = [
         (["eval", tmp_path / "junk.onnx"], "is not a qkd export (int, onnx or onnx-int)"),
         (["eval", tmp_path / "foreign.onnx"], "is an ONNX model without qkd's metadata"),
-        (["eval", int_file, "--engine", "onnx"], "is an int export, not onnx: evaluate it with --engine int"),
+        (["eval", int_file, "--engine", "onnx"], "is an int export, not onnx: evaluate it with --backend int"),
         (["eval", int_file, "quant.weight_bits=3"], "'quant.weight_bits=3' is not taken"),
         (["eval", f"{int_file}.json"], "is the manifest written beside an int export"),
         (["export", demo_run[1], "--format", "int", "--bake-preprocessing"], "applies to the ONNX formats"),

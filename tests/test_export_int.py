@@ -1,4 +1,4 @@
-"""The packed integer checkpoint and the integer engine: exact packing, same answers, bad input."""
+"""The packed integer checkpoint and the integer runtime: exact packing, same answers, bad input."""
 
 import copy
 

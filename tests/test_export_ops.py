@@ -1,4 +1,4 @@
-"""The ops between layers that torchvision's networks use, through the integer engine and onnx-int.
+"""The ops between layers that torchvision's networks use, through the integer formats and onnx-int.
 
 Each tiny model is quantized, calibrated, exported both ways and held to the float64 fake-quant
 model: the same top-1 on every image and logits within the fixed point's (engine) or float64's
@@ -358,7 +358,7 @@ class Conv1dNet(nn.Module):
 def test_in_place_conv1d_is_refused_by_name():
     x = _inputs(4)
     model = _quantized(Conv1dNet(), 4, "lsq", x)
-    with pytest.raises(QKDError, match="node 'conv1d' in module 'seq': conv1d is not supported by the integer engine"):
+    with pytest.raises(QKDError, match="node 'conv1d' in module 'seq': conv1d is not supported by the integer formats"):
         to_int_program(model, x[:2])
 
 

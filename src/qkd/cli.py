@@ -239,7 +239,7 @@ def _eval_export(path: Path, args: list[str] | None, backend: str | None) -> Non
     result = evaluate_export(path, list(args or []), backend)
     c = result["contract"]
     bits = f"W{c.get('weight_bits', '?')}A{c.get('act_bits', '?')} {c.get('quantizer', '')}".rstrip()
-    runtime = "the integer engine" if result["export_format"] == "int" else "onnxruntime"
+    runtime = "the integer runtime" if result["export_format"] == "int" else "onnxruntime"
     typer.echo(f"{path}: {result['export_format']} export of {c.get('model', 'a model')} {bits}, trained to "
                f"{c.get('trained_to', '?')}, run by {runtime}")  # fmt: skip
     typer.echo(f"  input: {c.get('preprocessing', '?')}")
@@ -305,7 +305,7 @@ def export(
         f"checked on {check['images']} {split} images against the trained model: top-1 agreement "
         f"{100 * check['agreement_f64']:.2f} % with its exact (float64) answers, {100 * check['agreement']:.2f} % "
         f"with its float32 evaluation; max |logit diff| {check['max_logit_diff_f64']:.2e} / "
-        f"{check['max_logit_diff']:.2e}; accuracy {100 * check['engine_acc']:.2f} % "
+        f"{check['max_logit_diff']:.2e}; accuracy {100 * check['export_acc']:.2f} % "
         f"(fake-quant {100 * check['fake_quant_acc']:.2f} %)"
     )
 

@@ -90,7 +90,7 @@ def activation_grid(name: str, q: Quantizer) -> Grid:
 def layer_grids(name: str, wq: Quantizer, aq: Quantizer) -> tuple[Grid, Grid]:
     """The weight and input grids of quantized layer ``name``, which the integer program needs both of."""
     if not (wq.active and aq.active):
-        raise QKDError(f"layer '{name}' is not quantized on both weights and input; the integer engine needs "
+        raise QKDError(f"layer '{name}' is not quantized on both weights and input; the integer formats need "
                        "every Conv/Linear quantized (set quant.first_last_bits to 8, not float)")  # fmt: skip
     return grid(f"{name}.weight_quant", wq), activation_grid(f"{name}.act_quant", aq)
 

@@ -70,14 +70,14 @@ class IntRuntime:
 
     def __init__(self, ops: list[dict], tensors: dict[str, Tensor]) -> None:
         self.ops = ops
-        self.t = {k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()}
+        self.tensors = {k: v.long() if not v.is_floating_point() else v for k, v in tensors.items()}
         self.thresholds = {}
         self.last_use = {name: i for i, op in enumerate(ops) for name in op["in"]}
         for op in ops:
             if op["op"] not in OPS:
                 raise QKDError(f"integer program op '{op['op']}' ({op['name']}) is unknown to this qkd")
             if op["op"] in LAYERS:
-                mult, shift = (int(self.t[f"{op['name']}.{k}"]) for k in ("in_mult", "in_shift"))
+                mult, shift = (int(self.tensors[f"{op['name']}.{k}"]) for k in ("in_mult", "in_shift"))
                 self.thresholds[op["name"]] = torch.tensor(thresholds(mult, shift, *op["a_range"]))
 
     @torch.no_grad()
@@ -103,7 +103,7 @@ class IntRuntime:
                 return torch.round(z).long()
             return torch.clamp(torch.round(x / op["a_scale"]), lo, hi).long()
         # == clamp(shift_round(x - in_offset, in_mult, in_shift), lo, hi), by thresholds (see ``thresholds``)
-        offset = self.t.get(f"{op['name']}.in_offset")
+        offset = self.tensors.get(f"{op['name']}.in_offset")
         return lo + torch.bucketize(x if offset is None else x - offset, self.thresholds[op["name"]], right=True)
 
     def _term(self, op: dict, key: str, acc: Tensor) -> Tensor:
@@ -112,7 +112,7 @@ class IntRuntime:
         _check_range(acc, INT32, f"accumulator of '{op['module']}'")
         out = None
         for suffix in [f"_{key}", f"_{key}_lo"] if key else [""]:
-            mult, shift = (_channels(self.t[f"{op['name']}.{k}{suffix}"], acc.dim()) for k in ("mult", "shift"))
+            mult, shift = (_channels(self.tensors[f"{op['name']}.{k}{suffix}"], acc.dim()) for k in ("mult", "shift"))
             if bool((shift >= 1).all()):  # int32 accumulator times int32 mantissa: the product fits int64
                 part = torch.bitwise_right_shift(
                     acc * mult + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift
@@ -125,7 +125,7 @@ class IntRuntime:
     def _layer(self, op: dict, x: Tensor, linear) -> Tensor:
         """``linear(input, weight)`` for each term the layer has (see ``program.TERMS``), requantized and summed."""
         name = op["name"]
-        xi, w = self._layer_input(op, x), self.t[f"{name}.weight"]
+        xi, w = self._layer_input(op, x), self.tensors[f"{name}.weight"]
         # what each term convolves; built only for the terms the layer has (LSQ layers: the first one)
         operands = {
             "": lambda: (xi, w),
@@ -135,13 +135,13 @@ class IntRuntime:
         }
         out = None
         for key in TERMS:
-            if f"{name}.mult{'_' + key if key else ''}" not in self.t:
+            if f"{name}.mult{'_' + key if key else ''}" not in self.tensors:
                 continue
             a, b = operands[key]()
             dtype = _exact_dtype(a, b)
             term = self._term(op, key, torch.round(linear(a.to(dtype), b.to(dtype))).long())
             out = term if out is None else out + term
-        out = out + _channels(self.t[f"{name}.bias"], out.dim())
+        out = out + _channels(self.tensors[f"{name}.bias"], out.dim())
         return _check_range(out, INT64_SAFE, f"output of '{op['module']}'")
 
     def _qconv2d(self, op: dict, x: Tensor) -> Tensor:
@@ -215,7 +215,7 @@ class IntRuntime:
         return shift_round(x, torch.tensor(op["mult"]), torch.tensor(op["shift"]))
 
     def _affine(self, op: dict, x: Tensor) -> Tensor:
-        mult, shift, bias = (_channels(self.t[f"{op['name']}.{k}"], x.dim()) for k in ("mult", "shift", "bias"))
+        mult, shift, bias = (_channels(self.tensors[f"{op['name']}.{k}"], x.dim()) for k in ("mult", "shift", "bias"))
         return _check_range(shift_round(x, mult, shift) + bias, INT64_SAFE, f"BatchNorm '{op['module']}'")
 
     def _mean_hw(self, op: dict, x: Tensor) -> Tensor:

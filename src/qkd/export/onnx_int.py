@@ -3,7 +3,7 @@
 The QDQ export (:mod:`qkd.export.onnx_qdq`) leaves the arithmetic to the runtime, which runs it in
 float32: deep low-bit networks then part from the trained model's exact answers on a fraction of a
 percent of images (a float32 rounding tips an activation across a quantization step, and the step
-propagates). This form pins the arithmetic down instead, from the same program as the integer engine
+propagates). This form pins the arithmetic down instead, from the same program as the integer runtime
 (:func:`qkd.export.trace.to_real_program`):
 
 - each layer's input is quantized to its integer codes (``Round((x - offset) / step)``, clipped to the
@@ -76,7 +76,7 @@ class OnnxIntBuilder:
     (see :class:`~qkd.export.int_runtime.IntRuntime` for the integer semantics they mirror)."""
 
     def __init__(self, ops: list[dict], tensors: dict[str, Tensor]) -> None:
-        self.ops, self.t, self.g = ops, tensors, _Graph()
+        self.ops, self.tensors, self.graph = ops, tensors, _Graph()
         # values that are still the float32 input (shape ops only): quantized with the first layer's float32 maths
         self.raw = {op["name"] for op in ops if op["op"] == "input"}
         for op in ops:
@@ -86,15 +86,15 @@ class OnnxIntBuilder:
     def run(self) -> _Graph:
         for op in self.ops:
             getattr(self, "_" + op["op"])(op, *op["in"])
-        return self.g
+        return self.graph
 
     def _input(self, op: dict) -> None:
-        self.g.node("Identity", ["input"], op["name"])
+        self.graph.node("Identity", ["input"], op["name"])
 
     # ----- layers ----------------------------------------------------------------------------------
     def _codes(self, op: dict, x: str, offset: int = 0) -> str:
         """The layer's input codes, as UINT8 or INT8 (INT8 ``codes - offset`` when ``offset``)."""
-        g, name, (lo, hi) = self.g, op["name"], op["a_range"]
+        g, name, (lo, hi) = self.graph, op["name"], op["a_range"]
         if x in self.raw:  # the network's float32 input, with the fake-quant model's float32 maths
             if "a_interval" in op:
                 lower, upper = np.float32(op["a_interval"][0]), np.float32(op["a_interval"][1])
@@ -121,14 +121,14 @@ class OnnxIntBuilder:
 
     def _ones(self, op: dict, codes: str) -> str:
         """Ones on one image's positions (batch 1): convolved, they count each window's unpadded inputs."""
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         shape = g.node("Shape", [codes], f"{name}/shape", start=1)
         shape = g.node("Concat", [g.const(f"{name}.batch1", [1], np.int64), shape], f"{name}/ones_shape", axis=0)
         one = helper.make_tensor(f"{name}.one", _code_type(*op["a_range"])[0], [1], [1])
         return g.node("ConstantOfShape", [shape], f"{name}/ones", value=one)
 
     def _layer(self, op: dict, x: str, integer_op: str, **attrs: Any) -> None:
-        g, name, t = self.g, op["name"], self.t
+        g, name, t = self.graph, op["name"], self.tensors
         weight = t[f"{name}.weight"].numpy()
         channel_shape: tuple[int, ...] = (-1, 1, 1) if integer_op == "ConvInteger" else (-1,)
         if integer_op == "MatMulInteger":
@@ -171,14 +171,14 @@ class OnnxIntBuilder:
 
     # ----- float64 glue between layers ---------------------------------------------------------------
     def _relu(self, op: dict, x: str) -> None:
-        self.g.node("Relu", [x], op["name"])
+        self.graph.node("Relu", [x], op["name"])
 
     def _relu6(self, op: dict, x: str) -> None:
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         g.node("Clip", [x, g.const(f"{name}.min", 0.0), g.const(f"{name}.max", 6.0)], name)
 
     def _add(self, op: dict, a: str, b: str) -> None:
-        self.g.node("Add", [a, b], op["name"])
+        self.graph.node("Add", [a, b], op["name"])
 
     def _slice(self, op: dict, x: str) -> None:
         spec, axes, starts, ends, steps = op["index"], [], [], [], []
@@ -193,7 +193,7 @@ class OnnxIntBuilder:
             starts.append(start or 0)
             ends.append(_INT64_MAX if stop is None else stop)
             steps.append(step or 1)
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         if not axes:
             g.node("Identity", [x], name)
             return
@@ -204,13 +204,13 @@ class OnnxIntBuilder:
     def _pad(self, op: dict, x: str) -> None:
         pad = op["pad"]  # F.pad order: (last dim begin, last dim end, second-to-last begin, ...)
         axes = [-1 - i for i in range(len(pad) // 2)]
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         pads = g.const(f"{name}.pads", pad[0::2] + pad[1::2], np.int64)
         zero = g.const(f"{name}.value", 0.0, np.float32 if x in self.raw else np.float64)
         g.node("Pad", [x, pads, zero, g.const(f"{name}.axes", axes, np.int64)], name)
 
     def _mean_hw(self, op: dict, x: str) -> None:
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         axes = g.const(f"{name}.axes", [2, 3], np.int64)
         g.node("ReduceMean", [x, axes], name, keepdims=int(op.get("keepdim", True)))
 
@@ -218,7 +218,7 @@ class OnnxIntBuilder:
         """Separable window sums (see ``program.pool_windows``): ``rows @ x @ cols.T / sizes``, in float64."""
         if "in_hw" not in op:
             raise QKDError(f"pooling '{op['name']}' has no input size: export with an example input")
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         (rows, n_rows), (cols, n_cols) = (pool_windows(op, size, i) for i, size in enumerate(op["in_hw"]))
         total = g.node("MatMul", [g.const(f"{name}.rows", rows.double().numpy()), x], f"{name}/rows")
         total = g.node("MatMul", [total, g.const(f"{name}.cols", cols.T.double().numpy())], f"{name}/sum")
@@ -232,64 +232,66 @@ class OnnxIntBuilder:
             return list(v) if isinstance(v, list | tuple) else [v, v]
 
         kernel, stride = pair(op["kernel"]), pair(op["stride"] or op["kernel"])
-        self.g.node("MaxPool", [x], op["name"], kernel_shape=kernel, strides=stride, pads=pair(op["padding"]) * 2,
+        self.graph.node("MaxPool", [x], op["name"], kernel_shape=kernel, strides=stride, pads=pair(op["padding"]) * 2,
                     dilations=pair(op.get("dilation", 1)), ceil_mode=int(op.get("ceil_mode", False)))  # fmt: skip
 
     def _flatten(self, op: dict, x: str) -> None:
         if op["start_dim"] != 1:
             raise QKDError(f"flatten from dim {op['start_dim']} in '{op['name']}': the integer ONNX form flattens "
                            "from dim 1")  # fmt: skip
-        self.g.node("Flatten", [x], op["name"], axis=1)
+        self.graph.node("Flatten", [x], op["name"], axis=1)
 
     def _reshape(self, op: dict, x: str) -> None:
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         g.node("Reshape", [x, g.const(f"{name}.shape", op["shape"], np.int64)], name)
 
     def _permute(self, op: dict, x: str) -> None:
-        self.g.node("Transpose", [x], op["name"], perm=op["perm"])
+        self.graph.node("Transpose", [x], op["name"], perm=op["perm"])
 
     def _cat(self, op: dict, *xs: str) -> None:
-        self.g.node("Concat", list(xs), op["name"], axis=op["dim"])
+        self.graph.node("Concat", list(xs), op["name"], axis=op["dim"])
 
     def _chunk(self, op: dict, x: str) -> None:
         """``torch.chunk``: ``Split`` into as many parts (the same sizes: ceil(n / chunks), the last smaller)."""
         name, n = op["name"], op["chunks"]
         outs = [name if i == op["index"] else f"{name}/part{i}" for i in range(n)]
-        self.g.nodes.append(helper.make_node("Split", [x], outs, name=f"{name}/split", axis=op["dim"], num_outputs=n))
+        self.graph.nodes.append(
+            helper.make_node("Split", [x], outs, name=f"{name}/split", axis=op["dim"], num_outputs=n)
+        )
 
     # ----- activations and products, in float64 ------------------------------------------------------
     def _hardsigmoid(self, op: dict, x: str, out: str | None = None) -> str:
-        g, name = self.g, op["name"]
+        g, name = self.graph, op["name"]
         shifted = g.node("Add", [x, g.const(f"{name}.three", 3.0)], f"{name}/add3")
         clipped = g.node("Clip", [shifted, g.const(f"{name}.zero", 0.0), g.const(f"{name}.six", 6.0)], f"{name}/clip")
         return g.node("Div", [clipped, f"{name}.six"], out or name)
 
     def _hardswish(self, op: dict, x: str) -> None:
-        self.g.node("Mul", [x, self._hardsigmoid(op, x, f"{op['name']}/hardsigmoid")], op["name"])
+        self.graph.node("Mul", [x, self._hardsigmoid(op, x, f"{op['name']}/hardsigmoid")], op["name"])
 
     def _sigmoid(self, op: dict, x: str) -> None:
-        self.g.node("Sigmoid", [x], op["name"])
+        self.graph.node("Sigmoid", [x], op["name"])
 
     def _silu(self, op: dict, x: str) -> None:
-        self.g.node("Mul", [x, self.g.node("Sigmoid", [x], f"{op['name']}/sigmoid")], op["name"])
+        self.graph.node("Mul", [x, self.graph.node("Sigmoid", [x], f"{op['name']}/sigmoid")], op["name"])
 
     def _mul(self, op: dict, a: str, b: str) -> None:
-        self.g.node("Mul", [a, b], op["name"])
+        self.graph.node("Mul", [a, b], op["name"])
 
     def _scale(self, op: dict, x: str) -> None:
-        self.g.node("Mul", [x, self.g.const(f"{op['name']}.factor", op["factor"])], op["name"])
+        self.graph.node("Mul", [x, self.graph.const(f"{op['name']}.factor", op["factor"])], op["name"])
 
     def _add_const(self, op: dict, x: str) -> None:
-        self.g.node("Add", [x, self.g.const(f"{op['name']}.value", op["value"])], op["name"])
+        self.graph.node("Add", [x, self.graph.const(f"{op['name']}.value", op["value"])], op["name"])
 
     def _affine(self, op: dict, x: str) -> None:
-        g, name = self.g, op["name"]
-        scale = g.const(f"{name}.scale", self.t[f"{name}.scale"].numpy().reshape(-1, 1, 1))
+        g, name = self.graph, op["name"]
+        scale = g.const(f"{name}.scale", self.tensors[f"{name}.scale"].numpy().reshape(-1, 1, 1))
         shifted = g.node("Mul", [x, scale], f"{name}/scale")
-        g.node("Add", [shifted, g.const(f"{name}.bias", self.t[f"{name}.bias"].numpy().reshape(-1, 1, 1))], name)
+        g.node("Add", [shifted, g.const(f"{name}.bias", self.tensors[f"{name}.bias"].numpy().reshape(-1, 1, 1))], name)
 
     def _output(self, op: dict, x: str) -> None:
-        self.g.node("Identity", [x], "output")
+        self.graph.node("Identity", [x], "output")
 
 
 def export_onnx_int(model: nn.Module, example: Tensor, path: str | Path, contract: dict | None = None) -> Path:

@@ -53,14 +53,16 @@ def open_export(path: str | Path) -> tuple[str, dict, Callable[[Tensor], Tensor]
 DATA_CHANGES = where_settings("data")
 
 
-def evaluate_export(path: str | Path, overrides: list[str] | None = None, engine: str | None = None) -> dict:
+def evaluate_export(path: str | Path, overrides: list[str] | None = None, backend: str | None = None) -> dict:
     """Top-1 accuracy of an exported file on its run's test split (validation where there is none), the
     images prepared from raw pixels as the file's contract says. ``overrides``: ``key=value`` changes of
-    :data:`DATA_CHANGES`; ``engine``: the format the caller expects the file to be (None: any)."""
+    :data:`DATA_CHANGES`; ``backend``: the format the caller expects the file to be (None: any)."""
     path = Path(path)
     fmt, contract, run = open_export(path)
-    if engine is not None and engine != fmt:
-        raise QKDError(f"{path} is an {fmt} export, not {engine}: evaluate it with --engine {fmt} or without --engine")
+    if backend is not None and backend != fmt:
+        raise QKDError(
+            f"{path} is an {fmt} export, not {backend}: evaluate it with --backend {fmt} or without --backend"
+        )
     data = data_of_export(path, contract, overrides or [])
     pixel_max = PIXEL_MAX.get(contract["data"]["name"].strip().lower(), 255)
     split, images = check_split(data)

@@ -14,7 +14,7 @@ Between the layers the program has the ops torchvision's classification networks
 ReLU/ReLU6, Hardswish, Hardsigmoid, SiLU, Sigmoid, residual sums, elementwise products (the
 squeeze-excitation gate), sums and products with constants, a BatchNorm that follows no layer (a
 per-channel affine), average/adaptive-average/max pooling, concatenation, chunk/split/slicing, pads,
-reshapes and permutations (channel shuffle) and flatten. Which of them the integer engine computes
+reshapes and permutations (channel shuffle) and flatten. Which of them the integer formats compute
 with integers only and which in float64 is said in :mod:`qkd.export.int_runtime`. Anything else is
 refused with a :class:`~qkd.errors.QKDError` naming the op and the module or graph node.
 
@@ -106,7 +106,7 @@ def _conv_params(name: str, stride: Any, padding: Any, dilation: Any, groups: in
     if isinstance(padding, str):  # F.conv2d(padding="same"/"valid"); "same" only where it is symmetric
         total = [d * (k - 1) for d, k in zip(pair(dilation), kernel)]
         if padding == "same" and any(t % 2 for t in total):
-            raise QKDError(f"layer '{name}': asymmetric padding='same' is not supported by the integer engine")
+            raise QKDError(f"layer '{name}': asymmetric padding='same' is not supported by the integer formats")
         padding = [t // 2 for t in total] if padding == "same" else [0, 0]
     return {"stride": pair(stride), "padding": pair(padding), "dilation": pair(dilation), "groups": int(groups)}
 
@@ -190,7 +190,7 @@ class Builder(CallTranslator):
             raise QKDError(f"unsupported constant operand {node!r} in the traced model")
         if node.name not in self.values:
             what = f"parameter or buffer '{node.target}'" if node.op == "get_attr" else f"'{node.name}'"
-            raise QKDError(f"{describe_node(node)} uses {what} directly, which the integer engine does not compute "
+            raise QKDError(f"{describe_node(node)} uses {what} directly, which the integer formats do not compute "
                            "(only quantized layers hold parameters)")  # fmt: skip
         return self.alias.get(node.name, node.name)
 
@@ -217,7 +217,7 @@ class Builder(CallTranslator):
                 return self.consts[v.name]
             if v.name in self.shape_nodes:
                 raise QKDError(f"{describe_node(v)} computes a shape: pass an example input to the export")
-            raise QKDError(f"{describe_node(v)} gives a tensor where the integer engine needs a constant")
+            raise QKDError(f"{describe_node(v)} gives a tensor where the integer formats need a constant")
         if isinstance(v, list | tuple):
             return type(v)(self.const(x) for x in v)
         return v
@@ -272,7 +272,7 @@ class Builder(CallTranslator):
                                                                   m.groups, list(m.kernel_size))  # fmt: skip
             if conv is not None and m.padding_mode != "zeros":
                 raise QKDError(f"layer '{node.target}': padding_mode='{m.padding_mode}' is not supported by the "
-                               "integer engine")  # fmt: skip
+                               "integer formats")  # fmt: skip
             self.layer(node, x, *_layer_op(node.target, m, m.bias, conv))
         elif isinstance(m, nn.BatchNorm2d):
             self.batchnorm(node, node.target, m)
@@ -294,7 +294,7 @@ class Builder(CallTranslator):
         elif isinstance(m, parametrize.ParametrizationList) and node.target.endswith(".parametrizations.weight"):
             self.weights[node.name] = node.target.rsplit(".parametrizations.", 1)[0]
         else:
-            raise QKDError(f"module '{node.target}' ({type(m).__name__}) is not supported by the integer engine")
+            raise QKDError(f"module '{node.target}' ({type(m).__name__}) is not supported by the integer formats")
 
     def act_quant(self, node: fx.Node, x: fx.Node) -> None:
         """The input quantizer of an in-place layer: the layer op requantizes its input after the ops the
@@ -303,12 +303,12 @@ class Builder(CallTranslator):
         layer = self.model.get_submodule(layer_name) if layer_name else self.model
         if node.target.rpartition(".")[2] != "act_quant" or not _is_in_place(layer):
             raise QKDError(f"quantizer '{node.target}' is not the input quantizer of a quantized layer; the "
-                           "integer engine quantizes activations only at a layer's input")  # fmt: skip
+                           "integer formats quantize activations only at a layer's input")  # fmt: skip
         path, cur = [], node
         while True:
             if len(cur.users) != 1:
                 raise QKDError(f"the quantized input of layer '{layer_name}' is used by more than its convolution; "
-                               "the integer engine cannot export it")  # fmt: skip
+                               "the integer formats cannot export it")  # fmt: skip
             cur = next(iter(cur.users))
             if cur.op == "call_function" and cur.target in (F.conv2d, F.linear) and cur.args[0] is (path or [node])[-1]:
                 break
@@ -316,13 +316,13 @@ class Builder(CallTranslator):
                 self.function(cur)  # refused there, by name
             if not keeps_zero(cur):
                 raise QKDError(f"layer '{layer_name}' applies {target_name(cur.target)} to its quantized input "
-                               f"({describe_node(cur)}); the integer engine supports only zero pads and slicing "
+                               f"({describe_node(cur)}); the integer formats support only zero pads and slicing "
                                "there")  # fmt: skip
             path.append(cur)
         _, a_off, _, _ = layer.act_quant.affine() if layer.act_quant.bits is not None else (0, 0, 0, 0)
         if path and float(a_off) != 0:
             raise QKDError(f"layer '{layer_name}' pads its quantized input, but 0 is not on its input grid "
-                           "(a signed interval quantizer): the integer engine cannot export it")  # fmt: skip
+                           "(a signed interval quantizer): the integer formats cannot export it")  # fmt: skip
         self.in_place_inputs[cur.name] = layer_name
         self.same(node, x)
 
@@ -338,7 +338,7 @@ class Builder(CallTranslator):
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if bias is not None:
             if not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-                raise QKDError(f"layer '{name}': its bias is computed; the integer engine takes a parameter")
+                raise QKDError(f"layer '{name}': its bias is computed; the integer formats take a parameter")
             bias = operator.attrgetter(bias.target)(self.model)
         conv = None
         if node.target is F.conv2d:

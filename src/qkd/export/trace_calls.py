@@ -54,7 +54,7 @@ def _slice_spec(index: Any) -> list:
     for it in items:
         if isinstance(it, slice):
             if any(isinstance(v, fx.Node) for v in (it.start, it.stop, it.step)):
-                raise QKDError(f"slicing with computed bounds {index!r} is not supported by the integer engine")
+                raise QKDError(f"slicing with computed bounds {index!r} is not supported by the integer formats")
             spec.append([it.start, it.stop, it.step])
         elif it is Ellipsis:
             spec.append("...")
@@ -123,7 +123,7 @@ class CallTranslator:
         elif f in (F.conv2d, F.linear):
             self.in_place_layer(node)
         elif f in OTHER_CONVS:
-            raise QKDError(f"{describe_node(node)}: {f.__name__} is not supported by the integer engine (Conv2d and "
+            raise QKDError(f"{describe_node(node)}: {f.__name__} is not supported by the integer formats (Conv2d and "
                            "Linear are)")  # fmt: skip
         elif f is F.dropout or target_name(f) == "stochastic_depth":  # torchvision.ops.stochastic_depth
             if self.arg(node, 2 if f is F.dropout else 3, "training", True):
@@ -132,7 +132,7 @@ class CallTranslator:
         elif f in _POOLS:
             self.pool_function(node)
         elif not self.shape_function(node):
-            raise QKDError(f"function {target_name(f)} ({describe_node(node)}) is not supported by the integer engine")
+            raise QKDError(f"function {target_name(f)} ({describe_node(node)}) is not supported by the integer formats")
 
     def pool_function(self, node: fx.Node) -> None:
         """``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ``F.max_pool2d``."""
@@ -195,7 +195,7 @@ class CallTranslator:
         elif name in ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"):
             self.arithmetic(node, name.rstrip("_"), x, node.args[1])
         else:
-            raise QKDError(f"tensor method .{name}() ({describe_node(node)}) is not supported by the integer engine")
+            raise QKDError(f"tensor method .{name}() ({describe_node(node)}) is not supported by the integer formats")
 
     # ----- the ops ----------------------------------------------------------------------------------
     def arithmetic(self, node: fx.Node, kind: str, a: Any, b: Any) -> None:
@@ -206,11 +206,11 @@ class CallTranslator:
             return
         if all(tensors) or not any(tensors):
             raise QKDError(f"{describe_node(node)}: {kind} of {'two tensors' if all(tensors) else 'constants'} is not "
-                           "supported by the integer engine")  # fmt: skip
+                           "supported by the integer formats")  # fmt: skip
         x, c = (a, self.const(b)) if tensors[0] else (b, self.const(a))
         if not isinstance(c, int | float) or (kind in ("sub", "div") and not tensors[0]) or kind == "div" and not c:
             raise QKDError(
-                f"{describe_node(node)}: {kind} of a tensor and {c!r} is not supported by the integer engine"
+                f"{describe_node(node)}: {kind} of a tensor and {c!r} is not supported by the integer formats"
             )
         if kind in ("add", "sub"):
             self.emit(node, "add_const", [x], value=float(c if kind == "add" else -c))
@@ -242,7 +242,7 @@ class CallTranslator:
 
     def pad(self, node: fx.Node, x: fx.Node, pad: Any, mode: str, value: Any) -> None:
         if mode != "constant" or value not in (None, 0, 0.0):
-            raise QKDError(f"{describe_node(node)}: F.pad mode={mode!r} value={value!r}; the integer engine pads with "
+            raise QKDError(f"{describe_node(node)}: F.pad mode={mode!r} value={value!r}; the integer formats pad with "
                            "zeros")  # fmt: skip
         self.emit(node, "pad", [x], pad=[int(p) for p in pad])
 
@@ -254,7 +254,7 @@ class CallTranslator:
     def mean(self, node: fx.Node, x: fx.Node, dims: Any, keepdim: bool) -> None:
         dims = {dims} if isinstance(dims, int) else set(dims or ())
         if dims not in ({2, 3}, {-1, -2}) or (dims == {-1, -2} and self.rank(x) != 4):
-            raise QKDError(f"{describe_node(node)}: mean over dims {sorted(dims)}; the integer engine averages over "
+            raise QKDError(f"{describe_node(node)}: mean over dims {sorted(dims)}; the integer formats averages over "
                            "height and width (dims 2, 3)")  # fmt: skip
         self.emit(node, "mean_hw", [x], keepdim=bool(keepdim))
 
