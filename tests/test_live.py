@@ -206,3 +206,17 @@ def test_quantizer_tags_of_both_quantizers_weights_and_inputs():
         q = layers["3"].weight_quant  # per-channel: the mean over the channels, of the value in use
         want = q.step.abs().mean() if method == "lsq" else q.upper.mean()
         assert events.writer.scalars[f"quant/3/w_{names[-1]}"] == (7, pytest.approx(want.item()))
+
+
+def test_each_new_event_file_sorts_after_the_earlier_ones(tmp_path):
+    """TensorBoard reads a folder's event files in name order; within one second the names of one process's
+    writers differ only in a counter (their last field), and counter 10 sorts before 9. A run resumed again and
+    again within a second (here, writers made in a row until the counter gains a digit) keeps its files in order."""
+    writer = live.tensorboard_writer(True, tmp_path)
+    made = []
+    while len(made) < 2 or len(made[-1].split(".")[-1]) == len(made[0].split(".")[-1]):
+        before = {p.name for p in tmp_path.glob("events.out.tfevents.*")}
+        live.event_writer(writer, tmp_path).close()
+        (name,) = {p.name for p in tmp_path.glob("events.out.tfevents.*")} - before
+        made.append(name)
+    assert sorted(made) == made

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -213,18 +212,15 @@ def eval_(
 
 def _eval_fresh_export(r, target: Path, backend: str) -> None:
     """A run's model exported afresh to a temporary file, run by ``backend`` and compared with the model."""
-    from qkd.export import compare, default_path, export_student
-    from qkd.export.verify import check_split
+    from qkd.export import default_path
+    from qkd.export.api import compare_fresh_export
     from qkd.report.summary import pct
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / default_path(target, backend).name
-        split, images = check_split(r.data)
-        run = export_student(r.model, backend, path, next(iter(images))[0][:2], {})
-        result = {"backend": backend, "split": split, **compare(run, r.model, images, exact=True)}
+    result = compare_fresh_export(r, backend, default_path(target, backend).name)
     percent = ("acc", "agreement", "agreement_f64")
     for k, v in result.items():
-        typer.echo(f"  {k:20s} {pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
+        if k != "engine_acc":  # export_acc's old name
+            typer.echo(f"  {k:20s} {pct(v) if isinstance(v, float) and k.endswith(percent) else v}")
     typer.echo(f"  (exported afresh to a temporary file; to evaluate a file you exported, give it: qkd eval "
                f"{default_path(target, backend)})")  # fmt: skip
 

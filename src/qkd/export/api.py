@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,16 @@ def export_loaded(loaded: Any, fmt: str, path: str | Path, *, bake_preprocessing
     run, contract = _export(loaded.student, fmt, path, example, contract, bake_preprocessing)
     check = compare(run, loaded.student, images, limit=verify, exact=True)
     return Exported(path, contract, check, split, loaded)
+
+
+def compare_fresh_export(loaded: Any, fmt: str, name: str) -> dict:
+    """``loaded`` (a run's model, read by :func:`qkd.trained.load_trained`) exported afresh to a temporary file
+    named ``name`` in format ``fmt``, run, and compared with the model on its evaluation split: what
+    ``qkd eval RUN --backend FMT`` reports."""
+    with tempfile.TemporaryDirectory() as tmp:
+        split, images = check_split(loaded.data)
+        run = export_student(loaded.model, fmt, Path(tmp) / name, next(iter(images))[0][:2], {})
+        return {"backend": fmt, "split": split, **compare(run, loaded.model, images, exact=True)}
 
 
 def export_run(

@@ -129,17 +129,24 @@ def tensorboard_writer(setting: bool | str, run_dir: Path | None) -> type | None
     return SummaryWriter
 
 
-def after_earlier_event_files(folder: Path | None) -> None:
-    """Wait, if need be, until the clock's second is past every event file's in ``folder``. TensorBoard reads a
+def event_writer(writer: type, folder: Path | None, **kw: Any) -> Any:
+    """``writer(folder, **kw)``, its event file named to sort after the folder's earlier ones. TensorBoard reads a
     folder's files in name order, and a name is ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: within one
-    second, a later writer of this process may sort first (counter 10 before 9), and its curves read as a restart
-    would be purged. Only a run resumed within a second of its last start waits (tests, a notebook)."""
+    second, a later writer of this process may sort first (counter 10 before 9), and its curves would read as a
+    restart and be purged. Then (a run resumed within a second of its last start: tests, a notebook) the new file
+    is dropped and made again in the next second."""
     if folder is None:
-        return
-    names = [p.name.split(".") for p in Path(folder).glob("events.out.tfevents.*")]
-    seconds = [int(n[3]) for n in names if len(n) > 3 and n[3].isdigit()]
-    if seconds:
-        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
+        return writer(folder, **kw)
+    before = {p.name for p in Path(folder).glob("events.out.tfevents.*")}
+    made = writer(str(folder), **kw)
+    new = {p.name for p in Path(folder).glob("events.out.tfevents.*")} - before
+    if before and new and min(new) < max(before):
+        made.close()
+        for name in new:
+            (Path(folder) / name).unlink()
+        time.sleep(max(0.0, max(int(n.split(".")[3]) for n in before) + 1 - time.time()))
+        made = writer(str(folder), **kw)
+    return made
 
 
 class Events:
@@ -157,8 +164,7 @@ class Events:
         self.stages, self.steps_per_epoch = stages, steps_per_epoch
         self.start = list(itertools.accumulate((s.epochs for s in stages), initial=0))  # first step of each stage
         now = self.start[state.stage] + state.epoch
-        after_earlier_event_files(folder)
-        self.writer = writer(str(folder), purge_step=now + 1 if inside_epoch else now)
+        self.writer = event_writer(writer, folder, purge_step=now + 1 if inside_epoch else now)
         if inside_epoch:
             return
         index = {s.key: i for i, s in enumerate(stages)}
