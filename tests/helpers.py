@@ -3,6 +3,7 @@ a user-written network on digits for ``qkd.fit``. Test modules import from here,
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -48,6 +49,17 @@ def qkd_process(*args: str, prefix: tuple | list = (), cwd: Path | None = None) 
     signals, umask, another user's rights, torchrun)."""
     cmd = [*prefix, sys.executable, "-m", "qkd", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def qkd_processes(*commands: list[str], prefix: tuple | list = ()) -> list[subprocess.CompletedProcess]:
+    """Several ``qkd`` commands in one real process (a fresh interpreter, with the user rights and umask that
+    ``prefix`` gives it), each through ``main()`` as :func:`qkd_in_process` runs it: one torch import for all."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from helpers import qkd_in_process; "
+            "print(json.dumps([vars(qkd_in_process(*c)) for c in json.loads(sys.argv[2])]))")  # fmt: skip
+    cmd = [*prefix, sys.executable, "-c", code, str(Path(__file__).parent), json.dumps(commands)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return [subprocess.CompletedProcess(**r) for r in json.loads(res.stdout.splitlines()[-1])]
 
 
 def qkd_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

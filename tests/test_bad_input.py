@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, copy_run, qkd_in_process, qkd_process
+from helpers import TINY, copy_run, qkd_in_process, qkd_process, qkd_processes
 
 QUICK = [*TINY, "method=qat"]
 STRANGER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]  # root that chmod stops
@@ -123,20 +123,17 @@ def test_run_bad_input_one_line_nothing_written(tmp_path, run_022, case):
 
 
 # ----- qkd export ---------------------------------------------------------------------------------------------
-@pytest.mark.cli  # as another user or under another umask: real processes
-@pytest.mark.parametrize("fmt", ["int", "onnx", "onnx-int"])
-def test_export_to_a_read_only_folder(tmp_path, run_022, fmt):
+@pytest.mark.cli  # as another user: one real process for the three formats
+def test_export_to_a_read_only_folder(tmp_path, run_022):
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro" / "student.bin").write_text("an earlier export")
     prefix = read_only(tmp_path / "ro")
     before = snapshot(tmp_path), snapshot(run_022)
     out = str(tmp_path / "ro" / "student.bin")
-    res = (
-        qkd_process("export", str(run_022), "--format", fmt, "--out", out, prefix=prefix)
-        if prefix
-        else qkd_in_process("export", str(run_022), "--format", fmt, "--out", out)
-    )
-    assert_one_line_error(res, f"cannot write {tmp_path / 'ro' / 'student.bin'}: Permission denied; choose another")
+    commands = [["export", str(run_022), "--format", fmt, "--out", out] for fmt in ("int", "onnx", "onnx-int")]
+    results = qkd_processes(*commands, prefix=prefix) if prefix else [qkd_in_process(*c) for c in commands]
+    for res in results:
+        assert_one_line_error(res, f"cannot write {out}: Permission denied; choose another")
     assert (snapshot(tmp_path), snapshot(run_022)) == before
 
 
@@ -154,29 +151,26 @@ def _modes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.cli  # as another user or under another umask: real processes
+@pytest.mark.cli  # under another umask: a real process
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o002, 0o664)], ids=["022", "002"])
 def test_run_and_export_files_get_the_umask_mode(tmp_path, run_022, mask, mode):
-    """Under 022, the session's run and exports in this process; under 002, a real process started with that
-    umask, as a user's shell gives it."""
-    if mask == 0o022:
-        run = run_022
+    """Under 022, the session's run and exports in this process; under 002, the run and its exports in one real
+    process started with that umask, as a user's shell gives it."""
+    onnx_format = "onnx-int" if mask == 0o002 else "onnx"  # one export per format and umask is enough
+    run = run_022 if mask == 0o022 else tmp_path / "r"
+    exports = [["export", str(run), "--format", fmt, "--out", str(tmp_path / "exports" / f"student-{fmt}.bin"),
+                "--verify", "10"] for fmt in ("int", onnx_format)]  # fmt: skip
+    if mask == 0o002:
+        results = qkd_processes(["run", *QUICK, "--name", "r", "--out", str(tmp_path)], *exports,
+                                prefix=with_umask("002"))  # fmt: skip
     else:
-        res = qkd_process("run", *QUICK, "--name", "r", "--out", str(tmp_path), prefix=with_umask("002"))
+        with umask(mask):
+            results = [qkd_in_process(*c) for c in exports]
+    for res in results:
         assert res.returncode == 0, res.stderr
-        run = tmp_path / "r"
     written = _modes(run)
     for name in ("config.yaml", "summary.json", "quantization.json", "checkpoints/last.pt"):
         assert name in written
-    onnx_format = "onnx-int" if mask == 0o002 else "onnx"  # one export per format and umask is enough
-    for fmt in ("int", onnx_format):
-        args = ("export", str(run), "--format", fmt, "--out", str(tmp_path / "exports" / f"student-{fmt}.bin"))
-        if mask == 0o002:
-            res = qkd_process(*args, "--verify", "10", prefix=with_umask("002"))
-        else:
-            with umask(mask):
-                res = qkd_in_process(*args, "--verify", "10")
-        assert res.returncode == 0, res.stderr
     exported = _modes(tmp_path / "exports")
     assert set(exported) == {"student-int.bin", "student-int.bin.json", f"student-{onnx_format}.bin"}
     assert {**written, **exported} == dict.fromkeys({**written, **exported}, mode)
