@@ -20,7 +20,7 @@ Only the ``student`` and ``teacher`` entries are compared; the other keys of a c
 Run it (a few minutes on two cores; exits non-zero if any trial differs or any resume fails)::
 
     .venv/bin/python scripts/fault_injection.py --trials 24
-    .venv/bin/python scripts/fault_injection.py --trials 3 --out /tmp/fi --json /tmp/fi/trials.json
+    .venv/bin/python scripts/fault_injection.py --trials 3 --jobs 2 --out /tmp/fi --json /tmp/fi/trials.json
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -300,6 +301,19 @@ def verdict(trials: list[Trial]) -> str:
     return line + ")"
 
 
+def run_trials(numbers: range, out: Path, ref: Reference, seed: int, jobs: int) -> list[Trial]:
+    """The trials, ``jobs`` at a time (each a chain of single-threaded processes); each trial draws its kill
+    moments from its own generator (``seed``, trial number), so that they do not depend on ``jobs``."""
+
+    def one(i: int) -> Trial:
+        trial = run_trial(i, out, ref, random.Random(f"{seed}-{i}"))
+        print(f"trial {i}: " + ", ".join(row(trial)[1:]), file=sys.stderr, flush=True)
+        return trial
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, numbers))
+
+
 # ----- main --------------------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -308,6 +322,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--out", type=Path, help="folder for the run folders and logs (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the trials here as JSON")
+    p.add_argument("--jobs", type=int, default=1, help="trials run side by side (each process has one thread)")
     return p.parse_args(argv)
 
 
@@ -319,11 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = run_reference(out / "reference")
         print(f"reference: start-up {ref.startup_s:.1f} s, first epoch {ref.warmup_s:.1f} s, then "
               f"{ref.train_s:.1f} s for {ref.epochs - 1} epochs; runs in {out}", flush=True)  # fmt: skip
-        rng = random.Random(args.seed)
-        trials = []
-        for i in range(args.first, args.first + args.trials):
-            trials.append(run_trial(i, out, ref, rng))
-            print(f"trial {i}: " + ", ".join(row(trials[-1])[1:]), file=sys.stderr, flush=True)
+        trials = run_trials(range(args.first, args.first + args.trials), out, ref, args.seed, args.jobs)
         print(table(trials))
         print(verdict(trials))
         for t in trials:

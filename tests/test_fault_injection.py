@@ -25,7 +25,9 @@ def test_killed_and_resumed_runs_are_bit_identical(tmp_path):
     # every kind of kill in two trials: at a random moment and again on resume; at a checkpoint write
     assert [fault_injection.plan(i) for i in (1, 2)] == [["time", "time"], ["write"]]
     report_path = tmp_path / "trials.json"
-    argv = ["--first", "1", "--trials", "2", "--seed", "0", "--out", str(tmp_path), "--json", str(report_path)]
+    # the two trials side by side (one thread each, two cores): their processes are real and killed for real
+    argv = ["--first", "1", "--trials", "2", "--seed", "0", "--jobs", "2", "--out", str(tmp_path), "--json",
+            str(report_path)]  # fmt: skip
     rc = fault_injection.main(argv)
     trials = json.loads(report_path.read_text())["trials"]
     assert [t["trial"] for t in trials] == [1, 2]
