@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, copy_run, qkd_in_process, qkd_process, qkd_processes
+from helpers import TINY, copy_run, qkd_in_process, qkd_processes
 
 QUICK = [*TINY, "method=qat"]
 STRANGER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]  # root that chmod stops
@@ -64,19 +64,14 @@ def umask(mask: int):
         os.umask(before)
 
 
-# ----- qkd run: each case makes its input in tmp_path and gives (arguments after `run`, command prefix) -------
+# ----- qkd run: each case makes its input in tmp_path and gives the arguments after `run` ---------------------
 def _new(p, *extra):
-    return [*QUICK, *extra, "--out", str(p / "runs")], []
+    return [*QUICK, *extra, "--out", str(p / "runs")]
 
 
 def _a_file(p):
     (p / "taken").write_text("precious")
     return p / "taken"
-
-
-def _out_read_only(p, below: bool):
-    (p / "ro").mkdir()
-    return [*QUICK, "--out", str(p / "ro" / "sub" if below else p / "ro")], read_only(p / "ro")
 
 
 def _cuda_absent(p):
@@ -89,15 +84,13 @@ def _resume_with(p, run, name, text):
     """A run folder copied from ``run`` whose ``name`` holds ``text``."""
     shutil.copytree(run, p / "r", ignore=shutil.ignore_patterns("checkpoints"))
     (p / "r" / name).write_text(text)
-    return ["--resume", str(p / "r")], []
+    return ["--resume", str(p / "r")]
 
 
 RUN = {
     "unknown device": (lambda p, r: _new(p, "--device", "gpu"), "'gpu' is not a device; use auto, cpu, cuda, cuda:N"),
     "cuda absent": (lambda p, r: _cuda_absent(p), "CUDA is not available; use --device cpu"),
-    "out is a file": (lambda p, r: ([*QUICK, "--out", str(_a_file(p))], []), "is a file, not a folder"),
-    "out read-only": (lambda p, r: _out_read_only(p, False), "is not writable; choose another --out"),
-    "out below read-only": (lambda p, r: _out_read_only(p, True), "is not writable; choose another --out"),
+    "out is a file": (lambda p, r: [*QUICK, "--out", str(_a_file(p))], "is a file, not a folder"),
     "name with /": (lambda p, r: _new(p, "--name", "a/b"), "single folder name"),
     "name ..": (lambda p, r: _new(p, "name=.."), "give the parent folder with --out"),  # as a config key
     "root for digits": (
@@ -110,15 +103,25 @@ RUN = {
 }
 
 
-@pytest.mark.cli  # as another user or under another umask: real processes
 @pytest.mark.parametrize("case", list(RUN))
 def test_run_bad_input_one_line_nothing_written(tmp_path, run_022, case):
     make, needle = RUN[case]
-    args, prefix = make(tmp_path, run_022)
+    args = make(tmp_path, run_022)
     before = snapshot(tmp_path)
-    # as another user (a prefix) in a real process, else in this one: the same main(), without torch's import
-    res = qkd_process("run", *args, prefix=prefix) if prefix else qkd_in_process("run", *args)
+    res = qkd_in_process("run", *args)
     assert_one_line_error(res, needle)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.cli  # as another user: one real process for both
+def test_run_into_a_read_only_folder_or_below_one(tmp_path):
+    (tmp_path / "ro").mkdir()
+    prefix = read_only(tmp_path / "ro")
+    before = snapshot(tmp_path)
+    commands = [["run", *QUICK, "--out", str(out)] for out in (tmp_path / "ro", tmp_path / "ro" / "sub")]
+    results = qkd_processes(*commands, prefix=prefix) if prefix else [qkd_in_process(*c) for c in commands]
+    for res in results:
+        assert_one_line_error(res, "is not writable; choose another --out")
     assert snapshot(tmp_path) == before
 
 
