@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import SHARED_DATA
 from qkd.data import DataBundle, TensorLoader, build_data, list_datasets
 from qkd.data.augment import crop_at, crop_offsets, normalize, random_crop, random_flip
 from qkd.data.options import SourceOptions
 from qkd.data.splits import split_val, three_splits
 from qkd.errors import QKDError
-
-SHARED_DATA = Path(os.environ.get("QKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import urllib.error
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import SHARED_DATA
 from qkd.errors import QKDError
 from qkd.models import create_model, list_models, load_pretrained
 
-SHARED_DATA = Path(os.environ.get("QKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RESNET20_CKPT = SHARED_DATA / "weights" / "resnet20-12fca82f.th"
 CIFAR_TEST = SHARED_DATA / "cifar10-jpeg-test.npz"
 AKAMASTER = {
