@@ -135,6 +135,8 @@ def test_export_int_and_onnx_and_eval_backends(tmp_path, qat_run):
     for option, backend in (("--backend", "int"), ("--engine", "onnx-int")):  # --engine: the old name, kept
         res = qkd("eval", str(qat_run), option, backend)
         assert res.returncode == 0 and "agreement" in res.stdout
+    res = qkd("eval", str(qat_run), "--backend", "tflite")  # one line, before the run is read
+    assert res.returncode == 2 and res.stdout == "" and "unknown export format 'tflite'" in res.stderr
     res = qkd("export", str(qat_run), "--format", "tflite")
     assert res.returncode == 2 and "unknown export format 'tflite'" in res.stderr
     res = qkd("export", str(qat_run / "checkpoints" / "fp_student.pt"))

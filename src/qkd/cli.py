@@ -196,6 +196,10 @@ def eval_(
         _eval_export(target, args, backend)
         return
     backend = backend or "torch"
+    if backend != "torch":  # before the run is read: a misspelt backend is one line, nothing else printed
+        from qkd.export import check_format
+
+        check_format(backend)
     r = trained.load_target(target, args, device if backend == "torch" else "cpu", role, unfinished)
     typer.echo(f"{target}: {describe_loaded(r)}")
     if backend != "torch":
