@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,7 +92,46 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: str 
             os.replace(path, previous)
 
     with _reported(path, "the checkpoint before it is intact: free space or fix the folder, then resume"):
-        atomic_write(path, lambda f: torch.save(state, f), before_rename)
+        atomic_write(path, lambda f: _torch_save(state, f), before_rename)
+
+
+class _Sink:
+    """The file ``torch.save`` writes to, keeping the ``OSError`` of a failed write: torch's zip writer turns
+    it into a ``RuntimeError`` (``unexpected pos 46 vs 0``) that names neither the file nor the cause."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(state: dict[str, Any], f) -> None:
+    """``torch.save`` where a failed write (a full disk) is an ``OSError``, as any other file's is."""
+    sink = _Sink(f)
+    try:
+        torch.save(state, sink)
+    except RuntimeError as e:
+        if sink.error is not None:
+            raise sink.error from None
+        if not _from_writer(e):
+            raise
+        raise OSError(_WRITER_PREFIX.sub("", _first_line(e))) from None
+
+
+#: how torch's zip writer (``inline_container.cc``) begins its errors: ``[enforce fail at inline_container.cc:672] .``
+_WRITER_PREFIX = re.compile(r"^\[enforce fail at inline_container\.cc:\d+\]\s*\.?\s*")
+
+
+def _from_writer(e: RuntimeError) -> bool:
+    return "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
 
 
 @contextmanager
@@ -99,7 +140,17 @@ def _reported(path: Path, then: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise QKDError(f"cannot write {path}: {e.strerror or e}; {then}") from None
+        cause = e.strerror or f"{e}{_free_space(path)}"
+        raise QKDError(f"cannot write {path}: {cause}; {then}") from None
+
+
+def _free_space(path: Path) -> str:
+    """`` (12 MiB free on its disk)``, for a write that failed without a cause (torch's writer says ``file write
+    failed``): a full disk is the usual one, and the user sees at once whether it is."""
+    try:
+        return f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk)"
+    except OSError:
+        return ""
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

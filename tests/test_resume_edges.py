@@ -1,0 +1,106 @@
+"""Resuming at the edges (issue 25): damaged checkpoints on both sides of a resume, a checkpoint write that fails
+(a full disk), and a finished run resumed with a changed setting."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+from helpers import TINY, qkd_in_process
+from qkd import checkpoint
+from qkd.checkpoint import load_checkpoint, save_checkpoint
+from qkd.errors import QKDError
+
+WRITER_FAILED = ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed")
+
+
+class FailingWriter:
+    """In place of ``torch._C.PyTorchFileWriter``: the first ``ok`` checkpoint writes succeed, the next fail as
+    torch's writer fails on a full disk (a ``RuntimeError``, not an ``OSError``)."""
+
+    def __init__(self, monkeypatch, ok: int) -> None:
+        self.real, self.ok = torch._C.PyTorchFileWriter, ok
+        monkeypatch.setattr(torch._C, "PyTorchFileWriter", self)
+
+    def __call__(self, *args):
+        self.ok -= 1
+        if self.ok < 0:
+            raise RuntimeError(WRITER_FAILED)
+        return self.real(*args)
+
+
+def _two_saves(tmp_path, monkeypatch, fail) -> tuple:
+    """A first checkpoint saved, a second one (the same path, keeping the first as previous.pt) failing through
+    ``fail(monkeypatch)``: the error and the file's bytes before."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.arange(4.0)}, path, keep_previous="previous.pt")
+    before = path.read_bytes()
+    fail(monkeypatch)
+    with pytest.raises(QKDError) as e:
+        save_checkpoint({"w": torch.zeros(1000)}, path, keep_previous="previous.pt")
+    return str(e.value), before
+
+
+def _untouched(tmp_path, before: bytes) -> None:
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["w"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # nothing rotated, no temporary file left
+
+
+def test_a_failing_torch_writer_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    message, before = _two_saves(tmp_path, monkeypatch, lambda mp: FailingWriter(mp, ok=0))
+    assert message.startswith(f"cannot write {tmp_path / 'last.pt'}: PytorchStreamWriter failed writing file "
+                              "data/0: file write failed (")  # fmt: skip
+    assert "MiB free on its disk); the checkpoint before it is intact" in message and "\n" not in message
+    _untouched(tmp_path, before)
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk, after the first two (the disk fills while torch writes)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.ok = f, 2
+
+    def write(self, data):
+        self.ok -= 1
+        if self.ok < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_under_torch_save_names_its_cause(tmp_path, monkeypatch):
+    """torch's writer turns the file's ``OSError`` into ``RuntimeError: unexpected pos 46 vs 0``: the cause is
+    the file's error, not that."""
+    fdopen = os.fdopen
+    message, before = _two_saves(
+        tmp_path, monkeypatch, lambda mp: mp.setattr(checkpoint.os, "fdopen", lambda *a: FullDisk(fdopen(*a)))
+    )
+    assert message == (f"cannot write {tmp_path / 'last.pt'}: No space left on device; the checkpoint before it is "
+                       "intact: free space or fix the folder, then resume")  # fmt: skip
+    _untouched(tmp_path, before)
+
+
+def test_a_run_whose_disk_fills_stops_in_one_line_and_resumes(tmp_path, monkeypatch, one_thread):
+    args = ("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
+    FailingWriter(monkeypatch, ok=3)  # last.pt and fp_student.pt of the float stage, last.pt at its end
+    res = qkd_in_process(*args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"qkd: error: cannot write {tmp_path / 'r' / 'checkpoints' / 'last.pt'}: "
+                           "PytorchStreamWriter failed writing file data/0: file write failed")  # fmt: skip
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["qkd"]["position"] == "the start of 1_self_study"
+    monkeypatch.undo()
+    res = qkd_in_process("run", "--resume", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
