@@ -57,12 +57,28 @@ def test_yaml_file_path(tmp_path):
         (["epochs=0"], "epochs"),
         (["nonsense"], "must look like key=value"),
         (["split=[0,0,0]"], "split"),
+        (["split=[0.5,0.5,0.5]"], "sum to 1, e.g. [0.15, 0.5, 0.35]; these sum to 1.5"),
+        (["data.val_size=1.5"], "data.val_size must be a fraction below 1 (e.g. 0.1) or a whole number"),
+        (["data.val_size=0"], "data.val_size must be a fraction below 1"),
     ],
 )
 def test_bad_config_gives_one_clear_line(overrides, needle):
     with pytest.raises(QKDError) as e:
         load_config(None, overrides)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_setting_without_its_equals_sign_is_named_as_a_setting():
+    """``qkd run epochs 5`` reads "epochs" as a config; it said "config 'epochs' not found"."""
+    for setting in ("epochs", "quant.weight_bits"):
+        with pytest.raises(QKDError, match=f"^'{setting}' is a setting, not a config: settings are key=value"):
+            load_config(setting, ["5"] if setting == "epochs" else [])
+
+
+def test_val_size_counts_and_fractions_still_read():
+    assert load_config(None, ["data.val_size=200"]).data.val_size == 200
+    assert load_config(None, ["data.val_size=0.25"]).data.val_size == 0.25
+    assert load_config(None, ["split=[0.2, 0.3, 0.5]"]).split == (0.2, 0.3, 0.5)
 
 
 def test_missing_and_malformed_config_files(tmp_path):

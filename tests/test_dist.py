@@ -47,9 +47,9 @@ EQUAL = ["student.name=tiny_mlp", "teacher.name=tiny_mlp", "teacher.kwargs={hidd
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args, nproc=2, extra=()):
+def torchrun(*args, nproc=2, extra=(), cwd=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *extra, "-m", "qkd", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=cwd)
 
 
 def _last(run_dir):
@@ -165,9 +165,21 @@ def test_two_torchrun_nodes_on_loopback_form_one_run(tmp_path, two_process_run):
 
 
 @pytest.mark.torchrun
-def test_a_bad_run_under_torchrun_is_one_line_from_rank_0(tmp_path):
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--out", "afile", "--name", "x"], "is a file, not a folder"),
+        (["quant.wieght_bits=3"], "quant.wieght_bits: unknown key"),  # was printed by both ranks
+        ([*EQUAL, "data.batch_size=101"], "data.batch_size=101 is the global batch and must be a multiple of the 2"),
+    ],
+    ids=["out-is-a-file", "misspelt-key", "batch-not-divisible"],
+)
+def test_a_bad_run_under_torchrun_is_one_line_from_rank_0(tmp_path, args, needle):
+    """One line, from rank 0 alone, and no rank's traceback (the batch size gave two, 180 lines)."""
     (tmp_path / "afile").write_text("not a folder")
-    res = torchrun("run", "--out", str(tmp_path / "afile"), "--name", "x")
+    res = torchrun("run", *[str(tmp_path / a) if a == "afile" else a for a in args], cwd=tmp_path)
     assert res.returncode != 0
-    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("qkd: error")]
-    assert len(errors) == 1 and "is a file, not a folder" in errors[0], res.stderr[-2000:]
+    lines = (res.stdout + res.stderr).splitlines()
+    errors = [ln for ln in lines if ln.startswith("qkd: error")]
+    assert len(errors) == 1 and needle in errors[0], res.stderr[-2000:]
+    assert not any(ln.startswith("[rank") for ln in lines), res.stderr[-2000:]

@@ -164,7 +164,7 @@ def test_tensorboard_off_and_without_a_run_folder(tmp_path, caplog):
 def test_banner_says_what_the_run_will_do(tmp_path, caplog):
     train, val = _data()
     with caplog.at_level(logging.INFO, logger="qkd"):
-        qkd.fit(*_models(), train, val, out=tmp_path / "r", method="qkd", epochs=3, split=(1, 1, 1),
+        qkd.fit(*_models(), train, val, out=tmp_path / "r", method="qkd", epochs=3, split=(0.34, 0.33, 0.33),
                 runtime={"tensorboard": False}, device="cpu")  # fmt: skip
     banner = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("qkd "))
     lines = banner.splitlines()

@@ -356,12 +356,12 @@ def main() -> None:
     try:
         app()
     except QKDError as e:
-        from qkd.distributed import is_main_process, rank
+        from qkd.distributed import launch_rank
 
-        if is_main_process():
+        if launch_rank() == 0:
             typer.echo(f"qkd: error: {e}", err=True)
         elif not getattr(e, "reported_by_rank_0", False):  # a failure of this rank alone
-            typer.echo(f"qkd: error (rank {rank()}): {e}", err=True)
+            typer.echo(f"qkd: error (rank {launch_rank()}): {e}", err=True)
         else:  # leave rank 0 the time to say it before torchrun, seeing this rank exit, stops the others
             time.sleep(2)
         sys.exit(getattr(e, "exit_code", 2))

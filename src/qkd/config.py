@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qkd.data.options import DataOptions
 from qkd.distributed import DEVICES
-from qkd.errors import QKDError
+from qkd.errors import ConfigError, QKDError
 from qkd.phases import METHODS, Distill
 from qkd.quant import QuantConfig
 
@@ -113,7 +113,11 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description=f"{DEVICES}; auto is CUDA when present", json_schema_extra=WHERE)
     method: Method = "qkd"
     epochs: int = Field(20, ge=1, description="total budget shared by the method's phases")
-    split: tuple[float, float, float] = (0.15, 0.5, 0.35)
+    split: tuple[float, float, float] = Field(
+        (0.15, 0.5, 0.35),
+        description="the epochs' shares for self-study, co-study and tutoring (summing to 1); a method with fewer "
+        "phases shares the epochs among its own in the same proportions",
+    )
     phases: list[PhaseConfig] | None = Field(None, description="explicit phases; overrides method/epochs")
     quant: QuantConfig = Field(default_factory=QuantConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -132,8 +136,9 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_split(self) -> TrainConfig:
-        if any(s < 0 for s in self.split) or sum(self.split) <= 0:
-            raise ValueError("split must be three non-negative fractions (self-study, co-study, tutor)")
+        if any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ValueError(f"split must be three non-negative fractions of the epochs (self-study, co-study, "
+                             f"tutor) that sum to 1, e.g. [0.15, 0.5, 0.35]; these sum to {sum(self.split):g}")  # fmt: skip
         return self
 
 
@@ -213,7 +218,9 @@ def _read_yaml(source: str) -> dict[str, Any]:
     if not path.suffix and not path.exists():
         path = config_dir() / f"{source}.yaml"
     if not path.is_file():
-        raise QKDError(f"config '{source}' not found; give a YAML path or a preset: {', '.join(list_presets())}")
+        if source.split(".")[0] in RunConfig.model_fields:  # `qkd run epochs 5`: a setting without its "="
+            raise ConfigError(f"'{source}' is a setting, not a config: settings are key=value, e.g. {source}=VALUE")
+        raise ConfigError(f"config '{source}' not found; give a YAML path or a preset: {', '.join(list_presets())}")
     return read_mapping(path, f"config {path}")
 
 
@@ -224,22 +231,22 @@ def read_mapping(path: Path, what: str, hint: str = "") -> dict[str, Any]:
     except OSError as e:
         raise QKDError(f"cannot read {what}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise QKDError(f"{what} is not valid YAML: {str(e).splitlines()[0]}{hint}") from None
+        raise ConfigError(f"{what} is not valid YAML: {str(e).splitlines()[0]}{hint}") from None
     if not isinstance(data, dict):
-        raise QKDError(f"{what} must be a mapping of keys to values{hint}")
+        raise ConfigError(f"{what} must be a mapping of keys to values{hint}")
     return data
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
-        raise QKDError(f"override '{item}' must look like key=value, e.g. quant.weight_bits=2")
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. quant.weight_bits=2")
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise QKDError(f"override '{item}': '{part}' is not a section")
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
     node[leaf] = yaml.safe_load(raw) if raw else None
 
@@ -261,7 +268,7 @@ def build_config(data: dict[str, Any], kind: type[TrainConfig] = RunConfig) -> T
     try:
         return kind.model_validate(data)
     except ValidationError as e:
-        raise QKDError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e)) from None
 
 
 def load_config(source: str | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -116,6 +116,22 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def launch_rank() -> int:
+    """This process's rank, also before the group is joined (torchrun's ``RANK``): who reports an error."""
+    return rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+
+
+def local_batch(batch_size: int, world: int | None = None) -> int:
+    """This rank's share of the global batch ``data.batch_size``, refused (by rank 0, once) when not whole."""
+    world = world_size() if world is None else world
+    if batch_size % world:
+        error = QKDError(f"data.batch_size={batch_size} is the global batch and must be a multiple of the {world} "
+                         f"processes, e.g. data.batch_size={batch_size // world * world or world}")  # fmt: skip
+        error.reported_by_rank_0 = True  # every rank computes the same
+        raise error
+    return batch_size // world
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

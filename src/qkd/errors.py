@@ -5,6 +5,13 @@ class QKDError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits with status 2."""
 
 
+class ConfigError(QKDError):
+    """A config or override that is not valid. Every rank of a torchrun job reads the same command line and
+    fails alike, so rank 0 alone says it."""
+
+    reported_by_rank_0 = True
+
+
 class Diverged(QKDError):
     """Training diverged (a non-finite loss, or one far above its running level); the CLI exits with 3.
 

@@ -51,8 +51,9 @@ class DataOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
-        if not self.val_size > 0:
-            raise ValueError(f"data.val_size must be > 0 (a fraction < 1 or a count), got {self.val_size}")
+        if not self.val_size > 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise ValueError(f"data.val_size must be a fraction below 1 (e.g. 0.1) or a whole number of images "
+                             f"(e.g. 500), got {self.val_size}")  # fmt: skip
         if self.val_from not in ("train", "test"):
             raise ValueError(f"data.val_from must be train or test, got {self.val_from!r}")
         for name, value in (("limit", self.limit), ("train_limit", self.train_limit)):

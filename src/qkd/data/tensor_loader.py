@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from qkd.data.augment import crop_at, crop_offsets, flip_mask, flip_where, normalize_affine
+from qkd.distributed import local_batch
 
 __all__ = ["TensorLoader"]
 
@@ -51,9 +52,8 @@ class TensorLoader:
     ) -> None:
         _check_tensors(x, y, batch_size, len(mean))
         self.rank, self.world = shard
-        if self.world > 1 and shuffle and batch_size % self.world:
-            raise ValueError(f"the batch size {batch_size} (the global batch) must be a multiple of the "
-                             f"{self.world} processes")  # fmt: skip
+        if shuffle:
+            local_batch(batch_size, self.world)  # the global batch must split evenly
         self.device = torch.device(device)
         self.images = x.to(self.device)
         self.labels = y.to(self.device, torch.int64)
