@@ -153,7 +153,13 @@ Backend = Annotated[
         show_default=False,
     ),
 ]
-Verify = Annotated[int, typer.Option(help="Test images on which the export is checked against the trained model.")]
+Verify = Annotated[
+    int,
+    typer.Option(
+        help="Test images on which the export is checked against the trained model: 1 or more (a test split "
+        "holding fewer is checked whole)."
+    ),
+]
 
 
 TargetRole = Annotated[
@@ -287,9 +293,11 @@ def export(
     from qkd import trained
     from qkd.export import check_format, default_path, export_loaded
     from qkd.export.api import require_quantized
+    from qkd.export.verify import check_limit
     from qkd.report.summary import describe_loaded
 
     check_format(format, bake_preprocessing)  # before the run is read
+    check_limit(verify, "--verify")
     path = out or default_path(target, format, bake_preprocessing)
     r = trained.load_target(target, args, "cpu", "student", unfinished)
     require_quantized(r, target)

@@ -24,7 +24,7 @@ from qkd.export.contract import complete, raw_from_input, run_contract
 from qkd.export.grid import check_quantized
 from qkd.export.int_file import load_int, save_int
 from qkd.export.trace import to_int_program
-from qkd.export.verify import check_split, compare
+from qkd.export.verify import check_limit, check_split, compare
 from qkd.quant import dequantize_model
 
 # format -> file extension: packed integers; ONNX with QDQ nodes; ONNX with integer convolutions
@@ -120,6 +120,7 @@ def export_loaded(loaded: Any, fmt: str, path: str | Path, *, bake_preprocessing
                   verify: int | None = 1000) -> Exported:  # fmt: skip
     """Export a run's model read by ``pipeline.load_student`` with the run's contract; check it on ``verify``
     images of the test split against the trained model."""
+    check_limit(verify)  # before anything is written
     path = Path(path)
     split, images = check_split(loaded.data)
     contract = run_contract(loaded.cfg, loaded.data, loaded.where)
@@ -159,6 +160,7 @@ def export_run(
     from qkd import pipeline
     from qkd.checkpoint import load_checkpoint
 
+    check_limit(verify)  # before the run is read
     target = Path(target)
     ckpt = load_checkpoint(target) if target.is_file() else None  # read once, for its settings and weights
     cfg = pipeline.target_config(target, [*(overrides or []), "device=cpu"], ckpt)
