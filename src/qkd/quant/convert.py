@@ -69,8 +69,10 @@ class QuantConfig:
       practice); "same" uses ``weight_bits``/``act_bits`` there too, None keeps them float. A side
       whose ``weight_bits``/``act_bits`` is float stays float at the edges as well.
     - ``overrides``: module-name patterns (fnmatch, e.g. ``"layer3.*"``) mapped to
-      ``{"weight_bits": .., "act_bits": ..}``; later patterns win. A pattern must match at least one
-      Conv/Linear-like layer of the model (a typo is an error, not a silent no-op).
+      ``{"weight_bits": .., "act_bits": ..}``; later patterns win. ``"name.*"`` also matches a layer
+      called ``name`` itself (``"head.*"``: every layer in the head, or the head where it is one Linear).
+      A pattern must match at least one Conv/Linear-like layer of the model (a typo is an error, not a
+      silent no-op).
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
@@ -110,7 +112,7 @@ class QuantConfig:
             ab = None if ab is None else self.first_last_bits
             why = EDGE if self.first_last_bits is None and (wb, ab) != (self.weight_bits, self.act_bits) else why
         for pattern, bits in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
+            if matches(name, pattern):
                 wb, ab = bits.get("weight_bits", wb), bits.get("act_bits", ab)
                 why = f"override pattern '{pattern}' sets float" if None in bits.values() else why
         return wb, ab, why
@@ -122,6 +124,11 @@ class QuantConfig:
             QuantSpec(weight_bits, signed=True, per_channel=self.per_channel, **common),
             QuantSpec(act_bits, signed=None, per_channel=False, **common),
         )
+
+
+def matches(name: str, pattern: str) -> bool:
+    """An override ``pattern`` (fnmatch) matches the layer ``name``; ``"head.*"`` matches ``head`` itself too."""
+    return fnmatch.fnmatchcase(name, pattern) or (pattern.endswith(".*") and fnmatch.fnmatchcase(name, pattern[:-2]))
 
 
 def is_layer_like(module: nn.Module) -> bool:
@@ -183,7 +190,7 @@ def quantize_model(
 def _check_overrides(config: QuantConfig, names: list[str]) -> None:
     """Refuse an override pattern that matches no layer: a typo would otherwise change nothing."""
     for pattern in config.overrides:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        if not any(matches(n, pattern) for n in names):
             near = difflib.get_close_matches(pattern, names, n=4, cutoff=0.3) or names[:4]
             raise QKDError(
                 f"override pattern '{pattern}' matches no Conv/Linear layer; layers are named like {', '.join(near)}"
