@@ -183,3 +183,34 @@ def test_a_bad_run_under_torchrun_is_one_line_from_rank_0(tmp_path, args, needle
     errors = [ln for ln in lines if ln.startswith("qkd: error")]
     assert len(errors) == 1 and needle in errors[0], res.stderr[-2000:]
     assert not any(ln.startswith("[rank") for ln in lines), res.stderr[-2000:]
+
+
+def _fit_under_torchrun(out, stop_after=0, resume=False):
+    script = Path(__file__).parent / "torchrun_fit.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out),
+           str(stop_after), str(int(resume))]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.torchrun
+def test_fit_under_torchrun_with_distributed_samplers_reshuffles_counts_once_and_resumes_exactly(tmp_path):
+    """The README's recipe for ``qkd.fit`` under torchrun (issue 25): each epoch a new order, every validation
+    image counted once though the sampler repeats one to pad, and a stopped run resumed bit-identical."""
+    _fit_under_torchrun(tmp_path / "full")
+    drawn = json.loads((tmp_path / "full-drawn-rank0.json").read_text())
+    orders: dict[int, list[int]] = {}
+    for epoch, image in drawn:
+        orders.setdefault(epoch, []).append(image)
+    firsts = {tuple(images[:700]) for images in orders.values()}  # 700 images: one rank's pass
+    assert len(orders) >= 5 and len(firsts) == len(orders)  # before: one sampler epoch, one order, every pass
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    for stage in summary["stages"].values():  # correct / 397: counted over 398 images, no count is whole
+        assert abs(stage["val"] * 397 - round(stage["val"] * 397)) < 1e-6, stage["val"]
+    assert summary["stages"]["3_tutor"]["val"] > 0.5
+
+    _fit_under_torchrun(tmp_path / "part", stop_after=4)  # stopped in co-study, then resumed
+    _fit_under_torchrun(tmp_path / "part", resume=True)
+    assert _identical(_last(tmp_path / "full"), _last(tmp_path / "part"))
+    resumed = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert resumed["stages"]["3_tutor"]["val"] == summary["stages"]["3_tutor"]["val"]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qkd.distributed import all_sum, rank, world_size
+from qkd.distributed import all_sum, average_bn_statistics, rank, world_size
 from qkd.errors import Diverged, QKDError
 
 
@@ -169,6 +169,9 @@ def train_epoch(
             return None, EpochState(step + 1, total, right, n, time.perf_counter() - t0, torch.get_rng_state(), cuda)
     if guard is not None:
         guard.flush()
+    for model in (phase.student, phase.teacher):  # every rank ends the epoch with the same BatchNorm statistics
+        if model is not None:
+            average_bn_statistics(model)
     total, right, n = _global_sums(loss_sum, correct, seen)
     metrics = {"train_loss": total / max(n, 1), "train_acc": right / max(n, 1), "time_s": time.perf_counter() - t0,
                "num_classes": classes}  # fmt: skip
