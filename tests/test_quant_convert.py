@@ -271,7 +271,9 @@ def test_attention_projection_listed_float_and_single_layer_refused():
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 8)})
     quantize_model(model, W3A3)
     rows = {r["name"]: r["how"] for r in quantization_summary(model).rows}
-    assert rows == {"attn.out_proj": "float: nn.MultiheadAttention reads its weight directly, not through its forward",
+    assert rows == {"attn": "float: uses its own parameter 'in_proj_weight' directly; qkd quantizes "
+                            "nn.Conv2d/nn.Linear modules",  # the input projection: F.linear on its own weight
+                    "attn.out_proj": "float: nn.MultiheadAttention reads its weight directly, not through its forward",
                     "fc": "swapped"}  # fmt: skip
     with pytest.raises(QKDError, match="not one Linear"):
         quantize_model(nn.Linear(2, 2))

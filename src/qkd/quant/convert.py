@@ -21,6 +21,7 @@ import fnmatch
 import functools
 import inspect
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,11 @@ FILTERED = "excluded by filter_fn"
 EDGE = "first/last layer with first_last_bits=float"
 ALL_FLOAT = "weight_bits=float and act_bits=float"
 READ_DIRECTLY = "nn.MultiheadAttention reads its weight directly, not through its forward"
+MODEL_ITSELF = "(the model itself)"  # how a model that computes with its own weights is named
+ONLY_MODULES = "qkd quantizes nn.Conv2d/nn.Linear modules"
+# Modules whose parameters are no matmul/conv weights (scales, lookup tables): never a layer left float.
+NOT_MATMUL = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
+_FUNCTIONAL = re.compile(r"\b(?:F|functional|torch)\.(conv_transpose[123]d|conv[123]d|linear|bilinear)\s*\(")
 
 
 @dataclass
@@ -136,6 +142,50 @@ def is_layer_like(module: nn.Module) -> bool:
     return isinstance(module, LAYER_TYPES)
 
 
+def own_weight_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """``(name, why)`` of every module that computes with a weight of its own (``F.conv2d(x, self.weight)``,
+    ``F.linear``, ``nn.MultiheadAttention``'s input projection) rather than through a Conv/Linear layer: qkd
+    cannot quantize it, so it stays float. Normalisation layers and embeddings are not such modules."""
+    if is_layer_like(model):
+        return []
+    found, inside = [], None
+    for name, module in model.named_modules():  # depth first: a layer's submodules follow it
+        if inside is not None and name.startswith(inside):
+            continue  # a quantized layer's quantizers and parametrizations
+        if is_layer_like(module):
+            inside = f"{name}."
+            continue
+        why = _own_weight_reason(module)
+        if why is not None:
+            found.append((name, why))
+    return found
+
+
+def _own_weight_reason(module: nn.Module) -> str | None:
+    if isinstance(module, (*NOT_MATMUL, Quantizer)):
+        return None
+    weights = [n for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
+    if not weights:
+        return None
+    calls = _functional_calls(type(module))
+    if calls:
+        return f"computes with {', '.join(calls)} on its own parameters; {ONLY_MODULES}"
+    named = [n for n in weights if "weight" in n.lower() or "kernel" in n.lower()]
+    return f"uses its own parameter '{named[0]}' directly; {ONLY_MODULES}" if named else None
+
+
+@functools.cache
+def _functional_calls(cls: type[nn.Module]) -> list[str]:
+    """The conv/linear functions the source of ``cls`` calls (``F.conv2d``, ...); none where it has no source."""
+    found = set()
+    for c in cls.__mro__[: cls.__mro__.index(nn.Module)]:  # its own class and the user's bases
+        try:
+            found.update(_FUNCTIONAL.findall(inspect.getsource(c)))
+        except (OSError, TypeError):
+            pass
+    return [f"F.{name}" for name in sorted(found)]
+
+
 def default_filter(module: nn.Module, name: str) -> bool:
     """Select every Conv/Linear-like layer (any ``_ConvNd`` or ``nn.Linear``, subclasses included)."""
     return is_layer_like(module)
@@ -183,7 +233,7 @@ def quantize_model(
         if reason is not None:
             setattr(layer, FLOAT_REASON, reason)
             left_float.append((step.name, reason))
-    _warn_float(left_float)
+    _warn_float(left_float + [(n or MODEL_ITSELF, why) for n, why in own_weight_modules(model)])
     return model
 
 

@@ -1,4 +1,5 @@
-"""What quantize_model did to each Conv/Linear-like layer, as a table and as JSON-ready rows.
+"""What quantize_model did to each Conv/Linear-like layer (and which modules compute with weights of their own, so
+stay float), as a table and as JSON-ready rows.
 
 >>> summary = quantization_summary(quantize_model(model, QuantConfig(weight_bits=4, act_bits=4)))
 >>> print(summary)  # layer, type, weight/act bits, weight grid, how (swapped / in place / float: why)
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from qkd.quant.convert import is_layer_like
+from qkd.quant.convert import MODEL_ITSELF, is_layer_like, own_weight_modules
 from qkd.quant.modules import FLOAT_REASON, SWAPPED, is_quantized_layer
 from qkd.quant.quantizers import Quantizer
 
@@ -21,8 +22,9 @@ HEADERS = ("layer", "type", "weight", "act", "weight grid", "how")
 
 @dataclass
 class QuantSummary:
-    """One row per Conv/Linear-like layer: a dict with the keys of :data:`COLUMNS` (bits are ints, or
-    None for float; ``how`` is ``swapped``, ``in place`` or ``float: <reason>``)."""
+    """One row per Conv/Linear-like layer (and per module computing with a weight of its own, always float): a
+    dict with the keys of :data:`COLUMNS` (bits are ints, or None for float; ``how`` is ``swapped``, ``in place``
+    or ``float: <reason>``)."""
 
     rows: list[dict] = field(default_factory=list)
 
@@ -50,14 +52,20 @@ def _cell(value: object) -> str:
 
 
 def quantization_summary(model: nn.Module) -> QuantSummary:
-    """Every Conv/Linear-like layer of ``model``, quantized or left float, and how."""
-    return QuantSummary([_row(n, m) for n, m in model.named_modules() if n and is_layer_like(m)])
+    """Every Conv/Linear-like layer of ``model``, quantized or left float, and how; and every module that computes
+    with a weight of its own (``F.conv2d`` on its own parameters), which stays float."""
+    own = dict(own_weight_modules(model))
+    return QuantSummary([_row(n, m) if n not in own else _float_row(n or MODEL_ITSELF, m, own[n])
+                         for n, m in model.named_modules() if (n and is_layer_like(m)) or n in own])  # fmt: skip
+
+
+def _float_row(name: str, module: nn.Module, reason: str) -> dict:
+    return dict(zip(COLUMNS, (name, type(module).__name__, None, None, "", f"float: {reason}")))
 
 
 def _row(name: str, layer: nn.Module) -> dict:
     if not is_quantized_layer(layer):
-        reason = getattr(layer, FLOAT_REASON, "not quantized")
-        return dict(zip(COLUMNS, (name, type(layer).__name__, None, None, "", f"float: {reason}")))
+        return _float_row(name, layer, getattr(layer, FLOAT_REASON, "not quantized"))
     wq, aq = layer.weight_quant, layer.act_quant
     how = "swapped" if isinstance(layer, SWAPPED) else "in place"
     if wq.bits is None and aq.bits is None:
