@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qkd.errors import QKDError
-from qkd.train.batches import Batches, epoch_seed
+from qkd.train.batches import Batches, stage_seed
 
 
 def _loader(n: int, rank: int, world: int, shuffle: bool, batch_size: int = 50, **kw) -> DataLoader:
@@ -23,11 +23,11 @@ def _order(batches, seed: int) -> list[int]:
 
 def test_a_distributed_sampler_inside_a_dataloader_reshuffles_every_epoch_and_replays_each():
     batches = Batches(_loader(400, rank=0, world=2, shuffle=True))
-    orders = [_order(batches, epoch_seed(0, 1, e)) for e in range(1, 4)]
+    orders = [_order(batches, stage_seed(0, "s", e)) for e in range(1, 4)]
     assert len({tuple(o) for o in orders}) == 3  # a new order every epoch (on main: one order, the sampler's epoch 0)
-    assert _order(batches, epoch_seed(0, 1, 2)) == orders[1]  # the same epoch again (a resume): the same order
+    assert _order(batches, stage_seed(0, "s", 2)) == orders[1]  # the same epoch again (a resume): the same order
     other = Batches(_loader(400, rank=1, world=2, shuffle=True))
-    assert not set(_order(other, epoch_seed(0, 1, 2))) & set(orders[1])  # the ranks still split the images
+    assert not set(_order(other, stage_seed(0, "s", 2))) & set(orders[1])  # the ranks still split the images
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

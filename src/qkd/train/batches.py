@@ -2,11 +2,15 @@
 
 The global torch seed is set before each epoch (a ``DataLoader``'s shuffling and workers draw from it) and a
 source with ``set_epoch`` gets that seed too, so that an interrupted run resumes bit-identical on the CPU.
+A stage's seeds follow its name, not its place in the plan (:func:`stage_seed`): ``method=qat`` and
+``method=qkd`` with one seed train the same float student, whether a float teacher stage comes first or not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -15,13 +19,40 @@ from torch.utils.data import DistributedSampler
 
 from qkd.errors import QKDError
 
-#: the seed slot (in place of a stage's index) of the batches that initialise the quantizers
-CALIBRATION_STAGE = 999
+#: how runs seed their stages (``seeding`` in summary.json and in every snapshot): from each stage's name
+SEEDING = "stage-name"
+#: runs begun before it (their snapshots say nothing): from each stage's index; resumed as they began
+INDEX_SEEDING = "stage-index"
+#: what a stage draws before its first epoch (model changes, the quantizers' calibration batch)
+START = "start"
+CALIBRATION = "calibration"
 
 
-def epoch_seed(seed: int, stage: int, epoch: int) -> int:
-    """The seed of epoch ``epoch`` of stage ``stage`` in a run seeded ``seed``."""
-    return (seed * 1_000_003 + stage * 10_007 + epoch) % (2**31)
+def stage_seed(seed: int, stage: str, draw: int | str, occurrence: int = 1) -> int:
+    """The seed of ``draw`` (an epoch, or :data:`START`) of the stage named ``stage`` in a run seeded ``seed``: a
+    stable hash of all four, the same whatever stages come before it. ``occurrence`` tells apart stages of one
+    name in a plan (the second of two ``fp_student`` stages is 2)."""
+    text = json.dumps([seed, stage, occurrence, draw])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % (2**31)
+
+
+def index_seed(seed: int, index: int, draw: int | str) -> int | None:
+    """The seed of ``draw`` of the stage at ``index`` as runs begun before :data:`SEEDING` drew it (None: that
+    scheme did not reseed there), so that such a run resumes bit-identical to its uninterrupted twin."""
+    if draw == START:
+        return None
+    index, epoch = (999, 0) if draw == CALIBRATION else (index, draw)
+    return (seed * 1_000_003 + index * 10_007 + epoch) % (2**31)
+
+
+def run_seed(scheme: str, seed: int, keys: list[str], i: int, draw: int | str) -> int | None:
+    """The seed of ``draw`` of stage ``i`` (of a plan whose stage names are ``keys``) under ``scheme``. The
+    quantizers' calibration batch is one per run, whichever stage quantizes: every method draws it alike."""
+    if scheme == INDEX_SEEDING:
+        return index_seed(seed, i, draw)
+    if draw == CALIBRATION:
+        return stage_seed(seed, "", CALIBRATION)
+    return stage_seed(seed, keys[i], draw, keys[: i + 1].count(keys[i]))
 
 
 class Batches:
@@ -30,7 +61,7 @@ class Batches:
     the source's own, or ``steps`` for sources without one.
 
     >>> batches = Batches(train_loader)
-    >>> for x, y in batches.epoch(epoch_seed(0, stage=1, epoch=3)): ...
+    >>> for x, y in batches.epoch(stage_seed(0, "1_self_study", draw=3)): ...
     """
 
     def __init__(self, source: Any, steps: int | None = None, what: str = "train") -> None:

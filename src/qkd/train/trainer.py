@@ -3,8 +3,8 @@
 Works on any ``nn.Module`` student and teacher and any iterable of ``(x, y)`` batches (the CLI's config path
 builds them by name, then runs this same trainer). An interrupted run resumes from its last checkpoint and,
 with the same seed on the CPU, ends bit-identical to an uninterrupted run: every epoch's randomness comes
-from (seed, stage, epoch) (:mod:`~qkd.train.batches`); the run state, resuming and the measurements each
-have their own module."""
+from (seed, stage name, epoch), and what a stage draws before its first epoch from (seed, stage name)
+(:mod:`~qkd.train.batches`); the run state, resuming and the measurements each have their own module."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -26,7 +27,7 @@ from qkd.errors import Diverged, QKDError
 from qkd.phases import PHASES, Phase
 from qkd.quant.ste import use_kernel_backend
 from qkd.train import live, rundir
-from qkd.train.batches import CALIBRATION_STAGE, Batches, epoch_seed
+from qkd.train.batches import CALIBRATION, INDEX_SEEDING, SEEDING, START, Batches, run_seed
 from qkd.train.loop import DivergenceGuard, EpochState, Runtime, train_epoch
 from qkd.train.measure import EvalFn, Measurements, split_figures, summary
 from qkd.train.optim import build_optimizer, build_scheduler
@@ -119,6 +120,7 @@ class Trainer:
         self.partial: EpochState | None = None  # where a stopped epoch stands
         self.events: live.Events | None = None  # TensorBoard, on rank 0 while fit runs
         self.stop = StopRequest()
+        self.seeding = SEEDING  # a resumed run's own (restore)
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         """On the device, in the layout; with ``runtime.sync_bn``, BatchNorm over the global batch (torchrun)."""
@@ -157,13 +159,15 @@ class Trainer:
         while self.state.stage < len(self.stages):
             i = self.state.stage
             stage = self.stages[i]
+            resumed = self.state.epoch > 0 or self.partial is not None
+            if not resumed:  # what the stage draws before its first epoch: from its name, whatever came before
+                self._reseed(i, START)
             if stage.quantized and not self.state.student_quantized:
                 if self.cfg.runtime.eval == "full":
                     self.measure.float_results(self.state.results, self.student, self.teacher)
                 self._quantize_student()
                 if self.events is not None:
                     self.events.quantized(i, self.student)
-            resumed = self.state.epoch > 0 or self.partial is not None
             self._run_stage(i, stage, optim_state if resumed else None)
             optim_state = None
 
@@ -210,7 +214,18 @@ class Trainer:
             self._quantize_student(calibrate_batch=False)
         self.state, self.measure.teacher_before, self.partial, optim = read_snapshot(
             ckpt, self.student, self.teacher, self.run_dir)  # fmt: skip
+        self.seeding = ckpt.get("seeding", INDEX_SEEDING)  # a run begun before stage-name seeds keeps its own
         return optim
+
+    def _seed(self, i: int, draw: int | str) -> int | None:
+        """The seed of ``draw`` (an epoch, ``START`` or ``CALIBRATION``) of stage ``i``, under the run's scheme."""
+        return run_seed(self.seeding, self.cfg.seed, [s.key for s in self.stages], i, draw)
+
+    def _reseed(self, i: int, draw: str) -> None:
+        """The global torch RNG from stage ``i``'s seed of ``draw`` (where the run's scheme has one)."""
+        seed = self._seed(i, draw)
+        if seed is not None:
+            torch.manual_seed(seed)
 
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
         layers = quantize_student(self.student, self.cfg.quant, self.rt)
@@ -220,7 +235,7 @@ class Trainer:
         if calibrate_batch:
             if is_main_process():
                 log.info("student layers (also in quantization.json):\n%s", layers)
-            batches = self.train.epoch(epoch_seed(self.cfg.seed, CALIBRATION_STAGE, 0))
+            batches = self.train.epoch(self._seed(self.state.stage, CALIBRATION))
             calibrate_student(self.student, self.cfg.quant, self.rt, batches)
         self.state.student_quantized = True
 
@@ -270,7 +285,7 @@ class Trainer:
     def _run_epoch(self, i: int, stage: Stage, epoch: int, phase: Phase, trained: nn.Module, scheds: list,
                    guard: DivergenceGuard, bar: tqdm) -> bool:  # fmt: skip
         """One epoch (or the rest of a stopped one); False when it stopped early on request."""
-        batches = self.train.epoch(epoch_seed(self.cfg.seed, i, epoch))
+        batches = self.train.epoch(self._seed(i, epoch))
         start, self.partial = self.partial, None
         bar.set_description_str(f"{stage.key} epoch {epoch + 1}/{stage.epochs}", refresh=False)
         try:
@@ -342,8 +357,10 @@ class Trainer:
             "result": result,
             "qkd": self._meta(),
         }
+        snapshot = self._snapshot({"partial": None})
+        boundary[rundir.SNAPSHOT] = snapshot  # resumable from here should last.pt and previous.pt both be damaged
         self._save(boundary, f"{stage.key}.pt")
-        self._save(self._snapshot({"partial": None}), "last.pt")
+        self._save(snapshot, "last.pt")
 
     def _measure_agreement(self, stage: Stage, when: str) -> dict | None:
         previous = self.stages[self.state.stage - 1].key
@@ -381,6 +398,7 @@ class Trainer:
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "teacher_before": before.state_dict() if before is not None else None,
             **(extra or {}),
+            "seeding": self.seeding,
             "qkd": self._meta(),
         }
 
@@ -395,4 +413,5 @@ class Trainer:
 
     def summary(self) -> dict:
         """The run's summary as it stands (``summary.json`` at the end)."""
-        return summary(self.cfg, self.state, self.describe, self.run_dir, self.rt, self.layers)
+        return {**summary(self.cfg, self.state, self.describe, self.run_dir, self.rt, self.layers),
+                "seeding": self.seeding}  # fmt: skip
