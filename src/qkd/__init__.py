@@ -13,32 +13,19 @@ Or only the quantization, for your own training loop:
 >>> student = qkd.quantize_model(my_float_model, qkd.QuantConfig(weight_bits=4, act_bits=4))
 """
 
-import sys
-
-from qkd import distributed
 from qkd._version import __version__
-from qkd.config import TrainConfig
-from qkd.errors import Diverged, QKDError, Stopped
-from qkd.phases import Distill
-from qkd.quant import QuantConfig, quantization_disabled, quantization_summary, quantize_model
-from qkd.train import METHODS, FitResult, Trainer, fit
+from qkd.lazy import keep_old_paths, lazy_names
+
+# Read on first use: `import qkd` (and the command line's --help and refusals) imports no torch before it must.
+__getattr__, _names = lazy_names(__name__, {
+    "config": ("TrainConfig",),
+    "errors": ("Diverged", "QKDError", "Stopped"),
+    "methods": ("Distill", "METHODS"),
+    "quant": ("QuantConfig", "quantization_disabled", "quantization_summary", "quantize_model"),
+    "train": ("FitResult", "Trainer", "fit"),
+    "distributed": (),
+})  # fmt: skip
+__all__ = [*_names, "__version__"]
 
 # qkd.dist: the old name of qkd.distributed (it read as "distillation"), kept for old imports
-dist = sys.modules.setdefault("qkd.dist", distributed)
-
-__all__ = [
-    "METHODS",
-    "Distill",
-    "Diverged",
-    "FitResult",
-    "QKDError",
-    "QuantConfig",
-    "Stopped",
-    "TrainConfig",
-    "Trainer",
-    "__version__",
-    "fit",
-    "quantization_disabled",
-    "quantization_summary",
-    "quantize_model",
-]
+keep_old_paths(__name__, {"dist": ("distributed",)})

@@ -10,15 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qkd.data.options import DataOptions
-from qkd.distributed import DEVICES
 from qkd.errors import ConfigError, QKDError
-from qkd.phases import METHODS, Distill
+from qkd.methods import METHODS, Distill
 from qkd.quant import QuantConfig
+
+DEVICES = "auto, cpu, cuda, cuda:N (GPU number N) or mps"
 
 PhaseName = Literal["self_study", "co_study", "tutor"]
 
@@ -128,6 +128,8 @@ class TrainConfig(_Strict):
     @classmethod
     def _check_device(cls, value: str) -> str:
         if value != "auto":
+            import torch  # here, not above: reading a config needs no torch
+
             try:
                 torch.device(value)
             except RuntimeError:
@@ -137,8 +139,9 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check_split(self) -> TrainConfig:
         if any(s < 0 for s in self.split) or abs(sum(self.split) - 1) > 1e-6:
-            raise ValueError(f"split must be three non-negative fractions of the epochs (self-study, co-study, "
-                             f"tutor) that sum to 1, e.g. [0.15, 0.5, 0.35]; these sum to {sum(self.split):g}")  # fmt: skip
+            raise ValueError(f"split must be three non-negative fractions of the epochs (self-study, "
+                             f"co-study, tutor) that sum to 1, e.g. [0.15, 0.5, 0.35]; these sum to "
+                             f"{sum(self.split):g}")  # fmt: skip
         return self
 
 

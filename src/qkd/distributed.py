@@ -17,10 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qkd.config import DEVICES
 from qkd.errors import QKDError
-
-DEVICES = "auto, cpu, cuda, cuda:N (GPU number N) or mps"
-
 
 T = TypeVar("T")
 

@@ -2,37 +2,18 @@
 
 A phase holds the student, the teacher and their optimizers, and knows one training step. The loop
 only calls ``train_mode()`` and ``step(x, y)``; the trainer builds the optimizers. Baselines are the
-same phases in other orders (``METHODS``, planned by :mod:`qkd.train.stages`).
+same phases in other orders (``METHODS`` in :mod:`qkd.methods`, planned by :mod:`qkd.train.stages`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from qkd.losses import cross_entropy, distillation_loss
-
-
-@dataclass
-class Distill:
-    """The distillation loss ``CE + alpha * T^2 * KL(p_teacher || p_student)``: ``temperature`` T, weight ``alpha``.
-
-    Also the ``distill`` section of a run config (pydantic validates this dataclass there).
-    """
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    temperature: float = 2.0
-    alpha: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+from qkd.methods import METHODS, Distill
 
 
 class Phase:
@@ -121,11 +102,4 @@ class Tutor(Phase):
 
 PHASES: dict[str, type[Phase]] = {p.name: p for p in (SelfStudy, CoStudy, Tutor)}
 
-#: Methods are phase lists; the budget is split by the spec's 15/50/35 proportions, renormalised.
-METHODS: dict[str, tuple[str, ...]] = {
-    "qkd": ("self_study", "co_study", "tutor"),
-    "qat": ("self_study",),
-    "kd": ("tutor",),
-    "ss+tu": ("self_study", "tutor"),
-    "cs+tu": ("co_study", "tutor"),
-}
+__all__ = ["METHODS", "PHASES", "CoStudy", "Distill", "Phase", "SelfStudy", "Tutor"]

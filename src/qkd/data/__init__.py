@@ -6,8 +6,10 @@ the validation split, limits and statistics, ``factory`` user factories by impor
 and ``augment`` the in-memory loader, ``jpeg`` the tensor decoders.
 """
 
-from qkd.data.options import DataBundle, DataOptions
-from qkd.data.sources import build_data, list_datasets
-from qkd.data.tensor_loader import TensorLoader
+from qkd.lazy import lazy_names
 
-__all__ = ["DataBundle", "DataOptions", "TensorLoader", "build_data", "list_datasets"]
+__getattr__, __all__ = lazy_names(__name__, {
+    "options": ("DataBundle", "DataOptions"),
+    "sources": ("build_data", "list_datasets"),
+    "tensor_loader": ("TensorLoader",),
+})  # fmt: skip

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 #: ``data.decode``: how image folders are decoded (the other sources are decoded once, into memory)
 DECODE_MODES = ("pil", "cpu", "cuda")
@@ -87,5 +89,11 @@ class DataBundle:
 class SourceOptions(DataOptions):
     """What a source is built from: the data options, where the loaders serve from (device), their seed."""
 
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: _cpu())
     seed: int = 0
+
+
+def _cpu() -> torch.device:
+    import torch  # here, not above: the data options are read with the config, which needs no torch
+
+    return torch.device("cpu")

@@ -14,13 +14,7 @@ the targets :mod:`~qkd.export.int_file` (+ :mod:`~qkd.export.int_runtime`, ``pac
 Names are imported on first use, so ``import qkd.export`` stays cheap (onnx only with an ONNX format).
 """
 
-from __future__ import annotations
-
-import importlib
-import sys
-from importlib.abc import Loader, MetaPathFinder
-from importlib.machinery import ModuleSpec
-from typing import Any
+from qkd.lazy import keep_old_paths, lazy_names
 
 _PUBLIC = {
     "api": ("EXTENSIONS", "FORMATS", "Exported", "check_format", "default_path", "export_loaded", "export_run",
@@ -36,8 +30,7 @@ _PUBLIC = {
     "trace": ("to_int_program", "to_real_program"),
     "program": ("OPS",),
 }  # fmt: skip
-_WHERE = {name: module for module, names in _PUBLIC.items() for name in names}
-__all__ = sorted(_WHERE)
+__getattr__, __all__ = lazy_names(__name__, _PUBLIC)
 
 # The old module paths, each an alias holding the public names of the modules that replaced it.
 OLD_PATHS = {
@@ -47,32 +40,4 @@ OLD_PATHS = {
     "intengine": ("int_runtime", "fixedpoint"),
     "onnx": ("onnx_qdq",),
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-class _OldPaths(MetaPathFinder, Loader):
-    """Imports ``qkd.export.<old>`` (:data:`OLD_PATHS`) as a module of the new modules' public names."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
-        package, _, old = fullname.rpartition(".")
-        return ModuleSpec(fullname, self) if package == __name__ and old in OLD_PATHS else None
-
-    def create_module(self, spec: ModuleSpec) -> None:
-        return None
-
-    def exec_module(self, module: Any) -> None:
-        new = [f"{__name__}.{m}" for m in OLD_PATHS[module.__name__.rpartition(".")[2]]]
-        module.__doc__ = f"The old path of {', '.join(new)}, kept for old imports."
-        for name in new:
-            module.__dict__.update({k: v for k, v in vars(importlib.import_module(name)).items() if k[0] != "_"})
-
-
-if not any(isinstance(f, _OldPaths) for f in sys.meta_path):
-    sys.meta_path.append(_OldPaths())
+keep_old_paths(__name__, OLD_PATHS)
