@@ -13,6 +13,7 @@ $(BIN)/qkd: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip uninstall --quiet --yes qkd 2>/dev/null || true  # this project's name before it became qkd-distill
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -60,3 +60,21 @@ def test_int_file_example_gives_the_runs_accuracy(demo_run, monkeypatch, capsys)
     top1 = float(out[-1].split()[-1])
     assert accuracy > 0.8 and abs(top1 - accuracy) <= 1 / 360 + 1e-9
     assert top1 == evaluate_export(root / "runs/demo/export/student-int.safetensors")["top1"]
+
+
+def test_every_install_line_installs_this_project_by_its_own_name():
+    """PyPI's ``qkd`` is another project: ``pip install 'qkd[...]'`` installed it (issue 25, item 7)."""
+    import tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "qkd-distill"
+    extras = set(project["optional-dependencies"])
+    lines = re.findall(r"pip install ([^\n#`]+)", README.read_text())
+    assert lines
+    for line in lines:
+        target = line.split()[-1].strip("'\"")
+        name, _, extra = target.partition("[")
+        if name in (".", "-e"):
+            name = "."
+        assert name in (".", "qkd-distill", "tensorboard"), line  # this checkout, our name, or a plain extra
+        assert set(extra.rstrip("]").split(",")) - {""} <= extras, line
