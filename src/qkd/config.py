@@ -88,7 +88,7 @@ class RuntimeConfig(_Strict):
     tensorboard: Literal["auto", True, False] = Field(
         "auto",
         description="TensorBoard events in <run folder>/tensorboard: auto = when the tensorboard package is "
-        "installed (pip install 'qkd[tensorboard]'), true = required, false = off",
+        "installed (pip install tensorboard), true = required, false = off",
         json_schema_extra=WHERE,
     )
 

@@ -52,7 +52,7 @@ def create_model(name: str, num_classes: int | None = 10, offered: dict[str, Any
     """Build a model by name; bad names or arguments become a QKDError rather than a traceback.
 
     ``name`` is a registered model (``qkd list``), ``timm:<name>`` (timm installed: ``pip install
-    qkd[timm]``), or a factory by import path, ``mypkg.nets:build``. ``num_classes`` (unless None) and
+    timm``), or a factory by import path, ``mypkg.nets:build``. ``num_classes`` (unless None) and
     ``kwargs`` are passed; ``offered`` keywords (e.g. ``in_channels``) only where the function takes them.
     """
     if name.startswith("timm:"):
@@ -73,7 +73,7 @@ def _create_timm(name: str, num_classes: int | None, **kwargs: Any) -> nn.Module
     try:
         import timm
     except ImportError:
-        raise QKDError(f"model 'timm:{name}' needs timm: pip install 'qkd[timm]'") from None
+        raise QKDError(f"model 'timm:{name}' needs timm: pip install timm") from None
     if not timm.is_model(name):
         raise QKDError(f"timm has no model '{name}' (timm.list_models() lists them)")
     if kwargs.get("pretrained"):

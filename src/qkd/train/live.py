@@ -1,7 +1,7 @@
 """What someone watching a run sees: a start-up banner, one progress bar per stage, TensorBoard events.
 
 All of it on rank 0 only. Bars show on an interactive terminal only (a log file keeps one line per
-epoch). TensorBoard is an optional extra (``pip install 'qkd[tensorboard]'``); ``runtime.tensorboard``
+epoch). TensorBoard is an optional extra (``pip install tensorboard``); ``runtime.tensorboard``
 (``auto``, ``true``, ``false``) decides whether ``<run folder>/tensorboard/`` is written.
 """
 
@@ -32,7 +32,7 @@ from qkd.train.state import RunState
 
 log = logging.getLogger("qkd")
 
-INSTALL = "pip install 'qkd[tensorboard]'"
+INSTALL = "pip install tensorboard"
 FOLDER = "tensorboard"  # inside the run folder
 #: per-epoch scalars: TensorBoard tag -> key of the trainer's epoch record
 EPOCH_TAGS = {"train/loss": "train_loss", "train/acc": "train_acc", "train/lr": "lr", "val/acc": "val_acc",
