@@ -7,13 +7,15 @@ import os
 import pytest
 import torch
 
-from helpers import TINY, qkd_in_process
+import qkd
+from helpers import FIT_SETTINGS, TINY, StopAfter, UserNet, digits_loaders, qkd_in_process, same_weights, user_models
 from qkd import checkpoint
 from qkd.checkpoint import load_checkpoint, save_checkpoint
 from qkd.errors import QKDError
 
-WRITER_FAILED = ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
-                 "file write failed")
+WRITER_FAILED = (
+    "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+)
 
 
 class FailingWriter:
@@ -104,3 +106,46 @@ def test_a_run_whose_disk_fills_stops_in_one_line_and_resumes(tmp_path, monkeypa
     monkeypatch.undo()
     res = qkd_in_process("run", "--resume", str(tmp_path / "r"))
     assert res.returncode == 0, res.stderr
+
+
+def _damage(path) -> bytes:
+    """Cut ``path`` to half its length (a copy cut short); its bytes after."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path.read_bytes()
+
+
+def test_a_damaged_last_checkpoint_is_never_kept_over_the_intact_previous_one(tmp_path, caplog, one_thread):
+    train, val = digits_loaders()
+    ckpts = tmp_path / "r" / "checkpoints"
+
+    def fit(stop_after: int, resume: bool = False):
+        with pytest.raises(KeyboardInterrupt):
+            qkd.fit(UserNet(8), None, train, val, method="qat", epochs=3, out=tmp_path / "r", resume=resume,
+                    on_epoch_end=StopAfter(stop_after))  # fmt: skip
+
+    fit(2)
+    damaged, intact = _damage(ckpts / "last.pt"), (ckpts / "previous.pt").read_bytes()
+    fit(1, resume=True)  # resumes from previous.pt, trains an epoch and saves it as last.pt
+    assert (ckpts / "previous.pt").read_bytes() == intact  # not replaced by the damaged last.pt
+    assert (ckpts / "last.pt.damaged").read_bytes() == damaged  # kept for a look, out of the rotation
+    assert "resuming from previous.pt" in caplog.text and "kept as last.pt.damaged" in caplog.text
+    assert load_checkpoint(ckpts / "last.pt")["epoch"] == 2
+
+
+def test_with_last_and_previous_damaged_the_run_resumes_exactly_from_the_latest_stage(tmp_path, full_fit, caplog):
+    train, val = digits_loaders()
+    student, teacher = user_models()
+    with pytest.raises(KeyboardInterrupt):  # 3 + 3 float epochs, 1_self_study's one, one into 2_co_study
+        qkd.fit(student, teacher, train, val, out=tmp_path / "r", on_epoch_end=StopAfter(8), **FIT_SETTINGS)
+    for name in ("last.pt", "previous.pt"):
+        _damage(tmp_path / "r" / "checkpoints" / name)
+    student, teacher = user_models()
+    resumed = qkd.fit(student, teacher, train, val, out=tmp_path / "r", resume=True, **FIT_SETTINGS)
+    assert "resuming from 1_self_study.pt (the start of 2_co_study) instead: the epochs trained after" in caplog.text
+    assert same_weights(resumed.student.state_dict(), full_fit[0].student.state_dict())
+    assert same_weights(resumed.teacher.state_dict(), full_fit[0].teacher.state_dict())
+    assert _untimed(resumed.summary["stages"]) == _untimed(full_fit[0].summary["stages"])
+
+
+def _untimed(stages: dict) -> dict:
+    return {k: {f: v for f, v in s.items() if f != "wall_s"} for k, s in stages.items()}

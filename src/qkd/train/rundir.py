@@ -154,27 +154,65 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     write_text("".join(json.dumps(r) + "\n" for r in history), run_dir / "metrics.jsonl")
 
 
+#: the key of a stage-boundary checkpoint (``<stage>.pt``) that holds the run as ``last.pt`` held it then (less
+#: the optimizer state, which the next stage makes anew): where ``last.pt`` and ``previous.pt`` are both damaged,
+#: the run resumes from the latest stage boundary
+SNAPSHOT = "snapshot"
+DAMAGED = ".damaged"  # the suffix a damaged snapshot is kept under, out of the rotation into previous.pt
+
+
 def last_intact_checkpoint(run_dir: Path) -> dict | None:
-    """The newest readable, checksum-valid snapshot (``last.pt``, else ``previous.pt``), or None where the run
-    saved none yet. Temporary files of a write that was cut short are removed."""
+    """The newest readable, checksum-valid snapshot (``last.pt``, else ``previous.pt``, else the latest stage
+    boundary's), or None where the run saved none yet. Temporary files of a write that was cut short are removed.
+    A damaged ``last.pt`` or ``previous.pt`` is kept as ``last.pt.damaged``: the next save keeps the ``last.pt``
+    it replaces as ``previous.pt``, and must never keep a damaged one there in place of an intact one."""
     ckpts = run_dir / "checkpoints"
     for tmp in ckpts.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-    problems = []
-    for name in ("last.pt", PREVIOUS):
-        if not (ckpts / name).is_file():
-            continue
-        try:
-            ckpt = load_checkpoint(ckpts / name)
-        except QKDError as e:
-            problems.append(str(e))
-            continue
-        if problems:
-            log.warning("%s; resuming from %s (%s) instead", problems[0], name, ckpt.get("qkd", {}).get("position"))
-        return ckpt
+    problems: dict[str, str] = {}  # damaged file name -> what is wrong with it
+    found = next((c for c in (_snapshot(ckpts / n, problems) for n in ("last.pt", PREVIOUS)) if c), None)
+    if found is None and problems:
+        found = _stage_snapshot(run_dir, problems)
     if problems:
-        raise QKDError(f"{'; '.join(problems)}; no intact checkpoint is left: start the run again (--overwrite)")
+        _set_aside(ckpts, problems, found)
+    return found[1] if found is not None else None
+
+
+def _snapshot(path: Path, problems: dict[str, str]) -> tuple[str, dict] | None:
+    """``(file name, snapshot)`` of an intact file; None where there is none (what is wrong added to ``problems``)."""
+    if not path.is_file():
+        return None
+    try:
+        return path.name, load_checkpoint(path)
+    except QKDError as e:
+        problems[path.name] = str(e)
+        return None
+
+
+def _stage_snapshot(run_dir: Path, problems: dict[str, str]) -> tuple[str, dict] | None:
+    """The snapshot in the latest intact stage-boundary checkpoint that holds one (those written before they
+    held it have the stage's model alone), as ``(file name, snapshot)``; None where no such file is left."""
+    for stage in reversed(saved_stages(run_dir) or []):
+        found = _snapshot(run_dir / "checkpoints" / f"{stage.key}.pt", problems)
+        if found is not None and SNAPSHOT in found[1]:
+            return found[0], found[1][SNAPSHOT]
     return None
+
+
+def _set_aside(ckpts: Path, problems: dict[str, str], found: tuple[str, dict] | None) -> None:
+    """Say in one line what is damaged and what the run resumes from, and keep the damaged snapshots as
+    ``<name>.damaged``; refuse, changing nothing, where no intact snapshot is left."""
+    said = "; ".join(problems.values())
+    if found is None:
+        raise QKDError(f"{said}; no intact checkpoint is left: start the run again (--overwrite)")
+    name, snapshot = found
+    where = snapshot.get("qkd", {}).get("position")
+    lost = "" if name in ("last.pt", PREVIOUS) else ": the epochs trained after that stage boundary are trained again"
+    rotated = [n for n in ("last.pt", PREVIOUS) if n in problems]
+    for n in rotated:
+        os.replace(ckpts / n, ckpts / f"{n}{DAMAGED}")
+    kept = f"; the damaged {' and '.join(rotated)} kept as {' and '.join(n + DAMAGED for n in rotated)}"
+    log.warning("%s; resuming from %s (%s) instead%s%s", said, name, where, lost, kept if rotated else "")
 
 
 def clear_exports(run_dir: Path) -> None:
