@@ -8,7 +8,17 @@ import pytest
 import torch
 
 import qkd
-from helpers import FIT_SETTINGS, TINY, StopAfter, UserNet, digits_loaders, qkd_in_process, same_weights, user_models
+from helpers import (
+    FIT_SETTINGS,
+    TINY,
+    StopAfter,
+    UserNet,
+    copy_run,
+    digits_loaders,
+    qkd_in_process,
+    same_weights,
+    user_models,
+)
 from qkd import checkpoint
 from qkd.checkpoint import load_checkpoint, save_checkpoint
 from qkd.errors import QKDError
@@ -149,3 +159,21 @@ def test_with_last_and_previous_damaged_the_run_resumes_exactly_from_the_latest_
 
 def _untimed(stages: dict) -> dict:
     return {k: {f: v for f, v in s.items() if f != "wall_s"} for k, s in stages.items()}
+
+
+def test_a_finished_run_resumed_with_a_changed_setting_is_refused_in_one_line(demo_run, tmp_path):
+    """Printing the results as if it had trained with ``optim.lr=0.01`` would be silently wrong: refused (exit 2),
+    the folder as it was; a setting that says where (``device``) changes nothing and is let through."""
+    run_dir = copy_run(demo_run[1], tmp_path)
+    before = {p.name: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "summary.json")}
+    res = qkd_in_process("run", "--resume", str(run_dir), "optim.lr=0.01")
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == (f"qkd: error: cannot resume {run_dir} with optim.lr 0.05 -> "
+                         "0.01: the run is finished, so the change would have no effect; qkd run --resume "
+                         f"{run_dir} alone reports its results; to train with it, start a new run (another --name or "
+                         "--out)")  # fmt: skip
+    assert "Traceback" not in res.stderr
+    assert {p: (run_dir / p).read_bytes() for p in before} == before
+    res = qkd_in_process("run", "--resume", str(run_dir), "device=cpu")
+    assert res.returncode == 0 and "after 1_self_study" in res.stdout, res.stderr

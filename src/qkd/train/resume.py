@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
+from qkd.config import where_settings
 from qkd.distributed import is_main_process
 from qkd.errors import Diverged, QKDError, Stopped
 from qkd.train import rundir
@@ -40,10 +41,25 @@ def check_same_settings(run_dir: Path, record: dict, stages: list[Stage]) -> dic
 
 def record_changes(state: RunState, changes: dict[str, tuple], where: str, run_dir: Path) -> None:
     """Say which settings a resume changed (``{key: (old, new)}``), and keep them in ``state.changes``."""
-    text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
     if is_main_process():
-        log.info("resuming %s with changed settings (from %s): %s", run_dir, where, text)
+        log.info("resuming %s with changed settings (from %s): %s", run_dir, where, _listed(changes))
     state.changes.append({"from": where, "changed": {k: list(v) for k, v in changes.items()}})
+
+
+def refuse_changes_when_finished(run_dir: Path, record: dict, changes: dict[str, tuple]) -> None:
+    """A finished run trains no more: a resume that changes what it would train with (``optim.lr=...``) is refused,
+    not reported as if it had trained so; settings that say where (a device, a data folder) may differ."""
+    what = {k: v for k, v in changes.items() if not rundir.matches(k, where_settings())}
+    if what:
+        python = record.get("created_by") == rundir.PYTHON_API
+        new_run = "another out=..." if python else "another --name or --out"
+        raise QKDError(f"cannot resume {run_dir} with {_listed(what)}: the run is finished, so the change would have "
+                       f"no effect; {resume_hint(run_dir, record)} alone reports its results; to train with it, start "
+                       f"a new run ({new_run})")  # fmt: skip
+
+
+def _listed(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
 
 
 def load_optim_state(optimizers: dict, schedulers: list, saved: dict) -> None:

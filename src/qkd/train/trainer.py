@@ -39,6 +39,7 @@ from qkd.train.resume import (
     position,
     read_snapshot,
     record_changes,
+    refuse_changes_when_finished,
     stopped,
 )
 from qkd.train.stages import Stage, method_name, plan
@@ -191,6 +192,8 @@ class Trainer:
                 rundir.write_settings(self.run_dir, self.record, self.stages)
             if is_main_process():
                 rundir.clear_exports(self.run_dir)
+        else:
+            refuse_changes_when_finished(self.run_dir, self.record, changes)
         return optim_state
 
     def _start_live(self, writer: type | None, resumed: bool) -> None:
