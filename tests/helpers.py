@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import qkd
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 SHARED_DATA = Path(os.environ.get("QKD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # A run small enough for unit tests: digits, a few epochs per stage.
@@ -92,6 +94,12 @@ def qkd_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedP
                 if getattr(sys.modules[name], "__file__", "") and str(cwd) in (sys.modules[name].__file__ or ""):
                     del sys.modules[name]
     return subprocess.CompletedProcess(["qkd", *args], code, out.getvalue(), err.getvalue())
+
+
+def readme_block(needle: str) -> str:
+    """The one Python example of the README that contains ``needle``."""
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if needle in b]
+    return block
 
 
 def copy_run(run_dir: Path, to: Path) -> Path:

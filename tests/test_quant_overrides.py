@@ -1,18 +1,13 @@
 """quantize_model's override patterns (issue 25, item 3): ``"name.*"`` names a layer called ``name`` too, the same
 from Python and from a run config's ``quant.overrides``."""
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
 import qkd
-from helpers import UserNet, digits_loaders
+from helpers import UserNet, digits_loaders, readme_block
 from qkd.errors import QKDError
 from qkd.models import create_model
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _bits(model: torch.nn.Module, name: str) -> tuple[int | None, int | None]:
@@ -22,7 +17,7 @@ def _bits(model: torch.nn.Module, name: str) -> tuple[int | None, int | None]:
 
 def test_readme_override_example_sets_a_single_linear_head():
     """The README's {"head.*": ...} on a network whose head is one nn.Linear was refused as matching no layer."""
-    (example,) = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "overrides=" in b]
+    example = readme_block("quantize_model(")
     x = torch.zeros(2, 1, 8, 8)
     scope = {"qkd": qkd, "my_float_model": UserNet(8), "train_loader": digits_loaders()[0], "x": x}
     exec(compile(example, "README.md", "exec"), scope)

@@ -11,7 +11,7 @@ from torch import nn
 
 from qkd.build import build_model, data_for, load_run_config
 from qkd.checkpoint import load_checkpoint
-from qkd.config import RunConfig, build_config, load_config, where_settings, with_overrides
+from qkd.config import RunConfig, TrainConfig, build_config, load_config, where_settings, with_overrides
 from qkd.data import DataBundle
 from qkd.distributed import resolve_device
 from qkd.errors import QKDError
@@ -56,20 +56,25 @@ class LoadedModel:
 
 #: what eval and export may change in a checkpoint's own settings: where and how it runs, not what it is
 EVAL_CHANGES = ("runtime.", *where_settings())
+#: what a qkd.fit run did not record (the user's Python objects) and eval and export take by import path
+FIT_GIVEN = ("student.", "teacher.", "data.")
 
 
-def target_config(target: str | Path, overrides: list[str] | None = None, ckpt: dict | None = None) -> RunConfig:
+def target_config(target: str | Path, overrides: list[str] | None = None, ckpt: dict | None = None,
+                  role: str | None = None) -> RunConfig:  # fmt: skip
     """The settings of a run folder or checkpoint file: its own (a checkpoint carries them). ``key=value``
-    overrides may change where and how it runs (device, data location, runtime); any other is refused."""
+    overrides may change where and how it runs (device, data location, runtime); any other is refused. A
+    :func:`qkd.fit` run recorded no model or data: ``overrides`` name them (``student.name=mynets:build
+    data.name=mynets:loaders``, ``teacher.name`` for ``role="teacher"``)."""
     target = Path(target)
     if not target.exists():
         raise QKDError(f"{target} is neither a run folder nor a checkpoint file")
     folder = target if target.is_dir() else _run_folder_of(target)
     meta = None if target.is_dir() else (ckpt if ckpt is not None else load_checkpoint(target)).get("qkd")
+    saved = meta["config"] if meta is not None else rundir.read_config(folder) if folder is not None else {}
+    if saved.get("created_by") == rundir.PYTHON_API:
+        return _fit_run_config(saved, overrides or [], target, role or "student")
     if meta is not None:
-        if meta["config"].get("created_by") == rundir.PYTHON_API:
-            raise QKDError(f"{target} was written by qkd.fit with your own model and data; load it in Python "
-                           "(torch.load, then load_state_dict into your quantized model)")  # fmt: skip
         cfg = build_config(meta["config"])
     elif folder is not None:
         cfg = load_run_config(folder)
@@ -82,13 +87,27 @@ def target_config(target: str | Path, overrides: list[str] | None = None, ckpt: 
     return _with_eval_changes(cfg, overrides or [], target)
 
 
-def _with_eval_changes(cfg: RunConfig, overrides: list[str], target: Path) -> RunConfig:
+def _fit_run_config(saved: dict, overrides: list[str], target: Path, role: str) -> RunConfig:
+    """A qkd.fit run's own training settings, with the model and data that ``overrides`` name by import path
+    (``student.name=mynets:build data.name=mynets:loaders``): qkd.fit had them as Python objects."""
+    named = {o.partition("=")[0] for o in overrides}
+    missing = [k for k in (f"{role}.name", "data.name") if k not in named]
+    if missing:
+        raise QKDError(f"{target} was written by qkd.fit with your own model and data, which it cannot record: give "
+                       f"{' and '.join(missing)} by import path (a function that builds the {role} as you passed it "
+                       f"to qkd.fit, one that returns your loaders), e.g. qkd eval {target} {role}.name=mynets:{role} "
+                       "data.name=mynets:loaders (qkd export takes the same)")  # fmt: skip
+    own = build_config({k: v for k, v in saved.items() if k in TrainConfig.model_fields})
+    return _with_eval_changes(own, overrides, target, free=FIT_GIVEN)
+
+
+def _with_eval_changes(cfg: RunConfig, overrides: list[str], target: Path, free: tuple[str, ...] = ()) -> RunConfig:
     if overrides and "=" not in overrides[0]:
         raise QKDError(f"{target} carries its own config; drop '{overrides[0]}' (only key=value changes of device, "
                        "data location or runtime are taken)")  # fmt: skip
     new = with_overrides(cfg, overrides)
     changed = rundir.changed_settings(cfg.model_dump(mode="json"), new.model_dump(mode="json"))
-    refused = [k for k in changed if not rundir.matches(k, EVAL_CHANGES)]
+    refused = [k for k in changed if not rundir.matches(k, EVAL_CHANGES + free)]
     if refused:
         k = refused[0]
         raise QKDError(f"{target} was trained with {k}={changed[k][0]}, not {changed[k][1]}: drop that override "
@@ -186,7 +205,7 @@ def load_target(target: Path, overrides: list[str] | None, device: str | None, r
     if role not in (None, "teacher", "student"):
         raise QKDError(f"--role must be teacher or student, not '{role}'")
     ckpt = load_checkpoint(target) if target.is_file() else None  # read once, for its settings and weights
-    cfg = target_config(target, list(overrides or []) + [f"device={device}"] * bool(device), ckpt)
+    cfg = target_config(target, list(overrides or []) + [f"device={device}"] * bool(device), ckpt, role)
     return load_trained(cfg, target, role=role, unfinished=unfinished, ckpt=ckpt)
 
 

@@ -8,9 +8,10 @@ difference are reported (:mod:`qkd.export.verify`).
 
 from __future__ import annotations
 
-import copy
 import io
+import re
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +26,31 @@ from qkd.export.grid import check_quantized
 from qkd.export.int_file import load_int, save_int
 from qkd.export.trace import to_int_program
 from qkd.export.verify import check_limit, check_split, compare
-from qkd.quant import dequantize_model
+from qkd.quant import quantizers
 
 # format -> file extension: packed integers; ONNX with QDQ nodes; ONNX with integer convolutions
 EXTENSIONS = {"int": "safetensors", "onnx": "onnx", "onnx-int": "onnx"}
 FORMATS = tuple(EXTENSIONS)
+_PARAMETRIZED = re.compile(r"parametrizations\.(\w+)\.original$")  # a layer quantized in place: its float weight
 
 
 def float_checkpoint_bytes(student: nn.Module) -> int:
-    """Size of the same network saved as a plain float32 state dict (the usual checkpoint)."""
-    plain = dequantize_model(copy.deepcopy(student).cpu())
+    """Size of the same network saved as a plain float32 state dict (the usual checkpoint): ``student``'s state
+    without its quantizers. Read from its state dict, not a dequantized copy: a deep copy shares the class torch
+    makes for a layer quantized in place, and undoing the copy's quantization took ``weight`` off the original."""
+    state, inside = student.state_dict(), tuple(f"{name}." for name, _ in quantizers(student))
+    kept = [(_PARAMETRIZED.sub(r"\1", k), v.cpu()) for k, v in state.items() if not k.startswith(inside)]
+    plain = OrderedDict(kept)
+    plain._metadata = OrderedDict(_float_modules(state._metadata, inside))  # type: ignore[attr-defined]
     buf = io.BytesIO()
-    torch.save(plain.state_dict(), buf)
+    torch.save(plain, buf)
     return buf.tell()
+
+
+def _float_modules(metadata: dict, inside: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """A state dict's per-module versions, but those of quantizers and parametrizations."""
+    kept = [k for k in metadata if not f"{k}.".startswith(inside) and "parametrizations" not in k.split(".")]
+    return [(k, metadata[k]) for k in kept]
 
 
 def export_student(
