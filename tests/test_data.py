@@ -400,3 +400,37 @@ def test_npz_of_undecoded_jpegs_decodes_to_the_same_pixels(tmp_path: Path) -> No
     np.savez(tmp_path / "bad-test.npz", jpeg=np.zeros(10, np.uint8), offsets=np.array([0, 10]), y=np.zeros(1))
     with pytest.raises(QKDError, match="bad-train.npz: expected uint8 x"):
         build_data("npz", str(tmp_path / "bad-train.npz"))
+
+
+class RandomCrops(torch.utils.data.Dataset):
+    """Items made with torch's generator, as the random crops and flips of a streamed training set are."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return torch.rand(2), i
+
+
+def test_stream_loader_without_workers_draws_its_crops_from_the_pass_seed_alone() -> None:
+    """With ``data.num_workers=0`` the crops come from the pass's seed, whatever torch's generator holds and
+    whatever training draws from it between batches: a resumed run repeats the uninterrupted one's crops."""
+    from qkd.data import stream
+
+    def passes(global_seed: int, seed: int = 7) -> list[list]:
+        loader = stream.StreamLoader(RandomCrops(), batch_size=4, shuffle=True, num_workers=0,
+                                     device=torch.device("cpu"), seed=seed)  # fmt: skip
+        torch.manual_seed(global_seed)
+        out = []
+        for _ in range(2):  # two passes, the second at the next seed, as epochs are
+            out.append([])
+            for x, y in loader:
+                out[-1].append((x, y))
+                torch.rand(global_seed + 1)  # training draws from the same generator between batches
+        return out
+
+    first, again = passes(0), passes(123)
+    assert all(torch.equal(a, b) for p, q in zip(first, again) for ba, bb in zip(p, q) for a, b in zip(ba, bb))
+    resumed = passes(5, seed=8)[0]  # the second pass alone, from its seed, in a fresh loader
+    assert all(torch.equal(a, b) for ba, bb in zip(first[1], resumed) for a, b in zip(ba, bb))
+    assert not torch.equal(first[0][0][0], first[1][0][0])  # each pass its own crops

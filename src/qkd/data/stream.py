@@ -27,7 +27,8 @@ class StreamLoader:
     """A ``DataLoader`` that behaves like :class:`TensorLoader`: batches on ``device``, ``set_epoch``.
 
     Seeding the loader's generator per pass fixes the shuffle order and the worker seeds (hence the
-    random transforms when ``num_workers > 0``), so streamed training also resumes reproducibly.
+    random transforms when ``num_workers > 0``; without workers they draw from a random state begun from the
+    pass's seed), so streamed training also resumes reproducibly.
     ``collate_fn`` and ``finish`` (``finish(x, device)`` makes the batch of images from what the workers
     collated, in this process: ``data.decode=cuda``) change what travels from the workers.
     """
@@ -82,13 +83,32 @@ class StreamLoader:
         self._generator.manual_seed(seed)
         if hasattr(self._sampler, "set_epoch"):
             self._sampler.set_epoch(seed)
-        return self._moved(iter(self._loader))
+        batches = iter(self._loader)
+        return self._moved(batches if self._loader.num_workers else _drawn_apart(batches, seed))
 
     def _moved(self, batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in batches:
             if self._finish is not None:
                 x = self._finish(x, self.device)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _drawn_apart(batches: Iterator, seed: int) -> Iterator:
+    """The batches of a loader without workers, each made under a random state of its own, begun from the pass's
+    ``seed`` and carried from batch to batch. The random transforms (crops, flips) draw from torch's generator,
+    which training in this process draws from too, and which a resumed run has in another state: the crops would
+    not follow the seed, and a resumed run would not repeat the uninterrupted one. (Workers seed theirs from the
+    loader's generator, seeded with the pass's seed.)"""
+    start = int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0])  # apart from the shuffle's seed
+    state = torch.Generator().manual_seed(start).get_state()
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)
+            batch = next(batches, None)
+            state = torch.get_rng_state()
+        if batch is None:
+            return
+        yield batch
 
 
 def _shard_sampler(n: int, shuffle: bool, seed: int) -> torch.utils.data.Sampler | None:
