@@ -21,7 +21,9 @@ def build_model(mcfg: ModelConfig, data: DataBundle) -> nn.Module:
     if data.num_classes is None and not is_import_path(mcfg.name):
         raise QKDError(f"model '{mcfg.name}' needs the number of classes, which the data factory does not give; "
                        "return num_classes from it, or name a model factory by import path")  # fmt: skip
-    model = create_model(mcfg.name, data.num_classes, offered={"in_channels": data.in_channels}, **mcfg.kwargs)
+    kwargs = dict(mcfg.kwargs)
+    classes = kwargs.pop("num_classes", data.num_classes)  # the config's own count wins; the run's check compares
+    model = create_model(mcfg.name, classes, offered={"in_channels": data.in_channels}, **kwargs)
     if mcfg.checkpoint:
         load_pretrained(model, mcfg.checkpoint)
     return model

@@ -22,6 +22,7 @@ from qkd.config import ModelConfig, RunConfig, with_overrides
 from qkd.distributed import on_main, setup
 from qkd.errors import QKDError
 from qkd.train import rundir
+from qkd.train.precheck import check_first_batch
 from qkd.train.stages import Stage, float_stage, plan
 from qkd.train.trainer import EpochHook, Trainer
 from qkd.trained import (
@@ -72,7 +73,8 @@ def model_float_stage(cfg: RunConfig, role: str) -> Stage:
 
 def trainer_for(cfg: RunConfig, run_dir: Path | None, stages: list[Stage] | None = None,
                 on_epoch_end: EpochHook | None = None) -> Trainer:  # fmt: skip
-    """Data and models built from ``cfg``, in a trainer writing to ``run_dir`` (nothing written yet)."""
+    """Data and models built from ``cfg``, in a trainer writing to ``run_dir`` (nothing written yet); one batch
+    has been through the models (:func:`~qkd.train.precheck.check_first_batch`)."""
     stages = stages if stages is not None else run_plan(cfg)
     setup(cfg.device)  # under torchrun: join the group before the data is built, so that it is sharded
     data = data_for(cfg)
@@ -83,9 +85,11 @@ def trainer_for(cfg: RunConfig, run_dir: Path | None, stages: list[Stage] | None
                 "data": {"mean": _listed(data.mean), "std": _listed(data.std), "num_classes": data.num_classes,
                          "in_channels": data.in_channels, "image_size": data.image_size,
                          "batch_size": cfg.data.batch_size}}  # fmt: skip
-    return Trainer(student, teacher, data.train, data.val, data.test, config=cfg.train_config(), stages=stages,
-                   out=run_dir, on_epoch_end=on_epoch_end, describe=describe,
-                   record=cfg.model_dump(mode="json"))  # fmt: skip
+    trainer = Trainer(student, teacher, data.train, data.val, data.test, config=cfg.train_config(), stages=stages,
+                      out=run_dir, on_epoch_end=on_epoch_end, describe=describe,
+                      record=cfg.model_dump(mode="json"))  # fmt: skip
+    check_first_batch(trainer)  # one batch through both models: a mistake is one line, before any training
+    return trainer
 
 
 def _listed(values) -> list | None:

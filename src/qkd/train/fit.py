@@ -8,13 +8,11 @@ from typing import Any
 from torch import nn
 
 from qkd.config import TrainConfig, build_config
-from qkd.errors import QKDError
 from qkd.quant import QuantConfig
 from qkd.train.measure import EvalFn
+from qkd.train.precheck import check_first_batch, check_models, float_training
 from qkd.train.stages import plan
 from qkd.train.trainer import EpochHook, FitResult, Trainer
-
-PRETRAIN_LR = 0.05  # as a model config's float training
 
 
 def fit(
@@ -53,12 +51,10 @@ def fit(
     ...                  quant=qkd.QuantConfig(weight_bits=4, act_bits=4), out="runs/mine")
     >>> result.summary["stages"]["3_tutor"]["val"], result.student   # accuracy, the low-bit model
     """
+    check_models(student, teacher)
     cfg = build_config({"method": method, "epochs": epochs, "quant": quant or QuantConfig(), **settings}, TrainConfig)
-    floats = {role: v if isinstance(v, tuple) else (v, PRETRAIN_LR) for role, v in (pretrain or {}).items()}
-    unknown = set(floats) - {"teacher", "student"}
-    if unknown:
-        raise QKDError(f"pretrain takes 'teacher' and 'student', not {sorted(unknown)}")
-    trainer = Trainer(student, teacher, train, val, test, config=cfg, stages=plan(cfg, floats), out=out,
-                      evaluate=evaluate,
+    trainer = Trainer(student, teacher, train, val, test, config=cfg, stages=plan(cfg, float_training(pretrain)),
+                      out=out, evaluate=evaluate,
                       on_epoch_end=on_epoch_end, steps_per_epoch=steps_per_epoch)  # fmt: skip
+    check_first_batch(trainer)  # one batch through both models: a common mistake is one line, before any training
     return trainer.fit(resume=resume, overwrite=overwrite)
