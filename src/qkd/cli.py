@@ -168,13 +168,14 @@ TargetRole = Annotated[
 Unfinished = Annotated[
     bool, typer.Option(help="Use the model of a run that has not finished, as it is now (say so in what you report).")
 ]
-Target = Annotated[Path, typer.Argument(help="A run folder or a checkpoint file (it carries its settings).")]
+FIT_RUN = " A qkd.fit run takes its model and data by import path: student.name=mymod:fn data.name=mymod:fn."
+Target = Annotated[Path, typer.Argument(help="A run folder or a checkpoint file (it carries its settings)." + FIT_RUN)]
 EvalTarget = Annotated[
     Path,
     typer.Argument(
         help="A run folder, a checkpoint file, or a file written by qkd export (student-int.safetensors, "
         "student-onnx.onnx, student-onnx-int.onnx, or any --out name): that very file is evaluated on its run's "
-        "test split, the images prepared as its metadata says."
+        "test split, the images prepared as its metadata says." + FIT_RUN
     ),
 ]
 
