@@ -1,9 +1,11 @@
-"""data.decode for image folders: pil (torchvision's PIL recipe), cpu (torchvision.io and tensor crops in the
-workers) and cuda (workers read files and draw crops; the batch is decoded and cropped where the loader serves),
-whose batch path is run here on the CPU: it must give what the cpu mode gives, tensor for tensor."""
+"""data.decode for image folders: pil (torchvision's PIL recipe), cpu (TorchCodec's decoders, else torchvision.io's,
+and tensor crops in the workers) and cuda (workers read files and draw crops; the batch is decoded and cropped where
+the loader serves), whose batch path is run here on the CPU: it must give what the cpu mode gives, tensor for
+tensor. nvJPEG itself (decode=cuda on a GPU) cannot run here."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +176,6 @@ def test_export_of_a_gpu_decoded_run_evaluates_on_the_cpu(folder: Path) -> None:
 
 def test_a_batch_the_gpu_decoder_refuses_is_decoded_on_the_cpu(folder: Path, monkeypatch, caplog) -> None:
     """If decode_jpeg fails on a batch (nvJPEG and an unusual JPEG), the same images come from the CPU, said once."""
-    import torchvision.io
-
     items = [jpeg.Prepare(train=False)(str(f)) for f in sorted(folder.rglob("*.jpg"))]
     assert any(it.data.dim() == 1 for it in items)
     mean, std, cpu = sources.IMAGENET_MEAN, sources.IMAGENET_STD, torch.device("cpu")
@@ -184,7 +184,8 @@ def test_a_batch_the_gpu_decoder_refuses_is_decoded_on_the_cpu(folder: Path, mon
     def refuses(*args, **kwargs):
         raise RuntimeError("\nnvjpeg: unsupported\nmore detail")
 
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses)
+    chosen = jpeg.decoder()
+    monkeypatch.setattr(jpeg, "decoder", lambda: chosen._replace(jpegs=refuses))
     monkeypatch.setattr(jpeg, "_fallback_logged", False)
     with caplog.at_level("WARNING", logger="qkd"):
         assert torch.equal(jpeg.finish_batch(items, cpu, mean, std), expected)
@@ -192,3 +193,72 @@ def test_a_batch_the_gpu_decoder_refuses_is_decoded_on_the_cpu(folder: Path, mon
     assert [r.getMessage() for r in caplog.records] == [
         "decode_jpeg on cpu failed for a batch (nvjpeg: unsupported): such batches decode on the CPU"
     ]
+
+
+def _pil_rgb(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+
+def _decode_every_file(folder: Path) -> list[torch.Tensor]:
+    """Every file of the tree through decode=cpu's decoding and decode=cuda's batch step (on the CPU), with
+    DeprecationWarnings raised as errors; decode=cpu's images, each checked against PIL's."""
+    import warnings
+
+    files = sorted(folder.rglob("*.*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        decoded = [jpeg.decode_cpu(jpeg.read(str(f)), str(f)) for f in files]
+        items = [jpeg.Prepare(train=False)(str(f)) for f in files]
+        jpeg.finish_batch(items, torch.device("cpu"), sources.IMAGENET_MEAN, sources.IMAGENET_STD)
+    assert all((d.int() - _pil_rgb(f).int()).abs().max() <= 1 for d, f in zip(decoded, files, strict=True))
+    return decoded
+
+
+@pytest.fixture
+def fresh_decoder():
+    """The decoder chosen anew in the test, and again after it."""
+    jpeg.decoder.cache_clear()
+    yield
+    jpeg.decoder.cache_clear()
+
+
+def test_decoding_is_torchcodecs_not_torchvisions_deprecated_decoders(folder: Path, monkeypatch, fresh_decoder):
+    """torchvision 0.29 deprecates torchvision.io's decoders for TorchCodec's: with TorchCodec installed (the dev
+    extra), neither mode calls torchvision's, no DeprecationWarning is raised, and every file's pixels are PIL's
+    within one grey level (CMYK, grayscale and RGBA included)."""
+    pytest.importorskip("torchcodec.decoders")
+    import torchvision.io
+
+    def deprecated(*args, **kwargs):
+        raise AssertionError("torchvision.io's deprecated decoder was called")
+
+    for name in ("decode_image", "decode_jpeg"):
+        monkeypatch.setattr(torchvision.io, name, deprecated)
+    assert jpeg.decoder().name == "torchcodec"
+    _decode_every_file(folder)
+
+
+def test_without_torchcodec_torchvision_decodes_the_same_pixels_and_says_why_once(folder: Path, monkeypatch,
+                                                                                   fresh_decoder, caplog):  # fmt: skip
+    """TorchCodec not installed (or built for another torch): torchvision.io's decoders give the same pixels,
+    their deprecation warnings hidden and the reason said once, in one line."""
+    import torchvision
+
+    expected = _decode_every_file(folder) if jpeg.decoder().name == "torchcodec" else None
+    jpeg.decoder.cache_clear()
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # import torchcodec: ImportError
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    with caplog.at_level("WARNING", logger="qkd"):
+        decoded = _decode_every_file(folder)
+        _bundle(folder, "cpu")
+    assert jpeg.decoder().name == "torchvision"
+    assert expected is None or all(torch.equal(a, b) for a, b in zip(decoded, expected, strict=True))
+    deprecated = tuple(int(v) for v in torchvision.__version__.split(".")[:2]) >= (0, 29)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == int(deprecated) and all("\n" not in m for m in said)
+    if deprecated:
+        assert said[0].startswith("data.decode: TorchCodec's image decoders are not available (import of torchcodec")
+        assert "pip install torchcodec" in said[0]

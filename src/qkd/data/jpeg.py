@@ -1,13 +1,17 @@
-"""Image files to normalised 224 px batches with torchvision's decoders and tensor transforms.
+"""Image files to normalised 224 px batches with TorchCodec's image decoders and torchvision's tensor transforms.
 
 Behind ``data.decode`` for image folders (``pil``, the default, is torchvision's PIL recipe in
 :mod:`qkd.data.sources`):
 
-- ``cpu``: the loader workers decode each file with ``torchvision.io`` and crop it with tensor ops
-  (:class:`DecodeHere`);
+- ``cpu``: the loader workers decode each file and crop it with tensor ops (:class:`DecodeHere`);
 - ``cuda``: the workers only read each file and draw its crop (:class:`Prepare`); the main process decodes
-  the batch's JPEGs at once with nvJPEG (``torchvision.io.decode_jpeg(list, device="cuda")``), then crops,
-  resizes, flips and normalises on the GPU (:func:`finish_batch`).
+  the batch's JPEGs at once with nvJPEG (``decode_jpeg(list, device="cuda")``), then crops, resizes, flips and
+  normalises on the GPU (:func:`finish_batch`).
+
+The decoders are TorchCodec's (``torchcodec.decoders``, 0.16 and later: no FFmpeg needed for images; it needs
+torch 2.11 or later), which torchvision 0.29 recommends in place of its own. Where TorchCodec is not installed
+or does not load, ``torchvision.io``'s decoders do the same work (the same pixels: TorchCodec's are torchvision's,
+moved), their per-call deprecation warnings hidden and the reason said once in the log (:func:`decoder`).
 
 Both finish through the same :func:`finish_batch`, on whatever device it is given, so the GPU path's logic is
 the CPU path's. The crop is drawn from the image size with torchvision's own ``RandomResizedCrop.get_params``
@@ -18,7 +22,7 @@ bilinear and antialiased, as PIL's are (in the tests, the pixels match PIL's to 
 a little more).
 
 Files that are not plain RGB JPEGs (PNG, grayscale or CMYK JPEG, ...) are decoded on the CPU, in the worker:
-with ``torchvision.io.decode_image`` where it reads the format, else with Pillow (BMP, TIFF), always to RGB.
+with the decoder's ``decode_image`` where it reads the format, else with Pillow (BMP, TIFF), always to RGB.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import functools
 import io
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -68,9 +72,53 @@ def file_path(path: str) -> str:
     return path
 
 
+class Decoder(NamedTuple):
+    """The image decoders of ``data.decode``: ``image`` (1-D uint8 bytes of any format it reads -> uint8 RGB
+    [N]CHW; RuntimeError or ValueError where it does not read it) and ``jpegs`` (a list of JPEGs -> uint8 RGB CHW
+    on ``device``, at once: nvJPEG on a GPU); ``name`` says whose they are."""
+
+    name: str
+    image: Callable[[Tensor], Tensor]
+    jpegs: Callable[[list[Tensor], torch.device], list[Tensor]]
+
+
+@functools.cache
+def decoder() -> Decoder:
+    """TorchCodec's decoders where TorchCodec is installed and loads beside this torch, else torchvision's
+    (said once in the log where torchvision deprecates them, as 0.29 does)."""
+    try:
+        from torchcodec.decoders import decode_image, decode_jpeg
+    except (ImportError, OSError, RuntimeError) as e:  # not installed, or built for another torch
+        return _torchvision_decoder(next(iter(str(e).splitlines()), type(e).__name__))
+    return Decoder("torchcodec", lambda data: decode_image(data, mode="RGB"),
+                   lambda data, device: decode_jpeg(data, mode="RGB", device=device))  # fmt: skip
+
+
+def _torchvision_decoder(why: str) -> Decoder:
+    """torchvision.io's decoders, their deprecation warning (one at every call) hidden: said once here instead."""
+    import torchvision
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    if tuple(int(v) for v in torchvision.__version__.split(".")[:2]) >= (0, 29):
+        log.warning("data.decode: TorchCodec's image decoders are not available (%s); decoding with torchvision.io, "
+                    "whose decoders torchvision %s deprecates for TorchCodec's (the same pixels): pip install "
+                    "torchcodec, with torch 2.11 or later", why, torchvision.__version__)  # fmt: skip
+
+    def image(data: Tensor) -> Tensor:
+        with _quiet():
+            return decode_image(data, ImageReadMode.RGB)
+
+    def jpegs(data: list[Tensor], device: torch.device) -> list[Tensor]:
+        with _quiet():
+            return decode_jpeg(data, ImageReadMode.RGB, device=device)
+
+    return Decoder("torchvision", image, jpegs)
+
+
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """torchvision 0.29 deprecates its decoders (for TorchCodec) with a warning at every call: not ours to show."""
+    """torchvision 0.29 deprecates its decoders (for TorchCodec) with a warning at every call: said once instead,
+    where :func:`decoder` falls back to them."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
         yield
@@ -83,16 +131,13 @@ def read(path: str) -> Tensor:
 
 
 def decode_cpu(data: Tensor, path: str = "image") -> Tensor:
-    """An encoded image (1-D uint8) to uint8 RGB CHW on the CPU: ``torchvision.io.decode_image`` (JPEG, PNG,
-    WebP, GIF: first frame), else Pillow for the formats torchvision does not read (BMP, TIFF, ...)."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    with _quiet():
-        try:
-            image = decode_image(data, ImageReadMode.RGB)
-            return image[0] if image.dim() == 4 else image  # an animated GIF: its first frame, as Pillow gives
-        except RuntimeError:  # a format torchvision does not read
-            pass
+    """An encoded image (1-D uint8) to uint8 RGB CHW on the CPU: the :func:`decoder`'s ``decode_image`` (JPEG,
+    PNG, WebP, GIF: first frame), else Pillow for the formats it does not read (BMP, TIFF, ...)."""
+    try:
+        image = decoder().image(data)
+        return image[0] if image.dim() == 4 else image  # an animated GIF: its first frame, as Pillow gives
+    except (RuntimeError, ValueError):  # a format the decoder does not read
+        pass
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -100,7 +145,7 @@ def decode_cpu(data: Tensor, path: str = "image") -> Tensor:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
             return pil_to_tensor(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
-        raise QKDError(f"{path}: neither torchvision nor Pillow can decode it ({e})") from None
+        raise QKDError(f"{path}: neither {decoder().name} nor Pillow can decode it ({e})") from None
 
 
 def draw_crop(image) -> Crop:
@@ -153,16 +198,13 @@ def _decode_jpegs(items: list[Item], device: torch.device) -> list[Tensor]:
     """JPEG bytes to uint8 RGB CHW on ``device``, all in one call; if that fails (nvJPEG cannot read one of
     them), each on the CPU and moved, said once in the log."""
     global _fallback_logged
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with _quiet():
-        try:
-            return decode_jpeg([it.data for it in items], ImageReadMode.RGB, device=device)
-        except RuntimeError as e:
-            if not _fallback_logged:
-                _fallback_logged = True
-                first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-                log.warning("decode_jpeg on %s failed for a batch (%s): such batches decode on the CPU", device, first)
+    try:
+        return decoder().jpegs([it.data for it in items], device)
+    except RuntimeError as e:
+        if not _fallback_logged:
+            _fallback_logged = True
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            log.warning("decode_jpeg on %s failed for a batch (%s): such batches decode on the CPU", device, first)
     return [decode_cpu(it.data, it.path).to(device) for it in items]
 
 
@@ -172,6 +214,7 @@ class Prepare:
 
     def __init__(self, train: bool) -> None:
         self.train = train
+        decoder()  # chosen (and a fallback said) here, in the main process
 
     def __call__(self, path: str) -> Item:
         from PIL import Image, UnidentifiedImageError
@@ -191,6 +234,7 @@ class DecodeHere:
 
     def __init__(self, train: bool, mean: Sequence[float], std: Sequence[float]) -> None:
         self.train, self.mean, self.std = train, tuple(mean), tuple(std)
+        decoder()  # chosen (and a fallback said) here, in the main process
 
     def __call__(self, path: str) -> Tensor:
         image = decode_cpu(read(path), path)

@@ -26,9 +26,10 @@ class DataOptions:
       normalisation (None: the source's own); ``augment``: random crop and flip where the source allows them;
       ``download``: fetch when you have a network; ``num_workers``: loader processes for streamed images.
     - ``decode``: how image folders (``imagefolder``, the one streamed source) decode and crop: ``pil`` (PIL and
-      torchvision's transforms in the loader workers), ``cpu`` (``torchvision.io`` decoders and tensor crops in
-      the workers, faster), ``cuda`` (the workers read the files and draw the crops; the batch is decoded with
-      nvJPEG and cropped on the GPU; needs the run on CUDA). Every mode draws the same crops from the same seed.
+      torchvision's transforms in the loader workers), ``cpu`` (TorchCodec's decoders, else ``torchvision.io``'s,
+      and tensor crops in the workers, faster), ``cuda`` (the workers read the files and draw the crops; the
+      batch is decoded with nvJPEG and cropped on the GPU; needs the run on CUDA). Every mode draws the same
+      crops from the same seed.
     - ``limit``: at most this many images per split (quick runs); ``train_limit``: for the training split
       alone (val/test whole).
     """
