@@ -17,7 +17,8 @@ import qkd
 from helpers import TINY, UserNet, digits_loaders, qkd_in_process, same_weights, user_models
 from qkd.config import TrainConfig
 from qkd.errors import QKDError
-from qkd.quant import quantization_summary, quantize_model, quantizers
+from qkd.quant import quantization_summary, quantize_model
+from qkd.quant.convert import quantizers
 from qkd.train.precheck import check_first_batch
 from qkd.train.trainer import Trainer
 
@@ -204,3 +205,12 @@ def test_cli_run_with_a_teacher_over_other_classes_is_one_line(tmp_path):
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert lines[0].startswith("qkd: error: the teacher has 12 outputs and the student 10"), lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_divergence_on_non_finite_images_says_so():
+    """NaN images after the checked first batch still end in a divergence; its message names them as the cause."""
+    x, y = _digits()
+    x[150, 0, 4, 4] = float("nan")  # in the second batch
+    with pytest.raises(qkd.Diverged, match=r"loss nan at step 2 \(the training images held NaN or inf values: clean"):
+        qkd.fit(UserNet(8), None, _two_batches(x, y), [(x[:100], y[:100])], method="qat", epochs=1,
+                quant=qkd.QuantConfig(bn_batches=0), runtime={"kernels": "eager"})  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -147,8 +148,10 @@ def train_epoch(
     if state.step:
         _skip(batches, state)
     step, classes = state.step, None
+    bad_inputs = torch.zeros((), dtype=torch.bool, device=rt.device)  # a NaN/inf image seen (read on divergence)
     for step, batch in enumerate(batches, start=state.step):
         x, y = rt.batch(batch)
+        bad_inputs |= ~torch.isfinite(x).all()
         with rt.autocast():
             loss, logits = phase.step(x, y)
         for sched in schedulers:
@@ -158,7 +161,7 @@ def train_epoch(
         seen, classes = seen + len(y), logits.shape[-1]
         loss, stopping = _agreed(loss.detach(), stop, rt.device)
         if guard is not None:
-            guard.observe(step, loss)
+            _guarded(functools.partial(guard.observe, step, loss), bad_inputs)
         if bar is not None:
             bar.update()
             if guard is not None and guard.level is not None:  # read back every guard.every steps only
@@ -168,7 +171,7 @@ def train_epoch(
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
             return None, EpochState(step + 1, total, right, n, time.perf_counter() - t0, torch.get_rng_state(), cuda)
     if guard is not None:
-        guard.flush()
+        _guarded(guard.flush, bad_inputs)
     for model in (phase.student, phase.teacher):  # every rank ends the epoch with the same BatchNorm statistics
         if model is not None:
             average_bn_statistics(model)
@@ -176,6 +179,16 @@ def train_epoch(
     metrics = {"train_loss": total / max(n, 1), "train_acc": right / max(n, 1), "time_s": time.perf_counter() - t0,
                "num_classes": classes}  # fmt: skip
     return metrics, EpochState(step + 1, total, right, n, metrics["time_s"])
+
+
+def _guarded(check: Callable[[], None], bad_inputs: Tensor) -> None:
+    """``check()`` (the divergence guard); a divergence after NaN/inf input images says so: no rate fixes those."""
+    try:
+        check()
+    except Diverged as e:
+        if bool(bad_inputs):
+            raise Diverged(f"{e} (the training images held NaN or inf values: clean the data)") from None
+        raise
 
 
 def _agreed(loss: Tensor, stop: Callable[[], bool] | None, device: torch.device) -> tuple[Tensor, bool]:
