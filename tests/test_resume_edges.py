@@ -177,3 +177,18 @@ def test_a_finished_run_resumed_with_a_changed_setting_is_refused_in_one_line(de
     assert {p: (run_dir / p).read_bytes() for p in before} == before
     res = qkd_in_process("run", "--resume", str(run_dir), "device=cpu")
     assert res.returncode == 0 and "after 1_self_study" in res.stdout, res.stderr
+
+
+def test_a_finished_run_without_last_and_previous_resumes_from_its_last_stage(demo_run, tmp_path, caplog):
+    """last.pt and previous.pt deleted to save space: a resume reads the run from its last stage checkpoint
+    (it only reports), where it trained the whole run again over its stage checkpoints."""
+    run_dir = copy_run(demo_run[1], tmp_path)
+    for name in ("last.pt", "previous.pt"):
+        (run_dir / "checkpoints" / name).unlink()
+    before = {p: (run_dir / p).read_bytes() for p in ("metrics.jsonl", "summary.json")}
+    res = qkd_in_process("run", "--resume", str(run_dir))
+    assert res.returncode == 0 and "after 1_self_study" in res.stdout, res.stderr
+    assert "holds neither last.pt nor previous.pt; resuming from 1_self_study.pt (the end of the run) instead\n" in (
+        res.stderr
+    )
+    assert {p: (run_dir / p).read_bytes() for p in before} == before  # nothing trained again

@@ -72,7 +72,7 @@ def start(run_dir: Path, overwrite: bool, config: dict[str, Any], stages: list[S
     """A new run's folder: refused where it is taken (unless ``overwrite``) or lacks room for ``models``' checkpoints;
     then made, with its config and plan."""
     check_new(run_dir, overwrite)
-    check_room(run_dir, models)
+    check_room(run_dir, models, len(stages))
     init(run_dir, config, stages)
 
 
@@ -163,14 +163,17 @@ DAMAGED = ".damaged"  # the suffix a damaged snapshot is kept under, out of the 
 
 def last_intact_checkpoint(run_dir: Path) -> dict | None:
     """The newest readable, checksum-valid snapshot (``last.pt``, else ``previous.pt``, else the latest stage
-    boundary's), or None where the run saved none yet. Temporary files of a write that was cut short are removed.
-    A damaged ``last.pt`` or ``previous.pt`` is kept as ``last.pt.damaged``: the next save keeps the ``last.pt``
-    it replaces as ``previous.pt``, and must never keep a damaged one there in place of an intact one."""
+    boundary's, also where the first two were deleted), or None where the run saved none yet. Temporary files of a
+    write that was cut short are removed. A damaged ``last.pt`` or ``previous.pt`` is kept as ``last.pt.damaged``:
+    the next save keeps the ``last.pt`` it replaces as ``previous.pt``, and must never keep a damaged one there in
+    place of an intact one."""
     ckpts = run_dir / "checkpoints"
     for tmp in ckpts.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
-    problems: dict[str, str] = {}  # damaged file name -> what is wrong with it
+    problems: dict[str, str] = {}  # file name -> what is wrong with it (damaged, or missing)
     found = next((c for c in (_snapshot(ckpts / n, problems) for n in ("last.pt", PREVIOUS)) if c), None)
+    if found is None and not problems and any(ckpts.glob("*.pt")):  # both deleted: not a run to start again
+        problems["last.pt"] = f"{ckpts} holds neither last.pt nor {PREVIOUS}"
     if found is None and problems:
         found = _stage_snapshot(run_dir, problems)
     if problems:
@@ -206,12 +209,14 @@ def _set_aside(ckpts: Path, problems: dict[str, str], found: tuple[str, dict] | 
     if found is None:
         raise QKDError(f"{said}; no intact checkpoint is left: start the run again (--overwrite)")
     name, snapshot = found
-    where = snapshot.get("qkd", {}).get("position")
-    lost = "" if name in ("last.pt", PREVIOUS) else ": the epochs trained after that stage boundary are trained again"
-    rotated = [n for n in ("last.pt", PREVIOUS) if n in problems]
+    meta = snapshot.get("qkd", {})
+    again = name not in ("last.pt", PREVIOUS) and not meta.get("finished")
+    lost = ": the epochs trained after that stage boundary are trained again" if again else ""
+    rotated = [n for n in ("last.pt", PREVIOUS) if n in problems and (ckpts / n).is_file()]
     for n in rotated:
         os.replace(ckpts / n, ckpts / f"{n}{DAMAGED}")
     kept = f"; the damaged {' and '.join(rotated)} kept as {' and '.join(n + DAMAGED for n in rotated)}"
+    where = meta.get("position")
     log.warning("%s; resuming from %s (%s) instead%s%s", said, name, where, lost, kept if rotated else "")
 
 
@@ -225,11 +230,12 @@ def clear_exports(run_dir: Path) -> None:
                  len(stale), run_dir)  # fmt: skip
 
 
-def check_room(run_dir: Path, models: list) -> None:
+def check_room(run_dir: Path, models: list, stages: int = 1) -> None:
     """Refuse to start where the disk cannot hold the run's checkpoints (``last.pt`` and ``previous.pt`` hold
-    both models with their optimizer state, about three times the weights each, plus one file per stage)."""
+    both models with their optimizer state, about three times the weights each, plus one file per stage, which
+    holds both models too: the run's snapshot at that boundary)."""
     weights = sum(t.numel() * t.element_size() for m in models if m is not None for t in m.state_dict().values())
-    need = 8 * weights
+    need = (6 + max(stages, 1)) * weights
     folder = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(folder).free
     if free < need:
