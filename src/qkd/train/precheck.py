@@ -85,7 +85,7 @@ def check_first_batch(trainer: Trainer) -> None:
     if any(s.quantized for s in trainer.stages):
         check_quantizable(trainer.student)
     with _randomness_kept():
-        torch.manual_seed(trainer.cfg.seed)
+        torch.default_generator.manual_seed(trainer.cfg.seed)  # the CPU's only: a loader's shuffling draws from it
         x, y = _first_batch(trainer)
         _check_images(x)
         _check_labels(x, y)
