@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from qkd.build import build_model, data_for, load_run_config
+from qkd.build import build_model, data_for
 from qkd.checkpoint import load_checkpoint
 from qkd.config import RunConfig, TrainConfig, build_config, load_config, where_settings, with_overrides
 from qkd.data import DataBundle
@@ -71,13 +71,11 @@ def target_config(target: str | Path, overrides: list[str] | None = None, ckpt: 
         raise QKDError(f"{target} is neither a run folder nor a checkpoint file")
     folder = target if target.is_dir() else _run_folder_of(target)
     meta = None if target.is_dir() else (ckpt if ckpt is not None else load_checkpoint(target)).get("qkd")
-    saved = meta["config"] if meta is not None else rundir.read_config(folder) if folder is not None else {}
-    if saved.get("created_by") == rundir.PYTHON_API:
+    saved = meta["config"] if meta is not None else rundir.read_config(folder) if folder is not None else None
+    if saved is not None and saved.get("created_by") == rundir.PYTHON_API:
         return _fit_run_config(saved, overrides or [], target, role or "student")
-    if meta is not None:
-        cfg = build_config(meta["config"])
-    elif folder is not None:
-        cfg = load_run_config(folder)
+    if saved is not None:
+        cfg = build_config(saved)
     elif overrides:
         log.warning("%s carries no settings (an older qkd wrote it): using the config given", target)
         return load_config(overrides[0] if "=" not in overrides[0] else None, [o for o in overrides if "=" in o])
