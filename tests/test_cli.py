@@ -187,3 +187,26 @@ def test_run_names_user_model_and_data_by_import_path(tmp_path):
         res = qkd("run", *args, bad, "--name", "bad", "--out", str(tmp_path / "runs"), cwd=tmp_path)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["list"], ["config"], ["run", "quant.wbits=3"], ["run", "epochs", "5"],
+     ["export", "runs/x", "--format", "nope"], ["export", "runs/x", "--verify", "-5"],
+     ["eval", "runs/x", "--backend", "nope"]],
+    ids=["help", "list", "config", "misspelt-key", "no-equals", "export-format", "export-verify", "eval-backend"],
+)  # fmt: skip
+def test_answers_and_refusals_that_need_no_model_import_no_torch(argv):
+    """torch's import is 3 s of every command's start (5.5 s before --help said anything); these need none."""
+    code = ("import sys\nfrom qkd.cli import main\nsys.argv = ['qkd', *sys.argv[1:]]\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip().splitlines()[-1] == "no torch", res.stdout[-500:] + res.stderr[-1500:]
+
+
+def test_the_names_qkd_list_gives_are_the_registries():
+    from qkd.config import DATA_NAMES, MODEL_NAMES
+    from qkd.data import list_datasets
+    from qkd.models import list_models
+
+    assert tuple(list_models()) == MODEL_NAMES and tuple(list_datasets()) == DATA_NAMES

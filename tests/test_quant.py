@@ -32,7 +32,7 @@ from qkd.quant import (
     set_quantization,
     ste,
 )
-from qkd.quant.quantizers import parse_bits
+from qkd.quant.config import parse_bits
 from qkd.quant.ste import (
     grad_scale,
     interval_fake_quant,
@@ -778,3 +778,11 @@ def test_lsq_step_pushed_through_zero_acts_as_its_magnitude():
     with torch.no_grad():
         q.step.fill_(0.5)
         torch.testing.assert_close(q(x), y)  # the magnitude is the step in use
+
+
+def test_the_quantizer_names_a_config_accepts_are_the_quantizers_there_are():
+    """qkd.quant.config names them without importing torch; the registry of qkd.quant.quantizer fills itself."""
+    from qkd.quant.config import QUANTIZER_NAMES
+    from qkd.quant.quantizer import QUANTIZERS
+
+    assert sorted(QUANTIZERS) == sorted(QUANTIZER_NAMES)

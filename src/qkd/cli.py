@@ -75,9 +75,10 @@ def run(
     resume: Resume = None,
 ) -> None:
     """Run QKD (or a baseline) end to end. With no arguments: the built-in digits demo."""
+    _setup_logging()
+    cfg = _config(args, name, device) if resume is None else None  # refused before torch is imported
     from qkd import pipeline
 
-    _setup_logging()
     restarted = pipeline.restarted_run(out, name) if resume is None else None
     if restarted is not None:  # the same command again: its own run folder, as it was configured
         _report(*_interruptible(lambda: pipeline.resume(restarted), restarted))
@@ -89,7 +90,6 @@ def run(
             )
         _report(*_interruptible(lambda: pipeline.resume(resume, args), resume))
         return
-    cfg = _config(args, name, device)
     _start(cfg, out, overwrite)
 
 
@@ -193,6 +193,10 @@ def eval_(
     another backend; or of an exported file (qkd eval runs/<name>/export/student-onnx.onnx), which takes
     data.root=... (data.num_workers, data.eval_batch_size, data.download, data.decode) where its run's data
     has moved."""
+    from qkd.export.formats import check_format
+
+    if backend not in (None, "torch"):  # before the run is read: a misspelt backend is one line, nothing else printed
+        check_format(backend)
     from qkd import trained
     from qkd.report.summary import describe_loaded, pct
 
@@ -203,10 +207,6 @@ def eval_(
         _eval_export(target, args, backend)
         return
     backend = backend or "torch"
-    if backend != "torch":  # before the run is read: a misspelt backend is one line, nothing else printed
-        from qkd.export import check_format
-
-        check_format(backend)
     r = trained.load_target(target, args, device if backend == "torch" else "cpu", role, unfinished)
     typer.echo(f"{target}: {describe_loaded(r)}")
     if backend != "torch":
@@ -291,14 +291,15 @@ def export(
 ) -> None:
     """Export the quantized student with its input contract (layout, size, normalisation, classes, bits, in the
     file's metadata) and check it against the trained model on test images."""
+    from qkd.export.formats import check_format, check_limit
+
+    check_format(format, bake_preprocessing)  # before the run is read (and before torch is imported)
+    check_limit(verify, "--verify")
     from qkd import trained
-    from qkd.export import check_format, default_path, export_loaded
+    from qkd.export import default_path, export_loaded
     from qkd.export.api import require_quantized
-    from qkd.export.verify import check_limit
     from qkd.report.summary import describe_loaded
 
-    check_format(format, bake_preprocessing)  # before the run is read
-    check_limit(verify, "--verify")
     path = out or default_path(target, format, bake_preprocessing)
     r = trained.load_target(target, args, "cpu", "student", unfinished)
     require_quantized(r, target)
@@ -348,29 +349,36 @@ def config(args: ConfigArgs = None) -> None:
 @app.command("list")
 def list_() -> None:
     """Models, data sets, methods and presets available by name."""
-    from qkd.data import list_datasets
-    from qkd.models import list_models
-    from qkd.train import METHODS
+    from qkd.config import DATA_NAMES, MODEL_NAMES
+    from qkd.methods import METHODS
 
     for title, names in (
-        ("models", list_models()),
-        ("data sets", list_datasets()),
+        ("models", MODEL_NAMES),
+        ("data sets", DATA_NAMES),
         ("methods", list(METHODS)),
         ("presets", list_presets()),
     ):
         typer.echo(f"{title}: {', '.join(names)}")
 
 
+def _rank() -> int:
+    """The rank that says an error; torchrun's ``RANK`` while torch is not even imported (a refusal on reading)."""
+    if "torch.distributed" not in sys.modules:
+        return int(os.environ.get("RANK", "0"))
+    from qkd.distributed import launch_rank
+
+    return launch_rank()
+
+
 def main() -> None:
     try:
         app()
     except QKDError as e:
-        from qkd.distributed import launch_rank
-
-        if launch_rank() == 0:
+        rank = _rank()
+        if rank == 0:
             typer.echo(f"qkd: error: {e}", err=True)
         elif not getattr(e, "reported_by_rank_0", False):  # a failure of this rank alone
-            typer.echo(f"qkd: error (rank {launch_rank()}): {e}", err=True)
+            typer.echo(f"qkd: error (rank {rank}): {e}", err=True)
         else:  # leave rank 0 the time to say it before torchrun, seeing this rank exit, stops the others
             time.sleep(2)
         sys.exit(getattr(e, "exit_code", 2))

@@ -16,9 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qkd.data.options import DataOptions
 from qkd.errors import ConfigError, QKDError
 from qkd.methods import METHODS, Distill
-from qkd.quant import QuantConfig
+from qkd.quant.config import QuantConfig
 
 DEVICES = "auto, cpu, cuda, cuda:N (GPU number N) or mps"
+#: The built-in models and data sources, named here for ``qkd list`` without importing torch; the registries
+#: (``qkd.models``, ``qkd.data.sources``) are the truth, and a test holds the two alike.
+MODEL_NAMES = ("mobilenetv2_cifar", "resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "tiny_cnn",
+               "tiny_cnn_wide", "tiny_mlp", "tv_mobilenet_v2", "tv_resnet18", "tv_resnet34", "tv_resnet50")  # fmt: skip
+DATA_NAMES = ("cifar10", "cifar100", "digits", "imagefolder", "npz")
 
 PhaseName = Literal["self_study", "co_study", "tutor"]
 

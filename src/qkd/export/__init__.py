@@ -17,8 +17,8 @@ Names are imported on first use, so ``import qkd.export`` stays cheap (onnx only
 from qkd.lazy import keep_old_paths, lazy_names
 
 _PUBLIC = {
-    "api": ("EXTENSIONS", "FORMATS", "Exported", "check_format", "default_path", "export_loaded", "export_run",
-            "export_student", "float_checkpoint_bytes"),
+    "api": ("Exported", "default_path", "export_loaded", "export_run", "export_student", "float_checkpoint_bytes"),
+    "formats": ("EXTENSIONS", "FORMATS", "check_format", "check_limit"),
     "read": ("DATA_CHANGES", "evaluate_export", "open_export"),
     "verify": ("compare", "float64_reference"),
     "contract": ("input_contract", "preprocess", "raw_from_input", "run_contract"),
@@ -34,7 +34,7 @@ __getattr__, __all__ = lazy_names(__name__, _PUBLIC)
 
 # The old module paths, each an alias holding the public names of the modules that replaced it.
 OLD_PATHS = {
-    "deploy": ("api", "verify", "read"),
+    "deploy": ("api", "formats", "verify", "read"),
     "intfile": ("int_file",),
     "intgraph": ("program", "fixedpoint", "trace"),
     "intengine": ("int_runtime", "fixedpoint"),

@@ -22,15 +22,14 @@ from torch import Tensor, nn
 
 from qkd.errors import QKDError
 from qkd.export.contract import complete, raw_from_input, run_contract
+from qkd.export.formats import EXTENSIONS, check_format, check_limit
 from qkd.export.grid import check_quantized
 from qkd.export.int_file import load_int, save_int
 from qkd.export.trace import to_int_program
-from qkd.export.verify import check_limit, check_split, compare
+from qkd.export.verify import check_split, compare
 from qkd.quant import quantizers
 
 # format -> file extension: packed integers; ONNX with QDQ nodes; ONNX with integer convolutions
-EXTENSIONS = {"int": "safetensors", "onnx": "onnx", "onnx-int": "onnx"}
-FORMATS = tuple(EXTENSIONS)
 _PARAMETRIZED = re.compile(r"parametrizations\.(\w+)\.original$")  # a layer quantized in place: its float weight
 
 
@@ -92,15 +91,6 @@ def _export(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dic
         return (lambda x: torch.from_numpy(run(x.numpy()))), contract
     mean, std, pixel_max = contract["mean"], contract["std"], contract["pixel_max"]
     return (lambda x: torch.from_numpy(run(raw_from_input(x, mean, std, pixel_max).numpy()))), contract
-
-
-def check_format(fmt: str, bake_preprocessing: bool = False) -> None:
-    """A one-line :class:`QKDError` for a format that is not one, or preprocessing to bake into the int file."""
-    if fmt not in FORMATS:
-        raise QKDError(f"unknown export format '{fmt}'; valid formats: {', '.join(FORMATS)}")
-    if bake_preprocessing and fmt == "int":
-        raise QKDError("--bake-preprocessing applies to the ONNX formats (onnx, onnx-int); the int file's "
-                       "manifest says the preprocessing (qkd.export.contract.preprocess applies it)")  # fmt: skip
 
 
 def default_path(target: str | Path, fmt: str, baked: bool = False) -> Path:

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from qkd.errors import QKDError
+from qkd.export.formats import check_limit
 from qkd.export.grid import float_weight, grid, weight_layers
 from qkd.quant import Quantizer, quantizers
 
@@ -101,13 +101,6 @@ def compare(
     if exact:
         result.update(agreement_f64=agree64 / seen, max_logit_diff_f64=max_diff64)
     return result
-
-
-def check_limit(limit: int | None, name: str = "verify") -> None:
-    """A one-line :class:`QKDError` for a count of images to check that is not 1 or more (None: all of them)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise QKDError(f"{name} is how many test images the export is checked on: 1 or more (e.g. 1000; a split "
-                       f"holding fewer is checked whole), not {limit!r}")  # fmt: skip
 
 
 def check_split(data) -> tuple[str, Iterable]:

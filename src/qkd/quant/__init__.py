@@ -1,48 +1,18 @@
-"""Trainable quantizers and quantized layers. Knows nothing of models or distillation."""
+"""Trainable quantizers and quantized layers. Knows nothing of models or distillation.
 
-from qkd.quant.convert import (
-    QuantConfig,
-    calibrate,
-    default_filter,
-    dequantize_model,
-    is_layer_like,
-    is_quantized,
-    quant_parameters,
-    quantization_disabled,
-    quantize_model,
-    quantized_layers,
-    quantizers,
-    recalibrate_bn,
-    set_quantization,
-)
-from qkd.quant.modules import QConv2d, QLinear, QuantizedLayer, is_generic_quantized, is_quantized_layer
-from qkd.quant.quantizers import IntervalQuantizer, LSQQuantizer, Quantizer, QuantSpec, make_quantizer
-from qkd.quant.summary import QuantSummary, quantization_summary
+``config`` holds the settings (no torch: a run config reads them), ``quantizer`` the quantizers, ``modules``
+the quantized layers, ``convert`` turns a model's layers into them, ``summary`` says what became of each.
+Names are imported on first use.
+"""
 
-__all__ = [
-    "IntervalQuantizer",
-    "LSQQuantizer",
-    "QConv2d",
-    "QLinear",
-    "QuantConfig",
-    "QuantSpec",
-    "QuantSummary",
-    "QuantizedLayer",
-    "Quantizer",
-    "calibrate",
-    "default_filter",
-    "dequantize_model",
-    "is_generic_quantized",
-    "is_layer_like",
-    "is_quantized",
-    "is_quantized_layer",
-    "make_quantizer",
-    "quant_parameters",
-    "quantization_disabled",
-    "quantization_summary",
-    "quantize_model",
-    "quantized_layers",
-    "quantizers",
-    "recalibrate_bn",
-    "set_quantization",
-]
+from qkd.lazy import lazy_names
+
+__getattr__, __all__ = lazy_names(__name__, {
+    "config": ("QuantConfig", "QuantSpec"),
+    "convert": ("calibrate", "default_filter", "dequantize_model", "is_layer_like", "is_quantized",
+                "quant_parameters", "quantization_disabled", "quantize_model", "quantized_layers", "quantizers",
+                "recalibrate_bn", "set_quantization"),
+    "modules": ("QConv2d", "QLinear", "QuantizedLayer", "is_generic_quantized", "is_quantized_layer"),
+    "quantizer": ("IntervalQuantizer", "LSQQuantizer", "Quantizer", "make_quantizer"),
+    "summary": ("QuantSummary", "quantization_summary"),
+})  # fmt: skip

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import fnmatch
 import functools
 import inspect
 import logging
@@ -25,13 +24,14 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from qkd.errors import QKDError
+from qkd.quant.config import EDGE, QuantConfig, QuantSpec, matches
 from qkd.quant.modules import (
     FLOAT_REASON,
     QUANT_MODULES,
@@ -41,7 +41,7 @@ from qkd.quant.modules import (
     is_quantized_layer,
     quantize_in_place,
 )
-from qkd.quant.quantizers import Quantizer, QuantSpec, check_choices, parse_bits
+from qkd.quant.quantizer import Quantizer
 
 FilterFn = Callable[[nn.Module, str], bool]
 log = logging.getLogger("qkd")
@@ -49,92 +49,12 @@ log = logging.getLogger("qkd")
 LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Why a layer is left float (what quantization_summary shows after "float: ").
 FILTERED = "excluded by filter_fn"
-EDGE = "first/last layer with first_last_bits=float"
-ALL_FLOAT = "weight_bits=float and act_bits=float"
 READ_DIRECTLY = "nn.MultiheadAttention reads its weight directly, not through its forward"
 MODEL_ITSELF = "(the model itself)"  # how a model that computes with its own weights is named
 ONLY_MODULES = "qkd quantizes nn.Conv2d/nn.Linear modules"
 # Modules whose parameters are no matmul/conv weights (scales, lookup tables): never a layer left float.
 NOT_MATMUL = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
 _FUNCTIONAL = re.compile(r"\b(?:F|functional|torch)\.(conv_transpose[123]d|conv[123]d|linear|bilinear)\s*\(")
-
-
-@dataclass
-class QuantConfig:
-    """Bit-widths and quantizer choice for a whole model.
-
-    - ``weight_bits`` / ``act_bits``: 2..8, or None (or "float") to leave that side in float.
-    - ``method``: a quantizer name (``lsq`` or ``interval``); ``per_channel``: weight steps per
-      output channel. Activations are always per tensor.
-    - ``bn_batches``: after the quantizers are initialised, re-estimate BatchNorm statistics of the
-      quantized network on this many training batches (0 = keep the float statistics); quantized
-      activations shift the statistics, and a pretrained network collapses at 2-3 bits without it.
-    - ``step_init``: how LSQ steps start, ``mse`` (least quantization error on the first tensor
-      seen) or ``lsq`` (the LSQ paper's ``2 mean|x| / sqrt(Qp)``).
-    - ``first_last_bits``: bits of the first and last quantized layers (8 by default, the usual
-      practice); "same" uses ``weight_bits``/``act_bits`` there too, None keeps them float. A side
-      whose ``weight_bits``/``act_bits`` is float stays float at the edges as well.
-    - ``overrides``: module-name patterns (fnmatch, e.g. ``"layer3.*"``) mapped to
-      ``{"weight_bits": .., "act_bits": ..}``; later patterns win. ``"name.*"`` also matches a layer
-      called ``name`` itself (``"head.*"``: every layer in the head, or the head where it is one Linear).
-      A pattern must match at least one Conv/Linear-like layer of the model (a typo is an error, not a
-      silent no-op).
-    """
-
-    __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
-
-    weight_bits: int | str | None = 4
-    act_bits: int | str | None = 4
-    method: str = "lsq"
-    step_init: str = "mse"
-    bn_batches: int = 20
-    per_channel: bool = True
-    first_last_bits: int | str | None = 8
-    overrides: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.weight_bits, self.act_bits = parse_bits(self.weight_bits), parse_bits(self.act_bits)
-        if self.first_last_bits != "same":
-            self.first_last_bits = parse_bits(self.first_last_bits)
-        check_choices(self.method, self.step_init)
-        if not isinstance(self.bn_batches, int) or self.bn_batches < 0:
-            raise ValueError(f"bn_batches must be a non-negative integer; got {self.bn_batches!r}")
-        for pattern, bits in self.overrides.items():
-            unknown = set(bits) - {"weight_bits", "act_bits"}
-            if unknown:
-                raise ValueError(f"override '{pattern}' has unknown keys {sorted(unknown)}; use weight_bits/act_bits")
-            self.overrides[pattern] = {k: parse_bits(v) for k, v in bits.items()}
-
-    def bits_for(self, name: str, is_edge: bool) -> tuple[int | None, int | None]:
-        """Weight and activation bits of the layer called ``name``."""
-        return self.resolve(name, is_edge)[:2]
-
-    def resolve(self, name: str, is_edge: bool) -> tuple[int | None, int | None, str]:
-        """:meth:`bits_for` and the last rule that set a side to float (why the layer is float, if it is)."""
-        wb, ab, why = self.weight_bits, self.act_bits, ALL_FLOAT
-        if is_edge and self.first_last_bits != "same":
-            # A side configured as float stays float at the edges too (e.g. weight-only quantization).
-            wb = None if wb is None else self.first_last_bits
-            ab = None if ab is None else self.first_last_bits
-            why = EDGE if self.first_last_bits is None and (wb, ab) != (self.weight_bits, self.act_bits) else why
-        for pattern, bits in self.overrides.items():
-            if matches(name, pattern):
-                wb, ab = bits.get("weight_bits", wb), bits.get("act_bits", ab)
-                why = f"override pattern '{pattern}' sets float" if None in bits.values() else why
-        return wb, ab, why
-
-    def specs(self, weight_bits: int | None, act_bits: int | None) -> tuple[QuantSpec, QuantSpec]:
-        """The weight and input quantizer specs of a layer with these bits."""
-        common = {"method": self.method, "step_init": self.step_init}
-        return (
-            QuantSpec(weight_bits, signed=True, per_channel=self.per_channel, **common),
-            QuantSpec(act_bits, signed=None, per_channel=False, **common),
-        )
-
-
-def matches(name: str, pattern: str) -> bool:
-    """An override ``pattern`` (fnmatch) matches the layer ``name``; ``"head.*"`` matches ``head`` itself too."""
-    return fnmatch.fnmatchcase(name, pattern) or (pattern.endswith(".*") and fnmatch.fnmatchcase(name, pattern[:-2]))
 
 
 def is_layer_like(module: nn.Module) -> bool:

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from qkd.quant.quantizers import Quantizer, QuantSpec, make_quantizer
+from qkd.quant.config import QuantSpec
+from qkd.quant.quantizer import Quantizer, make_quantizer
 
 FLOAT_REASON = "qkd_float_reason"  # attribute naming why quantize_model left a layer float
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from qkd.quant.convert import MODEL_ITSELF, is_layer_like, own_weight_modules
 from qkd.quant.modules import FLOAT_REASON, SWAPPED, is_quantized_layer
-from qkd.quant.quantizers import Quantizer
+from qkd.quant.quantizer import Quantizer
 
 COLUMNS = ("name", "type", "weight_bits", "act_bits", "weight_grid", "how")
 HEADERS = ("layer", "type", "weight", "act", "weight grid", "how")

@@ -9,65 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from qkd.quant.config import QuantSpec
 from qkd.quant.ste import interval_fake_quant, lsq_fake_quant
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
-STEP_INITS = ("mse", "lsq")
 MSE_CANDIDATES = 100  # clipping ranges tried by the ``mse`` initialisation
 MSE_SAMPLE = 2**20  # elements of an activation batch it looks at (evenly strided)
 MIN_STEP = 1e-8
-
-
-def parse_bits(value: object) -> int | None:
-    """Normalise a bit-width: an int in 2..8, or None / "float" / "off" / False for float."""
-    if value is None or value is False or (isinstance(value, str) and value.lower() in ("float", "off")):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, or 'float'; got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized.
-
-    ``signed=None`` decides from data on the first tensor seen (activations after ReLU are unsigned).
-    ``per_channel`` gives each output channel its own parameters; weights only. ``channel_dim`` is the
-    weight dimension holding the output channels: 0 for Conv/Linear, 1 for ConvTranspose (weights of
-    shape ``(in, out / groups, ...)``); the quantizer moves it to dim 0 to quantize, so parameters and
-    :meth:`Quantizer.affine` are shaped ``(C, 1, ...)`` for that moved layout.
-    ``step_init`` sets the LSQ step from data: ``mse`` (the step that minimises the quantization error
-    of the first tensor seen, searched over clipping ranges) or ``lsq`` (the LSQ paper's
-    ``2 * mean|x| / sqrt(Qp)``).
-
-    >>> q = make_quantizer(QuantSpec(bits=4, signed=True, per_channel=True), init=torch.randn(8, 3, 3, 3))
-    """
-
-    bits: int | None = 4
-    signed: bool | None = None
-    per_channel: bool = False
-    method: str = "lsq"
-    step_init: str = "mse"
-    channel_dim: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "bits", parse_bits(self.bits))
-        if self.channel_dim not in (0, 1):
-            raise ValueError(f"channel_dim must be 0 or 1; got {self.channel_dim!r}")
-        check_choices(self.method, self.step_init)
-
-
-def check_choices(method: str, step_init: str) -> None:
-    """A quantizer name and a step initialisation this module knows; ValueError naming the valid ones."""
-    if method not in QUANTIZERS:
-        raise ValueError(f"unknown quantizer '{method}'; valid: {', '.join(sorted(QUANTIZERS))}")
-    if step_init not in STEP_INITS:
-        raise ValueError(f"unknown step_init '{step_init}'; valid: {', '.join(STEP_INITS)}")
 
 
 def _register(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
