@@ -192,3 +192,18 @@ def test_a_finished_run_without_last_and_previous_resumes_from_its_last_stage(de
         res.stderr
     )
     assert {p: (run_dir / p).read_bytes() for p in before} == before  # nothing trained again
+
+
+def test_a_stage_checkpoint_of_another_run_is_not_resumed_from(demo_run, tmp_path):
+    """A stage file copied in from a run with other settings (here another seed) holds that run's snapshot: the
+    resume takes the stage before it, which is this run's."""
+    run_dir = copy_run(demo_run[1], tmp_path)
+    ckpts = run_dir / "checkpoints"
+    for name in ("last.pt", "previous.pt"):
+        _damage(ckpts / name)
+    stage = load_checkpoint(ckpts / "1_self_study.pt")
+    stage["snapshot"]["qkd"]["config"]["seed"] += 1
+    save_checkpoint(stage, ckpts / "1_self_study.pt")
+    res = qkd_in_process("run", "--resume", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    assert "resuming from fp_student.pt (the start of 1_self_study) instead: the epochs trained after" in res.stderr

@@ -197,9 +197,16 @@ def _stage_snapshot(run_dir: Path, problems: dict[str, str]) -> tuple[str, dict]
     held it have the stage's model alone), as ``(file name, snapshot)``; None where no such file is left."""
     for stage in reversed(saved_stages(run_dir) or []):
         found = _snapshot(run_dir / "checkpoints" / f"{stage.key}.pt", problems)
-        if found is not None and SNAPSHOT in found[1]:
+        if found is not None and SNAPSHOT in found[1] and _of_this_run(run_dir, found[1][SNAPSHOT]):
             return found[0], found[1][SNAPSHOT]
     return None
+
+
+def _of_this_run(run_dir: Path, snapshot: dict) -> bool:
+    """A stage checkpoint copied in from another run holds that run's snapshot, not one to continue this run
+    from: its settings may differ from the folder's only where a resume may change them."""
+    changed = changed_settings(read_config(run_dir), snapshot.get("qkd", {}).get("config") or {})
+    return all(may_change_on_resume(k) for k in changed)
 
 
 def _set_aside(ckpts: Path, problems: dict[str, str], found: tuple[str, dict] | None) -> None:
