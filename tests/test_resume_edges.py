@@ -103,8 +103,8 @@ def test_a_full_disk_under_torch_save_names_its_cause(tmp_path, monkeypatch):
     _untouched(tmp_path, before)
 
 
-def test_a_run_whose_disk_fills_stops_in_one_line_and_resumes(tmp_path, monkeypatch, one_thread):
-    args = ("run", *TINY, "method=qat", "--name", "r", "--out", str(tmp_path))
+def test_a_run_whose_disk_fills_stops_in_one_line_and_resumes(tmp_path, monkeypatch):
+    args = ("run", *TINY, "method=qat", "epochs=1", "--name", "r", "--out", str(tmp_path))
     FailingWriter(monkeypatch, ok=3)  # last.pt and fp_student.pt of the float stage, last.pt at its end
     res = qkd_in_process(*args)
     assert res.returncode == 2, res.stderr
@@ -124,7 +124,7 @@ def _damage(path) -> bytes:
     return path.read_bytes()
 
 
-def test_a_damaged_last_checkpoint_is_never_kept_over_the_intact_previous_one(tmp_path, caplog, one_thread):
+def test_a_damaged_last_checkpoint_is_never_kept_over_the_intact_previous_one(tmp_path, caplog):
     train, val = digits_loaders()
     ckpts = tmp_path / "r" / "checkpoints"
 
