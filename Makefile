@@ -3,9 +3,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch/torchvision are pinned here (not in pyproject) to the builds that install offline on the
+# torch/torchvision/torchcodec are pinned here (not in pyproject) to the builds that install offline on the
 # project's CI machines; the package itself accepts any torch >= 2.2.
-TORCH := torch==2.14.1 torchvision==0.29.1
+TORCH := torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0
 
 .PHONY: setup run test test-fast lint bench clean
 

@@ -240,14 +240,20 @@ def cells_of(store: dict, epochs: int, train_limit: int | None, tag: str = "") -
 
 
 def paired(cells: dict, bits: int, other: str, split: str = "test") -> dict | None:
-    """qkd minus ``other`` seed by seed (same seed: same data subset and order), with its 95 % interval."""
+    """qkd minus ``other`` seed by seed (same seed: same data subset and order), with its 95 % interval. Two runs
+    pair only under one seeding scheme: runs before 2026-12-02 seeded stages by index, later ones by name."""
     a, b = cells.get((bits, "qkd"), {}), cells.get((bits, other), {})
-    seeds = sorted(a.keys() & b.keys())
+    seeds = sorted(s for s in a.keys() & b.keys() if seeding(a[s]) == seeding(b[s]))
     if not seeds:
         return None
     diffs = [final(a[s], split) - final(b[s], split) for s in seeds]
     mean, lo, hi = t_interval(diffs)
     return {"other": other, "bits": bits, "seeds": seeds, "diffs": diffs, "mean": mean, "ci95": [lo, hi]}
+
+
+def seeding(record: dict) -> str:
+    """How a stored run seeded its stages (runs stored before the scheme was recorded: by index)."""
+    return record["summary"].get("seeding", "stage-index")
 
 
 def float_reference(store: dict) -> dict[str, float]:
