@@ -22,7 +22,7 @@ from qkd.export import export_onnx, run_onnx  # noqa: E402
 from qkd.models import create_model  # noqa: E402
 from qkd.quant import IntervalQuantizer, QConv2d, QLinear, QuantConfig, calibrate, quantize_model, set_quantization  # noqa: E402
 
-# (bits, method, per_channel): 4-bit codes in INT4, 2-bit held in 4-bit types, 8-bit, interval bounds.
+# (bits, method, per_channel): 4-bit codes, 2-bit ones (in 8-bit types, clipped), 8-bit, interval bounds.
 CASES = [(4, "lsq", True), (2, "lsq", False), (8, "lsq", True), (4, "interval", True)]
 MODELS = {"tiny_cnn": (1, 8), "residual_dw": (3, 8)}  # input channels, image size
 FOUR_BIT = {TensorProto.INT4, TensorProto.UINT4}
@@ -99,11 +99,12 @@ def test_graph_is_explicit_qdq(exported):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-def _expected_code_type(layer: nn.Module) -> int:
-    """4-bit types up to 4 bits, else 8-bit; unsigned for interval codes (they count up from the lower bound)."""
+def _expected_code_type(layer: nn.Module, four_bit_storage: bool = False) -> int:
+    """8-bit types (4-bit ones up to 4 bits with ``four_bit_storage``); unsigned for interval codes (they count up
+    from the lower bound)."""
     q = layer.weight_quant
     unsigned = isinstance(q, IntervalQuantizer)
-    if q.bits <= 4:
+    if q.bits <= 4 and four_bit_storage:
         return TensorProto.UINT4 if unsigned else TensorProto.INT4
     return TensorProto.UINT8 if unsigned else TensorProto.INT8
 
@@ -121,6 +122,60 @@ def test_weights_are_integer_initializers(exported):
     weight_shapes = {tuple(m.weight.shape) for m in layers}
     floats = [t for t in inits if t.data_type == TensorProto.FLOAT and tuple(t.dims) in weight_shapes]
     assert not floats, f"float weights left in the file: {[t.name for t in floats]}"
+
+
+def _optimized_ops(path, tmp_path) -> list[str]:
+    """The node types of the graph onnxruntime runs (all optimizations, as a deployment would), from the file it
+    writes with ``optimized_model_filepath``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    with warnings.catch_warnings():
+        ort.set_default_logger_severity(3)  # the "hardware specific optimizations" notice of a level-3 graph
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("bits", [4, 8, 2])
+def test_onnxruntime_fuses_integer_convs(bits, tmp_path):
+    """The file is the standard QDQ pattern (BN folded, integer zero points, 8-bit codes, a narrower range clipped
+    on the codes between Q and DQ): onnxruntime turns every conv whose output goes only to a quantizer into
+    QLinearConv. tiny_cnn has three conv-BN-ReLU: the first two feed a quantizer, the last one the float pooling
+    (qkd quantizes layer inputs, not that output), so it stays a float conv. Before (BN between Conv and Q, a float
+    Clip, INT4 codes) onnxruntime ran all three in float."""
+    model = _quantized("tiny_cnn", bits, "lsq", True)
+    path = export_onnx(model, _inputs("tiny_cnn", 2, seed=2), tmp_path / "m.onnx")
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 2
+    assert ops.count("Conv") + ops.count("FusedConv") == 1
+    assert "BatchNormalization" not in ops
+    x = _inputs("tiny_cnn", 64, seed=3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    exact, fused = run_onnx(path, x.numpy()), run_onnx(path, x.numpy(), fused=True)
+    assert np.abs(exact - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    # integer kernels: the same grids, but an int32 bias and their own requantization, so a code may land one step
+    # off near a rounding boundary (measured: at most 2% of the largest logit here, top-1 unchanged)
+    assert (fused.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    assert np.abs(fused - expected).max() <= 0.05 * float(np.abs(expected).max())
+
+
+@pytest.mark.parametrize("method", ["lsq", "interval"])
+def test_four_bit_storage(method, tmp_path):
+    """``four_bit_storage``: codes of 4 bits or fewer in INT4/UINT4 (half the weight bytes), same numbers."""
+    model = _quantized("residual_dw", 4, method, True)
+    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx", four_bit_storage=True)
+    inits = onnx.load(str(path)).graph.initializer
+    codes = [(tuple(t.dims), t.data_type) for t in inits if t.data_type in FOUR_BIT | EIGHT_BIT and len(t.dims) > 1]
+    layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
+    # a BN folded with a negative factor negates its channel's codes: [-7, 8] no longer fits INT4
+    assert {t for _, t in codes} & FOUR_BIT
+    assert sorted(s for s, _ in codes) == sorted(tuple(m.weight.shape) for m in layers)
+    x = _inputs("residual_dw", 16, seed=3)
+    with torch.no_grad():
+        assert np.abs(run_onnx(path, x.numpy()) - model(x).numpy()).max() <= 1e-4
 
 
 def test_opset_below_21_stores_eight_bit_codes(tmp_path):

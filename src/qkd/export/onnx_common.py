@@ -38,19 +38,30 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, contract: dict | None) -
     return Path(path)
 
 
-def onnx_runner(path: str | Path):
-    """One onnxruntime CPU session for an exported model; returns ``f(x) -> logits`` (numpy in and out)."""
+def onnx_runner(path: str | Path, fused: bool = False):
+    """One onnxruntime CPU session for an exported model; returns ``f(x) -> logits`` (numpy in and out).
+
+    ``fused=False`` (the default, what the export's verification and the tests use) runs the graph as written:
+    QuantizeLinear/DequantizeLinear in float around float convolutions, the fake-quant arithmetic. ``fused=True``
+    lets onnxruntime turn ``DequantizeLinear -> Conv -> QuantizeLinear`` into integer kernels (QLinearConv):
+    faster, but they quantize the bias to int32 and requantize in their own rounding, so an activation code near
+    a rounding boundary can land one step off (on the same grids).
+    """
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    if not fused:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     # onnxruntime's Clip->QuantizeLinear fusion rejects 4-bit zero points (ReLU6 before a UINT4
     # quantizer fails to load); the graph runs the same without that fusion.
     session = ort.InferenceSession(
-        str(path), providers=["CPUExecutionProvider"], disabled_optimizers=["ClipQuantRewrite"]
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["ClipQuantRewrite"]
     )
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def run_onnx(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """Run an exported model with onnxruntime on the CPU; returns the first output (the logits)."""
-    return onnx_runner(path)(x)
+def run_onnx(path: str | Path, x: np.ndarray, fused: bool = False) -> np.ndarray:
+    """Run an exported model with onnxruntime on the CPU; returns the first output (the logits). ``fused``: see
+    :func:`onnx_runner`."""
+    return onnx_runner(path, fused)(x)

@@ -6,12 +6,16 @@ integers and run them as such. Every active quantizer is one affine integer grid
 ``offset + scale * clamp(round((x - offset) / scale), qn, qp)`` (LSQ: offset 0; interval: offset =
 lower bound), and becomes:
 
-- activations: ``[Sub offset] -> [Clip] -> QuantizeLinear -> DequantizeLinear -> [Add offset]``
-  (the Clip, Max -> Min for 4-bit codes, only for a range narrower than the storage type);
-- weights: an integer initializer (quantized once, here) ``-> DequantizeLinear -> [Add offset]``.
+- activations: ``[Sub offset] -> QuantizeLinear -> [Clip on the codes] -> DequantizeLinear -> [Add offset]``
+  (the Clip only for a range narrower than the storage type);
+- weights: an integer initializer (quantized once, here) ``-> DequantizeLinear -> [Add offset]``, with an
+  inference BatchNormalization after the Conv folded into its per-channel scale and a bias.
 
-Codes are stored in INT4/UINT4 at opset 21 or later when the range fits, else in INT8/UINT8; a
-narrower bit-width (2, 3, 5..7 bits) lives in the wider type with its range restricted by the Clip.
+That is the standard pattern runtimes fuse (onnxruntime: ``DQ -> Conv -> Q`` into QLinearConv) wherever a
+conv's output goes only to the next quantizer; the Sub/Add of a grid with an offset (interval) keeps that
+layer in float. Codes are stored in INT8/UINT8 (the types integer kernels take), a narrower bit-width with
+its range restricted by the Clip; ``four_bit_storage`` stores 4-bit codes in INT4/UINT4 at opset 21 or
+later (a float Max -> Min before Q then restricts the range), which no onnxruntime CPU kernel fuses.
 
 How: the TorchScript exporter traces a copy of the model whose quantizers are replaced by markers
 (a custom ``qkd::Quant`` node carrying an index); the marked graph is then rewritten with the
@@ -32,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, version_converter
+from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
@@ -167,15 +171,27 @@ class _Rewriter:
         return [self.const("scale", TensorProto.FLOAT, self.grid.scale), self.const("zero_point", self.dtype, zero)]
 
     def activation(self, x: str, out: str) -> None:
-        """``[Sub offset] -> [Clip] -> Q -> DQ -> [Add offset]``; Sub/Add only for a non-zero lower bound."""
+        """``[Sub offset] -> Q -> [Clip codes] -> DQ -> [Add offset]``; Sub/Add only for a non-zero lower bound.
+
+        A range narrower than the storage type is clamped on the integer codes, between Q and DQ: nothing
+        comes between the producer and its QuantizeLinear nor between DequantizeLinear and its consumer, so
+        onnxruntime fuses ``DQ -> Conv -> Q`` into an integer convolution (QLinearConv). For 8-bit storage the
+        clamp is a Clip on the codes, exact as round-then-clamp; 4-bit types (``four_bit_storage``) keep the
+        float clamp before Q, because no runtime op clips INT4/UINT4.
+        """
         g, shifted = self.grid, bool(np.any(self.grid.offset != 0))
         if shifted:
             offset = self.const("offset", TensorProto.FLOAT, g.offset)
             x = self.node("Sub", [x, offset])
-        if self.clip:
+        float_clip = self.clip and self.dtype in FOUR_BIT
+        if float_clip:
             x = self.restrict(x)
         params = self.qparams()
         q = self.node("QuantizeLinear", [x, *params])
+        if self.clip and not float_clip:
+            lo = self.const("code_min", self.dtype, np.array(g.qn))
+            hi = self.const("code_max", self.dtype, np.array(g.qp))
+            q = self.node("Clip", [q, lo, hi])
         y = self.node("DequantizeLinear", [q, *params], None if shifted else out)
         if shifted:
             self.node("Add", [y, offset], out)
@@ -183,15 +199,13 @@ class _Rewriter:
     def restrict(self, x: str) -> str:
         """Clamp to [qn, qp] * scale in float: a range narrower than the storage type, exact as round-then-clamp.
 
-        A Clip for 8-bit codes; Max then Min for 4-bit ones, because onnxruntime's Clip/QuantizeLinear
-        fusion rejects a 4-bit zero point (onnxruntime 1.32 fails to load the model).
+        4-bit storage only: Max then Min, because onnxruntime's Clip/QuantizeLinear fusion rejects a 4-bit
+        zero point (onnxruntime 1.32 fails to load the model).
         """
         g = self.grid
         lo = self.const("clip_min", TensorProto.FLOAT, np.float32(g.qn) * g.scale)
         hi = self.const("clip_max", TensorProto.FLOAT, np.float32(g.qp) * g.scale)
-        if self.dtype in FOUR_BIT:
-            return self.node("Min", [self.node("Max", [x, lo]), hi])
-        return self.node("Clip", [x, lo, hi])
+        return self.node("Min", [self.node("Max", [x, lo]), hi])
 
     def weight(self, out: str) -> None:
         """Integer initializer ``-> DQ (per channel on axis 0) -> [Add offset]``."""
@@ -205,14 +219,97 @@ class _Rewriter:
             self.node("Add", [y, self.const("offset", TensorProto.FLOAT, g.offset.reshape(shape))], out)
 
 
+def _index(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "index")
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """The graph's constant tensors by name: initializers, and the Identity nodes (torch.onnx's deduplication of
+    equal initializers) and Constant nodes that give them other names."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _fold_batchnorm(graph: onnx.GraphProto, grids: list[_Grid]) -> dict[str, _Grid]:
+    """Fold every inference BatchNormalization that alone reads a Conv of quantized weights into that Conv.
+
+    ``Conv -> BatchNormalization`` becomes ``Conv`` with a bias and the weight grid's scale multiplied per
+    output channel by ``gamma / sqrt(var + eps)`` (made per channel; a channel of negative factor has its
+    codes negated, so every scale stays positive). The codes are the same integers up to that sign: the
+    same grid, folded the way every deployment folds BN. Left in, the BN sits between the Conv and the next
+    QuantizeLinear and onnxruntime cannot fuse the Conv (the weight is a DequantizeLinear output, not a
+    constant, so neither torch.onnx nor onnxruntime folds the BN).
+
+    Works on the placeholder graph, in place; returns the folded grids by the weight placeholder's output.
+    A weight grid with an offset (interval), or whose negated codes fit no 8-bit type, is left unfolded.
+    """
+    inits = _constants(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {o: node for node in graph.node for o in node.output}
+    folded: dict[str, _Grid] = {}
+    dropped: set[int] = set()
+    for conv in graph.node:
+        if conv.op_type != "Conv" or len(conv.input) < 2 or len(consumers.get(conv.output[0], [])) != 1:
+            continue
+        mark, bn = producers.get(conv.input[1]), consumers[conv.output[0]][0]
+        if mark is None or mark.domain != _DOMAIN or len(consumers[conv.input[1]]) != 1:
+            continue
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or any(i not in inits for i in bn.input[1:5]):
+            continue
+        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        if bias is not None and bias not in inits:
+            continue
+        grid = grids[_index(mark)]
+        if grid.codes is None or np.any(grid.offset != 0):
+            continue
+        gamma, beta, mean, var = (inits[i].astype(np.float64) for i in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        factor = gamma / np.sqrt(var + eps)
+        sign = np.where(factor < 0, -1, 1)
+        qn, qp = (min(grid.qn, -grid.qp), max(grid.qp, -grid.qn)) if np.any(sign < 0) else (grid.qn, grid.qp)
+        try:
+            storage_type(qn, qp, int4=False)
+        except QKDError:
+            continue  # negated codes fit no 8-bit type
+        channels = grid.codes.shape[0]
+        scale = np.broadcast_to(grid.scale.astype(np.float64), (channels,)) * np.abs(factor)
+        codes = grid.codes * sign.reshape((-1,) + (1,) * (grid.codes.ndim - 1))
+        b = inits[bias].astype(np.float64) if bias is not None else 0.0
+        folded[conv.input[1]] = _Grid(grid.name, scale.astype(np.float32), np.zeros(channels, np.float32), qn, qp,
+                                      codes)  # fmt: skip
+        bias_name = f"{grid.name}.folded_bias"
+        if bias_name in inits:  # a layer called twice
+            bias_name = f"{grid.name}.call{len(folded)}.folded_bias"
+        inits[bias_name] = np.empty(0)
+        graph.initializer.append(_tensor(bias_name, TensorProto.FLOAT, (beta + (b - mean) * factor).astype(np.float32)))
+        del conv.input[2:]
+        conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        dropped.add(id(bn))
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
+
+
 def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
-    """Replace every placeholder by its QDQ nodes, in place, keeping the topological order."""
+    """Fold BatchNormalization into the quantized Convs before it, then replace every placeholder by its QDQ
+    nodes, in place, keeping the topological order."""
+    folded = _fold_batchnorm(model.graph, grids)
     graph, nodes, inits, seen = model.graph, [], [], set()
     for node in graph.node:
         if node.domain != _DOMAIN:
             nodes.append(node)
             continue
-        grid = grids[next(a.i for a in node.attribute if a.name == "index")]
+        grid = folded.get(node.output[0], grids[_index(node)])
         prefix = grid.name if grid.name not in seen else f"{grid.name}.call{len(seen)}"  # a layer called twice
         seen.add(prefix)
         rw = _Rewriter(prefix, grid, int4)
@@ -280,14 +377,21 @@ def _trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelP
 
 
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, path: str | Path, opset: int = 21, contract: dict | None = None
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    opset: int = 21,
+    contract: dict | None = None,
+    four_bit_storage: bool = False,
 ) -> Path:
     """Write ``model`` (a quantized student) as ONNX with QDQ nodes and integer weights; return the path.
 
     ``example`` is one input batch (its batch size is free in the file). The model itself is left
     untouched: a CPU copy in eval mode is exported. The file passes ``onnx.checker.check_model``.
     ``contract`` (see :mod:`qkd.export.contract`) goes into its metadata, and its preprocessing into the
-    graph where it says ``preprocessing_baked``.
+    graph where it says ``preprocessing_baked``. Codes are stored in 8-bit types (the ones runtimes fuse into
+    integer kernels); ``four_bit_storage`` (opset 21 or later) stores codes of 4 bits or fewer in INT4/UINT4
+    instead: half the weight bytes, but onnxruntime then runs every layer in float.
     """
     if opset < _MIN_OPSET:
         raise QKDError(f"ONNX export needs opset {_MIN_OPSET} or later (per-channel QDQ); got {opset}")
@@ -298,5 +402,5 @@ def export_onnx(
         onnx_model = _trace_to_onnx(clone, example.detach().float().cpu(), opset)
     if opset > _TORCHSCRIPT_MAX_OPSET:  # before the rewrite, so no 4-bit type meets an older opset
         onnx_model = version_converter.convert_version(onnx_model, opset)
-    _rewrite(onnx_model, grids, int4=opset >= _INT4_MIN_OPSET)
+    _rewrite(onnx_model, grids, int4=four_bit_storage and opset >= _INT4_MIN_OPSET)
     return save_onnx(onnx_model, path, contract)
