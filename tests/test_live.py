@@ -53,8 +53,8 @@ def _models():
 
 
 class Interrupt:
-    """A train loader that, on its ``n``-th pass (each epoch and the calibration draw are one), crashes or asks
-    for a graceful stop (SIGINT, as Ctrl-C) at its second batch."""
+    """A train loader that, on its ``n``-th pass (each epoch, the calibration draw and the pre-check's batch are one),
+    crashes or asks for a graceful stop (SIGINT, as Ctrl-C) at its second batch."""
 
     def __init__(self, loader, n: int, how: str) -> None:
         self.loader, self.n, self.how = loader, n, how
@@ -112,9 +112,9 @@ def test_events_follow_the_run_and_a_resumed_run_continues_them_without_duplicat
 
     run = tmp_path / "cut"
     with pytest.raises(RuntimeError, match="crash"):  # in 1_self_study's first epoch: after the calibration
-        qkd.fit(*_models(), Interrupt(train, 3, "crash"), val, val, out=run, **SETTINGS)
+        qkd.fit(*_models(), Interrupt(train, 4, "crash"), val, val, out=run, **SETTINGS)
     with pytest.raises(KeyboardInterrupt):  # a graceful stop in 2_co_study's first epoch, after its 2nd step
-        qkd.fit(*_models(), Interrupt(train, 3, "stop"), val, val, out=run, resume=True, **SETTINGS)
+        qkd.fit(*_models(), Interrupt(train, 4, "stop"), val, val, out=run, resume=True, **SETTINGS)
     terminal = _Terminal()
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):  # between co-study's epochs
         m.setattr(sys, "stderr", terminal)
