@@ -142,8 +142,15 @@ def _mark_quantizers(model: nn.Module) -> list[_Grid]:
 
 
 # ----- the graph rewrite -----------------------------------------------------------------------------
+_RAW = {TensorProto.FLOAT: np.float32, TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+
+
 def _tensor(name: str, dtype: int, values: np.ndarray) -> TensorProto:
+    """An initializer; 8-bit and float32 ones as raw bytes (as a list, int8 codes were int32 varints: a
+    negative one took 10 bytes)."""
     values = np.asarray(values)
+    if dtype in _RAW:
+        return helper.make_tensor(name, dtype, values.shape, values.astype(_RAW[dtype]).tobytes(), raw=True)
     return helper.make_tensor(name, dtype, values.shape, values.ravel().tolist())
 
 
