@@ -162,6 +162,26 @@ def test_onnxruntime_fuses_integer_convs(bits, tmp_path):
     assert np.abs(fused - expected).max() <= 0.05 * float(np.abs(expected).max())
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_relu6_before_a_narrower_grid_does_not_block_fusion(bits, tmp_path):
+    """residual_dw's depthwise conv: BN, ReLU6, then the pointwise conv's quantizer, whose grid tops out below 6.
+    The ReLU6 (a float Clip between Conv and QuantizeLinear) is then exported as ReLU, exact (the quantizer clamps
+    at its top code anyway), and onnxruntime fuses that conv. The stem (read also by the residual add) and the
+    pointwise conv (its output goes to the add) stay float: their outputs are not quantized."""
+    model = _quantized("residual_dw", bits, "lsq", True)
+    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    codes = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert all(n.input[0] in codes for n in graph.node if n.op_type == "Clip")  # Clips only on integer codes
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 1
+    assert ops.count("Conv") + ops.count("FusedConv") == 2
+    x = _inputs("residual_dw", 64, seed=3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(run_onnx(path, x.numpy()) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
 @pytest.mark.parametrize("method", ["lsq", "interval"])
 def test_four_bit_storage(method, tmp_path):
     """``four_bit_storage``: codes of 4 bits or fewer in INT4/UINT4 (half the weight bytes), same numbers."""

@@ -307,10 +307,33 @@ def _fold_batchnorm(graph: onnx.GraphProto, grids: list[_Grid]) -> dict[str, _Gr
     return folded
 
 
+def _drop_redundant_relu6(graph: onnx.GraphProto, grids: list[_Grid]) -> None:
+    """``Clip(x, 0, m)`` (ReLU6) read only by activation quantizers whose grid tops out at or below ``m`` becomes
+    ``Relu``: the quantizer clamps at its top anyway (round-then-clamp gives the top code for every x above it),
+    and a float Clip between a Conv and its QuantizeLinear keeps onnxruntime from fusing the Conv."""
+    constants = _constants(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in graph.node:
+        if node.op_type != "Clip" or len(node.input) != 3 or any(i not in constants for i in node.input[1:]):
+            continue
+        lo, hi = (np.float32(constants[i]) for i in node.input[1:])
+        readers = consumers.get(node.output[0], [])
+        if lo != 0 or not readers or any(r.domain != _DOMAIN for r in readers):
+            continue
+        tops = [grids[_index(r)] for r in readers]
+        if all(g.codes is None and not np.any(g.offset) and np.all(np.float32(g.qp) * g.scale <= hi) for g in tops):
+            node.op_type = "Relu"
+            del node.input[1:]
+
+
 def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
-    """Fold BatchNormalization into the quantized Convs before it, then replace every placeholder by its QDQ
-    nodes, in place, keeping the topological order."""
+    """Fold BatchNormalization into the quantized Convs before it, turn a ReLU6 its quantizer makes redundant into
+    ReLU, then replace every placeholder by its QDQ nodes, in place, keeping the topological order."""
     folded = _fold_batchnorm(model.graph, grids)
+    _drop_redundant_relu6(model.graph, grids)
     graph, nodes, inits, seen = model.graph, [], [], set()
     for node in graph.node:
         if node.domain != _DOMAIN:
@@ -336,8 +359,12 @@ def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    """The float weights now feed nothing (their integer codes replaced them): keep them out of the file."""
+    """The float weights now feed nothing (their integer codes replaced them), nor the bounds of a ReLU6 made
+    ReLU: keep them out of the file."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    nodes = [n for n in graph.node if n.op_type != "Constant" or any(o in used for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(nodes)
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
