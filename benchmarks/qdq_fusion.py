@@ -42,7 +42,7 @@ from qkd.export.onnx_qdq import export_onnx  # noqa: E402
 from qkd.models import create_model  # noqa: E402
 from qkd.quant import QuantConfig, calibrate, quantize_model  # noqa: E402
 
-NETWORKS = {"resnet20": 32, "resnet18": 224}  # name -> image size
+NETWORKS = {"resnet20": 32, "resnet18": 224, "mobilenetv2_cifar": 32}  # name -> image size
 
 
 def _network(name: str) -> torch.nn.Module:
