@@ -288,7 +288,7 @@ def test_wrong_mean_length_and_bad_val_size() -> None:
         build_data("digits", mean=(0.485, 0.456, 0.406))
     with pytest.raises(QKDError, match="data.std has 2 values"):
         build_data("digits", std=(0.2, 0.2))
-    with pytest.raises(QKDError, match="val_size must be > 0"):
+    with pytest.raises(QKDError, match="val_size must be a fraction below 1"):
         build_data("digits", val_size=0)
     with pytest.raises(QKDError, match="leaves no training images"):
         build_data("digits", val_size=5000)
@@ -349,7 +349,7 @@ def test_tensor_loader_shards_are_disjoint_equal_and_the_global_batch() -> None:
         assert sorted(torch.cat([a, b]).tolist()) == sorted(whole[6 * step : 6 * step + len(a) + len(b)].tolist())
     test = _ranks(lambda r: TensorLoader(x, y, batch_size=6, shard=(r, 3)), 3)
     assert sorted(torch.cat([torch.cat(t) for t in test]).tolist()) == list(range(23))  # every image once
-    with pytest.raises(ValueError, match="multiple of the 4 processes"):
+    with pytest.raises(QKDError, match="multiple of the 4 processes"):
         TensorLoader(x, y, batch_size=6, shuffle=True, shard=(0, 4))
 
 
