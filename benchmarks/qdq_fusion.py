@@ -45,7 +45,7 @@ from qkd.quant import QuantConfig, calibrate, quantize_model  # noqa: E402
 NETWORKS = {"resnet20": 32, "resnet18": 224, "mobilenetv2_cifar": 32}  # name -> image size
 
 
-def _network(name: str) -> torch.nn.Module:
+def network(name: str) -> torch.nn.Module:
     if name == "resnet18":
         import torchvision
 
@@ -53,7 +53,7 @@ def _network(name: str) -> torch.nn.Module:
     return create_model(name)
 
 
-def _old_exporter(commit: str, tmp: Path):
+def old_exporter(commit: str, tmp: Path):
     """``export_onnx`` of qkd's QDQ exporter at ``commit``."""
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:src/qkd/export/onnx_qdq.py"],
                             check=True, capture_output=True, text=True).stdout  # fmt: skip
@@ -104,7 +104,7 @@ def measure(name: str, rounds: int, before: str, threads: int) -> list[dict]:
     torch.manual_seed(0)
     calib = torch.randn(16, 3, size, size)
     example = calib[:1]
-    float_model = _network(name).eval()
+    float_model = network(name).eval()
     model = quantize_model(copy.deepcopy(float_model), QuantConfig(weight_bits=4, act_bits=4, method="lsq",
                                                                    per_channel=True))  # fmt: skip
     calibrate(model, calib)
@@ -119,7 +119,7 @@ def measure(name: str, rounds: int, before: str, threads: int) -> list[dict]:
         files = {
             "float": (float_path, True),
             "ort int8": (_ort_int8(float_path, tmp / "ort_int8.onnx", calib.numpy()), True),
-            "qkd before": (_old_exporter(before, tmp)(model, example, tmp / "qkd_before.onnx"), True),
+            "qkd before": (old_exporter(before, tmp)(model, example, tmp / "qkd_before.onnx"), True),
             "qkd": (export_onnx(model, example, tmp / "qkd.onnx"), True),
             "qkd as written": (tmp / "qkd.onnx", False),
         }
