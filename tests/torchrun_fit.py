@@ -12,7 +12,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import qkd
-from qkd.distributed import rank, setup
+from qkd.distributed import rank, setup, teardown
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import StopAfter, digits_loaders, user_models  # noqa: E402
@@ -48,6 +48,7 @@ def main(out: Path, stop_after: int, resume: bool) -> None:
     except KeyboardInterrupt:
         pass
     (out.parent / f"{out.name}-drawn-rank{rank()}.json").write_text(json.dumps(train_data.drawn))
+    teardown()  # both ranks leave the group together (exiting with it alive aborted a rank now and then)
 
 
 if __name__ == "__main__":

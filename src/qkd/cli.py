@@ -373,6 +373,12 @@ def _rank() -> int:
 def main() -> None:
     try:
         app()
+    except SystemExit as e:
+        if not e.code and "torch.distributed" in sys.modules:  # a torchrun job done: leave its group together
+            from qkd.distributed import teardown
+
+            teardown()
+        raise
     except QKDError as e:
         rank = _rank()
         if rank == 0:

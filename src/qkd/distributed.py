@@ -42,6 +42,14 @@ def setup(device: str = "auto") -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))  # fmt: skip
 
 
+def teardown() -> None:
+    """Leave the process group, every rank together (a process that exits with gloo's threads still running
+    can abort with "terminate called without an active exception", which torchrun reports as a failure)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
