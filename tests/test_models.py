@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -204,3 +206,13 @@ def test_models_by_import_path_and_timm_name():
     assert create_model("timm:resnet18", num_classes=3)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     with pytest.raises(QKDError, match="timm has no model"):
         create_model("timm:no_such_net")
+
+
+def test_a_factory_beside_you_is_found_as_the_installed_qkd_script_runs(tmp_path: Path) -> None:
+    """The installed ``qkd`` script's sys.path holds its bin folder, not the working directory (``python -m qkd``'s
+    does): ``student.name=mynets:build`` was "cannot import mynets" there."""
+    (tmp_path / "mynets.py").write_text("def build(num_classes=10):\n    return num_classes\n")
+    code = ("import os, sys\nsys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]\n"
+            "from qkd.plugins import load_object\nprint(load_object('mynets:build', 'student.name')())")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "10", res.stderr[-1500:]

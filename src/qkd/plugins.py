@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ def load_object(path: str, what: str) -> Callable[..., Any]:
     if not module_name or not attr:
         raise QKDError(f"{what} '{path}' must look like package.module:function")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as e:
         raise QKDError(f"{what} '{path}': cannot import {module_name} ({e}); is it on PYTHONPATH?") from None
     obj = module
@@ -31,6 +33,19 @@ def load_object(path: str, what: str) -> Callable[..., Any]:
     if not callable(obj):
         raise QKDError(f"{what} '{path}' is not callable")
     return obj
+
+
+def _import(module_name: str) -> Any:
+    """Import ``module_name``, also from the working directory, as ``python -m qkd`` finds it: the installed
+    ``qkd`` script's ``sys.path`` starts with its own bin folder instead, so ``mynets.py`` beside you was missed."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        if e.name != module_name.partition(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)  # after the installed packages: a name they hold still means theirs
+        return importlib.import_module(module_name)
 
 
 def call_accepting(fn: Callable[..., Any], what: str, offered: dict[str, Any], given: dict[str, Any]) -> Any:
