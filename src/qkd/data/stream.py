@@ -16,7 +16,7 @@ from torch import Tensor
 from qkd.data import jpeg
 from qkd.data.options import DataBundle, SourceOptions
 from qkd.data.splits import resolve_stats, three_splits
-from qkd.distributed import rank, world_size
+from qkd.distributed import local_batch, rank, world_size
 from qkd.errors import QKDError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,10 +52,7 @@ class StreamLoader:
         self._num_samples = len(dataset)  # type: ignore[arg-type]
         self._sampler = _shard_sampler(len(dataset), shuffle, seed)  # type: ignore[arg-type]
         if self._sampler is not None and shuffle:  # the global batch, split over the ranks
-            if batch_size % world_size():
-                raise QKDError(f"data.batch_size {batch_size} (the global batch) must be a multiple of the "
-                               f"{world_size()} processes")  # fmt: skip
-            batch_size //= world_size()
+            batch_size = local_batch(batch_size, world_size())
         self._loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
