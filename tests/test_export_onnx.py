@@ -93,7 +93,8 @@ def test_graph_is_explicit_qdq(exported):
     ops = [n.op_type for n in proto.graph.node]
     active = sum(m.act_quant.bits is not None for m in model.modules() if isinstance(m, (QConv2d, QLinear)))
     assert ops.count("QuantizeLinear") == active  # one per activation quantizer; weights are quantized already
-    assert ops.count("DequantizeLinear") == 2 * active
+    # a layer in integer form (MatMulInteger on the codes: the head here) reads its codes without DequantizeLinear
+    assert ops.count("DequantizeLinear") + 2 * ops.count("MatMulInteger") == 2 * active
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
     assert {o.domain: o.version for o in proto.opset_import}.get("", None) == 21
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -177,6 +178,55 @@ def test_relu6_before_a_narrower_grid_does_not_block_fusion(bits, tmp_path):
     assert ops.count("QLinearConv") == 1
     assert ops.count("Conv") + ops.count("FusedConv") == 2
     x = _inputs("residual_dw", 64, seed=3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(run_onnx(path, x.numpy()) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("bits", [4, 8, 2])
+def test_unfusable_convs_run_on_integer_codes(bits, tmp_path, monkeypatch):
+    """A conv whose output is not requantized (residual_dw: the stem, read also by the add, and the pointwise conv,
+    whose output goes to the add) and the head's Gemm become MatMulInteger on the codes (im2col, int32, then one
+    multiply by the scale product): no float conv left in what onnxruntime runs, the same numbers as the fake-quant
+    model. The stem's input codes are signed (shifted to uint8). The channel threshold is lowered to reach these
+    8-channel convs; before this rewrite the file had 2 float convs and a float Gemm."""
+    import qkd.export.onnx_intconv as intconv
+
+    monkeypatch.setattr(intconv, "MIN_CHANNELS", 1)
+    model = _quantized("residual_dw", bits, "lsq", True)
+    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx")
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("MatMulInteger") == 3
+    assert ops.count("QLinearConv") == 1
+    assert ops.count("Conv") + ops.count("FusedConv") + ops.count("Gemm") == 0
+    x = _inputs("residual_dw", 64, seed=3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    for fused in (False, True):  # the integer form is no QDQ fusion: the same numbers either way (but QLinearConv's)
+        got = run_onnx(path, x.numpy(), fused=fused)
+        assert np.abs(got - expected).max() <= (0.05 if fused else 1e-4) * max(1.0, float(np.abs(expected).max()))
+
+
+def test_wide_convs_run_on_integer_codes_by_default(tmp_path):
+    """The default threshold: a 128-channel conv whose output goes to a residual add is rewritten, exact."""
+    torch.manual_seed(0)
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 128, 3, padding=1), nn.Conv2d(128, 128, 3, padding=1, stride=2)
+            self.skip = nn.Conv2d(128, 128, 1, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.a(x))
+            return F.relu(self.b(y) + self.skip(y)).mean((2, 3))
+
+    model = quantize_model(Wide(), QuantConfig(weight_bits=4, act_bits=4, method="lsq", per_channel=True))
+    x = torch.randn(4, 3, 9, 9)
+    calibrate(model, x)
+    model.eval()
+    path = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    assert _optimized_ops(path, tmp_path).count("MatMulInteger") == 2  # b and skip; a has 3 input channels
     with torch.no_grad():
         expected = model(x).numpy()
     assert np.abs(run_onnx(path, x.numpy()) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from qkd.errors import QKDError
 from qkd.export.grid import activation_grid, check_quantized, float_weight, grid, weight_layers
 from qkd.export.onnx_common import FOUR_BIT, onnx_runner, run_onnx, save_onnx, storage_type
+from qkd.export.onnx_intconv import integer_matmuls
 from qkd.quant import Quantizer, quantizers
 
 __all__ = ["export_onnx", "onnx_runner", "run_onnx", "storage_type"]
@@ -437,4 +438,6 @@ def export_onnx(
     if opset > _TORCHSCRIPT_MAX_OPSET:  # before the rewrite, so no 4-bit type meets an older opset
         onnx_model = version_converter.convert_version(onnx_model, opset)
     _rewrite(onnx_model, grids, int4=four_bit_storage and opset >= _INT4_MIN_OPSET)
+    if integer_matmuls(onnx_model):  # the convs onnxruntime cannot fuse, on the integer codes
+        _drop_unused_initializers(onnx_model.graph)
     return save_onnx(onnx_model, path, contract)
