@@ -290,3 +290,32 @@ def test_export_warns_nothing(tmp_path):
         warnings.simplefilter("always")
         export_onnx(model.eval(), _inputs("tiny_cnn", 2, seed=2), tmp_path / "m.onnx")
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("four_bit_storage", [False, True])
+def test_interval_offsets_are_named_or_become_integer_zero_points(four_bit_storage, tmp_path):
+    """Interval grids: a free lower bound keeps a float Sub/Add around its QDQ, which the export says (one warning
+    line, and the count in the file's metadata); trained with ``integer_zero_point`` the same layers store an
+    integer zero point instead (no Sub/Add), with the same numbers as the fake-quant model."""
+    counts = {}
+    for integer in (False, True):
+        torch.manual_seed(0)
+        model = create_model("tiny_cnn", width=8)
+        config = QuantConfig(weight_bits=4, act_bits=4, method="interval", integer_zero_point=integer)
+        quantize_model(model, config)
+        calibrate(model, _inputs("tiny_cnn", 32, seed=1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = export_onnx(model.eval(), _inputs("tiny_cnn", 2, seed=2), tmp_path / f"m{integer}.onnx",
+                               four_bit_storage=four_bit_storage)  # fmt: skip
+        proto = onnx.load(str(path))
+        counts[integer] = int({p.key: p.value for p in proto.metadata_props}["qdq_float_offset_quantizers"])
+        subs = [n for n in proto.graph.node if n.op_type == "Sub"]
+        assert len(subs) <= counts[integer]  # one Sub per float-offset activation (weights: an Add only)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == (1 if counts[integer] else 0)
+        x = _inputs("tiny_cnn", 32, seed=3)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(run_onnx(path, x.numpy()) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    assert counts[False] > 0 and counts[True] == 0

@@ -162,6 +162,7 @@ class _Rewriter:
         self.prefix, self.grid = prefix, grid
         self.dtype, lo, hi = storage_type(grid.qn, grid.qp, int4)
         self.clip = (grid.qn, grid.qp) != (lo, hi)
+        self.zero = _integer_zero_point(grid, lo, hi)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
 
@@ -175,8 +176,13 @@ class _Rewriter:
         return out
 
     def qparams(self) -> list[str]:
-        zero = np.zeros(self.grid.scale.shape, dtype=np.int64)
+        zero = self.zero if self.zero is not None else np.zeros(self.grid.scale.shape, dtype=np.int64)
         return [self.const("scale", TensorProto.FLOAT, self.grid.scale), self.const("zero_point", self.dtype, zero)]
+
+    @property
+    def shifted(self) -> bool:
+        """A non-zero offset that is no integer zero point: a float Sub/Add around the QDQ (a float layer)."""
+        return bool(np.any(self.grid.offset != 0)) and self.zero is None
 
     def activation(self, x: str, out: str) -> None:
         """``[Sub offset] -> Q -> [Clip codes] -> DQ -> [Add offset]``; Sub/Add only for a non-zero lower bound.
@@ -187,7 +193,7 @@ class _Rewriter:
         clamp is a Clip on the codes, exact as round-then-clamp; 4-bit types (``four_bit_storage``) keep the
         float clamp before Q, because no runtime op clips INT4/UINT4.
         """
-        g, shifted = self.grid, bool(np.any(self.grid.offset != 0))
+        g, shifted = self.grid, self.shifted
         if shifted:
             offset = self.const("offset", TensorProto.FLOAT, g.offset)
             x = self.node("Sub", [x, offset])
@@ -211,8 +217,9 @@ class _Rewriter:
         zero point (onnxruntime 1.32 fails to load the model).
         """
         g = self.grid
-        lo = self.const("clip_min", TensorProto.FLOAT, np.float32(g.qn) * g.scale)
-        hi = self.const("clip_max", TensorProto.FLOAT, np.float32(g.qp) * g.scale)
+        zero = np.float32(0) if self.zero is None else self.zero.astype(np.float32)  # codes count from the zero point
+        lo = self.const("clip_min", TensorProto.FLOAT, (np.float32(g.qn) - zero) * g.scale)
+        hi = self.const("clip_max", TensorProto.FLOAT, (np.float32(g.qp) - zero) * g.scale)
         return self.node("Min", [self.node("Max", [x, lo]), hi])
 
     def weight(self, out: str) -> None:
@@ -220,11 +227,24 @@ class _Rewriter:
         g = self.grid
         codes = self.const("codes", self.dtype, g.codes)
         attrs = {"axis": 0} if g.per_channel else {}
-        shifted = bool(np.any(g.offset != 0))
+        shifted = self.shifted
         y = self.node("DequantizeLinear", [codes, *self.qparams()], None if shifted else out, **attrs)
         if shifted:
             shape = g.offset.shape + (1,) * (g.codes.ndim - 1) if g.per_channel else ()
             self.node("Add", [y, self.const("offset", TensorProto.FLOAT, g.offset.reshape(shape))], out)
+
+
+def _integer_zero_point(grid: _Grid, lo: int, hi: int) -> np.ndarray | None:
+    """The zero point that makes ``offset + scale * code`` an ONNX ``(code - zero) * scale``, where the offset is a
+    whole number of steps (interval trained with ``quant.integer_zero_point``) and that zero point fits the storage
+    type [lo, hi]; None otherwise (and for offset 0, which needs none)."""
+    if not np.any(grid.offset != 0):
+        return None
+    steps = grid.offset.astype(np.float64) / grid.scale.astype(np.float64)
+    zero = -np.round(steps)
+    if np.abs(steps + zero).max() > 1e-3 or zero.min() < lo or zero.max() > hi:
+        return None
+    return zero.astype(np.int64)
 
 
 def _index(node: onnx.NodeProto) -> int:
@@ -330,12 +350,13 @@ def _drop_redundant_relu6(graph: onnx.GraphProto, grids: list[_Grid]) -> None:
             del node.input[1:]
 
 
-def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
+def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> int:
     """Fold BatchNormalization into the quantized Convs before it, turn a ReLU6 its quantizer makes redundant into
-    ReLU, then replace every placeholder by its QDQ nodes, in place, keeping the topological order."""
+    ReLU, then replace every placeholder by its QDQ nodes, in place, keeping the topological order. Returns how
+    many quantizers kept a float offset (Sub/Add around their QDQ)."""
     folded = _fold_batchnorm(model.graph, grids)
     _drop_redundant_relu6(model.graph, grids)
-    graph, nodes, inits, seen = model.graph, [], [], set()
+    graph, nodes, inits, seen, offsets = model.graph, [], [], set(), 0
     for node in graph.node:
         if node.domain != _DOMAIN:
             nodes.append(node)
@@ -344,6 +365,7 @@ def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
         prefix = grid.name if grid.name not in seen else f"{grid.name}.call{len(seen)}"  # a layer called twice
         seen.add(prefix)
         rw = _Rewriter(prefix, grid, int4)
+        offsets += rw.shifted
         if grid.codes is None:
             rw.activation(node.input[0], node.output[0])
         else:
@@ -357,6 +379,24 @@ def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
     kept = [o for o in model.opset_import if o.domain != _DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(kept)
+    return offsets
+
+
+FLOAT_OFFSET_KEY = "qdq_float_offset_quantizers"
+
+
+def _say_float_offsets(model: onnx.ModelProto, count: int, contract: dict | None) -> dict | None:
+    """Never silently slow: quantizers whose offset is no integer zero point (interval bounds) keep a float Sub/Add
+    around their QDQ, and their layers run in float in onnxruntime; one warning line, and the count in the file's
+    metadata (``qdq_float_offset_quantizers``). Returns the contract to write (None: the count set directly)."""
+    if count:
+        warnings.warn(f"QDQ ONNX: {count} quantizer(s) have a lower bound that is no integer zero point and keep a "
+                      "float offset (Sub/Add): their layers run in float; train interval grids with "
+                      "quant.integer_zero_point=true to avoid it", UserWarning, stacklevel=3)  # fmt: skip
+    if contract is not None:
+        return {**contract, FLOAT_OFFSET_KEY: count}
+    helper.set_model_props(model, {FLOAT_OFFSET_KEY: str(count)})
+    return None
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -437,7 +477,8 @@ def export_onnx(
         onnx_model = _trace_to_onnx(clone, example.detach().float().cpu(), opset)
     if opset > _TORCHSCRIPT_MAX_OPSET:  # before the rewrite, so no 4-bit type meets an older opset
         onnx_model = version_converter.convert_version(onnx_model, opset)
-    _rewrite(onnx_model, grids, int4=four_bit_storage and opset >= _INT4_MIN_OPSET)
+    offsets = _rewrite(onnx_model, grids, int4=four_bit_storage and opset >= _INT4_MIN_OPSET)
+    contract = _say_float_offsets(onnx_model, offsets, contract)
     if integer_matmuls(onnx_model):  # the convs onnxruntime cannot fuse, on the integer codes
         _drop_unused_initializers(onnx_model.graph)
     return save_onnx(onnx_model, path, contract)
