@@ -93,8 +93,7 @@ def test_graph_is_explicit_qdq(exported):
     ops = [n.op_type for n in proto.graph.node]
     active = sum(m.act_quant.bits is not None for m in model.modules() if isinstance(m, (QConv2d, QLinear)))
     assert ops.count("QuantizeLinear") == active  # one per activation quantizer; weights are quantized already
-    # a layer in integer form (MatMulInteger on the codes: the head here) reads its codes without DequantizeLinear
-    assert ops.count("DequantizeLinear") + 2 * ops.count("MatMulInteger") == 2 * active
+    assert ops.count("DequantizeLinear") == 2 * active
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
     assert {o.domain: o.version for o in proto.opset_import}.get("", None) == 21
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -194,7 +193,7 @@ def test_unfusable_convs_run_on_integer_codes(bits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(intconv, "MIN_CHANNELS", 1)
     model = _quantized("residual_dw", bits, "lsq", True)
-    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx")
+    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx", integer_matmul=True)
     ops = _optimized_ops(path, tmp_path)
     assert ops.count("MatMulInteger") == 3
     assert ops.count("QLinearConv") == 1
@@ -207,8 +206,9 @@ def test_unfusable_convs_run_on_integer_codes(bits, tmp_path, monkeypatch):
         assert np.abs(got - expected).max() <= (0.05 if fused else 1e-4) * max(1.0, float(np.abs(expected).max()))
 
 
-def test_wide_convs_run_on_integer_codes_by_default(tmp_path):
-    """The default threshold: a 128-channel conv whose output goes to a residual add is rewritten, exact."""
+def test_wide_convs_run_on_integer_codes_when_asked(tmp_path):
+    """``integer_matmul`` (off by default) with the default threshold: a 128-channel conv whose output goes to a
+    residual add is rewritten, exact."""
     torch.manual_seed(0)
 
     class Wide(nn.Module):
@@ -225,7 +225,8 @@ def test_wide_convs_run_on_integer_codes_by_default(tmp_path):
     x = torch.randn(4, 3, 9, 9)
     calibrate(model, x)
     model.eval()
-    path = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    assert _optimized_ops(export_onnx(model, x[:1], tmp_path / "off.onnx"), tmp_path).count("MatMulInteger") == 0
+    path = export_onnx(model, x[:1], tmp_path / "m.onnx", integer_matmul=True)
     assert _optimized_ops(path, tmp_path).count("MatMulInteger") == 2  # b and skip; a has 3 input channels
     with torch.no_grad():
         expected = model(x).numpy()

@@ -458,6 +458,7 @@ def export_onnx(
     opset: int = 21,
     contract: dict | None = None,
     four_bit_storage: bool = False,
+    integer_matmul: bool = False,
 ) -> Path:
     """Write ``model`` (a quantized student) as ONNX with QDQ nodes and integer weights; return the path.
 
@@ -467,6 +468,12 @@ def export_onnx(
     graph where it says ``preprocessing_baked``. Codes are stored in 8-bit types (the ones runtimes fuse into
     integer kernels); ``four_bit_storage`` (opset 21 or later) stores codes of 4 bits or fewer in INT4/UINT4
     instead: half the weight bytes, but onnxruntime then runs every layer in float.
+
+    ``integer_matmul`` (for onnxruntime): the convs whose output goes to no quantizer (residual adds, the head),
+    which onnxruntime runs in float, are written as MatMulInteger on the codes instead
+    (:mod:`qkd.export.onnx_intconv`; same grids, exact). Off by default because OpenVINO, which runs the plain QDQ
+    form of those convs in integers itself, runs that form in float32 (ResNet-18 224 px, measured: 0.25x the float
+    model's latency without it, 1.0x with it).
     """
     if opset < _MIN_OPSET:
         raise QKDError(f"ONNX export needs opset {_MIN_OPSET} or later (per-channel QDQ); got {opset}")
@@ -479,6 +486,6 @@ def export_onnx(
         onnx_model = version_converter.convert_version(onnx_model, opset)
     offsets = _rewrite(onnx_model, grids, int4=four_bit_storage and opset >= _INT4_MIN_OPSET)
     contract = _say_float_offsets(onnx_model, offsets, contract)
-    if integer_matmuls(onnx_model):  # the convs onnxruntime cannot fuse, on the integer codes
+    if integer_matmul and integer_matmuls(onnx_model):  # the convs onnxruntime cannot fuse, on the codes
         _drop_unused_initializers(onnx_model.graph)
     return save_onnx(onnx_model, path, contract)
