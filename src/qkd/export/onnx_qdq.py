@@ -13,10 +13,11 @@ lower bound), and becomes:
 
 That is the standard pattern runtimes fuse (onnxruntime: ``DQ -> Conv -> Q`` into QLinearConv) wherever a
 conv's output goes only to the next quantizer; the Sub/Add of a grid with an offset (interval) keeps that
-layer in float (an offset of a whole number of steps, ``quant.integer_zero_point``, is an integer zero point instead;
-the export warns and counts the float ones in its metadata). Codes are stored in INT8/UINT8 (the types integer kernels take), a narrower bit-width with
-its range restricted by the Clip; ``four_bit_storage`` stores 4-bit codes in INT4/UINT4 at opset 21 or
-later (a float Max -> Min before Q then restricts the range), which no onnxruntime CPU kernel fuses.
+layer in float (an offset of a whole number of steps, ``quant.integer_zero_point``, is an integer zero point
+instead; the export warns and counts the float ones in its metadata). Codes are stored in INT8/UINT8 (the types
+integer kernels take), a narrower bit-width with its range restricted by the Clip; ``four_bit_storage`` stores
+4-bit codes in INT4/UINT4 at opset 21 or later (a float Max -> Min before Q then restricts the range), which no
+onnxruntime CPU kernel fuses.
 
 How: the TorchScript exporter traces a copy of the model whose quantizers are replaced by markers
 (a custom ``qkd::Quant`` node carrying an index); the marked graph is then rewritten with the
