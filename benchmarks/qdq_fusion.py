@@ -8,10 +8,12 @@ the float one about 50 ms), alternated, median over the rounds:
 - ``ort int8``: onnxruntime's own static int8 QDQ of that float network (``quantize_static``, per channel): a
   different model (8-bit, every tensor quantized), the speed reference;
 - ``qkd before``: the QDQ exporter of the commit given by ``--before`` (read with ``git show``), as it wrote files;
-- ``qkd``: the current exporter, run as a deployment runs it (all optimizations: onnxruntime fuses what it can);
+- ``qkd``: the current exporter with ``integer_matmul=True`` (the convs onnxruntime cannot fuse as MatMulInteger),
+  run as a deployment runs it (all optimizations: onnxruntime fuses what it can);
 - ``qkd as written``: the same file with onnxruntime's QDQ fusions off (``run_onnx``'s default, the exact path).
 
-For each variant also the optimized graph's integer convolutions (QLinearConv) and float ones (Conv, FusedConv),
+For each variant also the optimized graph's integer convolutions (QLinearConv, and MatMulInteger: the head's Gemm
+counts there too) and float ones (Conv, FusedConv),
 from the file onnxruntime writes with ``optimized_model_filepath``.
 
     python benchmarks/qdq_fusion.py --rounds 40 --append
@@ -96,7 +98,9 @@ def _session(path: Path, fused: bool, tmp: Path, threads: int) -> tuple[ort.Infe
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                    disabled_optimizers=["ClipQuantRewrite"])  # fmt: skip
     ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-    return session, {"int": ops.count("QLinearConv"), "float": ops.count("Conv") + ops.count("FusedConv")}
+    counts = {"int": ops.count("QLinearConv") + ops.count("MatMulInteger"),
+              "float": ops.count("Conv") + ops.count("FusedConv")}  # fmt: skip
+    return session, counts
 
 
 def measure(name: str, rounds: int, before: str, threads: int) -> list[dict]:
@@ -120,7 +124,7 @@ def measure(name: str, rounds: int, before: str, threads: int) -> list[dict]:
             "float": (float_path, True),
             "ort int8": (_ort_int8(float_path, tmp / "ort_int8.onnx", calib.numpy()), True),
             "qkd before": (old_exporter(before, tmp)(model, example, tmp / "qkd_before.onnx"), True),
-            "qkd": (export_onnx(model, example, tmp / "qkd.onnx"), True),
+            "qkd": (export_onnx(model, example, tmp / "qkd.onnx", integer_matmul=True), True),
             "qkd as written": (tmp / "qkd.onnx", False),
         }
         sessions = {k: _session(Path(p), fused, tmp, threads) for k, (p, fused) in files.items()}
@@ -162,7 +166,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     parser.add_argument("--append", action="store_true", help="append the section to docs/RESULTS.md")
     args = parser.parse_args()
-    lines = ["| network | variant | median ms | / float (medians) | / float (median of per-round ratios) | QLinearConv "
+    lines = ["| network | variant | median ms | / float (medians) | / float (median of per-round ratios) | integer "
              "| float convs | max logit diff / max logit |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name in args.only:
         for r in measure(name, args.rounds, args.before, args.threads):

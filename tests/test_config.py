@@ -106,3 +106,18 @@ def test_where_settings_are_marked_once_on_the_fields():
     assert where_settings("data") == tuple(k for k in where_settings() if k.startswith("data."))
     assert all(may_change_on_resume(k) for k in where_settings()) and set(where_settings()) <= set(EVAL_CHANGES)
     assert not may_change_on_resume("data.batch_size") and not may_change_on_resume("quant.weight_bits")
+
+
+def test_integer_zero_point_reaches_the_quantizers():
+    """``qkd run cifar10-resnet20-w2a2 quant.integer_zero_point=true``: the option is read from the command line's
+    overrides and every quantizer the config builds has it; off by default; refused for lsq."""
+    from qkd.models import create_model
+    from qkd.quant import quantize_model, quantizers
+
+    assert load_config("cifar10-resnet20-w2a2").quant.integer_zero_point is False
+    cfg = load_config("cifar10-resnet20-w2a2", ["quant.integer_zero_point=true"])
+    assert cfg.quant.integer_zero_point is True and cfg.quant.method == "interval"
+    model = quantize_model(create_model("tiny_cnn", width=4), cfg.quant)
+    assert all(q.integer_zero_point for _, q in quantizers(model))
+    with pytest.raises(QKDError, match="integer_zero_point applies to method interval"):
+        load_config("digits", ["quant.method=lsq", "quant.integer_zero_point=true"])

@@ -182,6 +182,57 @@ def test_relu6_before_a_narrower_grid_does_not_block_fusion(bits, tmp_path):
     assert np.abs(run_onnx(path, x.numpy()) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
 
 
+@pytest.mark.parametrize("bits", [4, 8, 2])
+def test_unfusable_convs_run_on_integer_codes(bits, tmp_path, monkeypatch):
+    """A conv whose output is not requantized (residual_dw: the stem, read also by the add, and the pointwise conv,
+    whose output goes to the add) and the head's Gemm become MatMulInteger on the codes (im2col, int32, then one
+    multiply by the scale product): no float conv left in what onnxruntime runs, the same numbers as the fake-quant
+    model. The stem's input codes are signed (shifted to uint8). The channel threshold is lowered to reach these
+    8-channel convs; before this rewrite the file had 2 float convs and a float Gemm."""
+    import qkd.export.onnx_intconv as intconv
+
+    monkeypatch.setattr(intconv, "MIN_CHANNELS", 1)
+    model = _quantized("residual_dw", bits, "lsq", True)
+    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx", integer_matmul=True)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("MatMulInteger") == 3
+    assert ops.count("QLinearConv") == 1
+    assert ops.count("Conv") + ops.count("FusedConv") + ops.count("Gemm") == 0
+    x = _inputs("residual_dw", 64, seed=3)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    for fused in (False, True):  # the integer form is no QDQ fusion: the same numbers either way (but QLinearConv's)
+        got = run_onnx(path, x.numpy(), fused=fused)
+        assert np.abs(got - expected).max() <= (0.05 if fused else 1e-4) * max(1.0, float(np.abs(expected).max()))
+
+
+def test_wide_convs_run_on_integer_codes_when_asked(tmp_path):
+    """``integer_matmul`` (off by default) with the default threshold: a 128-channel conv whose output goes to a
+    residual add is rewritten, exact."""
+    torch.manual_seed(0)
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 128, 3, padding=1), nn.Conv2d(128, 128, 3, padding=1, stride=2)
+            self.skip = nn.Conv2d(128, 128, 1, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.a(x))
+            return F.relu(self.b(y) + self.skip(y)).mean((2, 3))
+
+    model = quantize_model(Wide(), QuantConfig(weight_bits=4, act_bits=4, method="lsq", per_channel=True))
+    x = torch.randn(4, 3, 9, 9)
+    calibrate(model, x)
+    model.eval()
+    assert _optimized_ops(export_onnx(model, x[:1], tmp_path / "off.onnx"), tmp_path).count("MatMulInteger") == 0
+    path = export_onnx(model, x[:1], tmp_path / "m.onnx", integer_matmul=True)
+    assert _optimized_ops(path, tmp_path).count("MatMulInteger") == 2  # b and skip; a has 3 input channels
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(run_onnx(path, x.numpy()) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
 @pytest.mark.parametrize("method", ["lsq", "interval"])
 def test_four_bit_storage(method, tmp_path):
     """``four_bit_storage``: codes of 4 bits or fewer in INT4/UINT4 (half the weight bytes), same numbers."""
@@ -240,3 +291,32 @@ def test_export_warns_nothing(tmp_path):
         warnings.simplefilter("always")
         export_onnx(model.eval(), _inputs("tiny_cnn", 2, seed=2), tmp_path / "m.onnx")
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("four_bit_storage", [False, True])
+def test_interval_offsets_are_named_or_become_integer_zero_points(four_bit_storage, tmp_path):
+    """Interval grids: a free lower bound keeps a float Sub/Add around its QDQ, which the export says (one warning
+    line, and the count in the file's metadata); trained with ``integer_zero_point`` the same layers store an
+    integer zero point instead (no Sub/Add), with the same numbers as the fake-quant model."""
+    counts = {}
+    for integer in (False, True):
+        torch.manual_seed(0)
+        model = create_model("tiny_cnn", width=8)
+        config = QuantConfig(weight_bits=4, act_bits=4, method="interval", integer_zero_point=integer)
+        quantize_model(model, config)
+        calibrate(model, _inputs("tiny_cnn", 32, seed=1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path = export_onnx(model.eval(), _inputs("tiny_cnn", 2, seed=2), tmp_path / f"m{integer}.onnx",
+                               four_bit_storage=four_bit_storage)  # fmt: skip
+        proto = onnx.load(str(path))
+        counts[integer] = int({p.key: p.value for p in proto.metadata_props}["qdq_float_offset_quantizers"])
+        subs = [n for n in proto.graph.node if n.op_type == "Sub"]
+        assert len(subs) <= counts[integer]  # one Sub per float-offset activation (weights: an Add only)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == (1 if counts[integer] else 0)
+        x = _inputs("tiny_cnn", 32, seed=3)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(run_onnx(path, x.numpy()) - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    assert counts[False] > 0 and counts[True] == 0

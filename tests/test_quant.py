@@ -786,3 +786,66 @@ def test_the_quantizer_names_a_config_accepts_are_the_quantizers_there_are():
     from qkd.quant.quantizer import QUANTIZERS
 
     assert sorted(QUANTIZERS) == sorted(QUANTIZER_NAMES)
+
+
+# ----- integer zero point (interval) -----------------------------------------------------------------
+def _trained_interval(integer_zero_point: bool) -> nn.Module:
+    """A W2A2 interval model with a signed input (its first quantizer learns its lower bound), after SGD steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    config = QuantConfig(weight_bits=2, act_bits=2, method="interval", first_last_bits="same",
+                         integer_zero_point=integer_zero_point)  # fmt: skip
+    quantize_model(model, config)
+    x = _randn(7, 32, 1, 6, 6)
+    calibrate(model, x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.arange(32) % 4).backward()
+        opt.step()
+    return model
+
+
+def test_integer_zero_point_keeps_the_grid_offset_a_whole_number_of_steps():
+    model = _trained_interval(integer_zero_point=True)
+    grids = [q.affine() for _, q in quantizers(model)]
+    ratios = torch.cat([(offset / scale).reshape(-1) for scale, offset, _, _ in grids])
+    assert torch.allclose(ratios, ratios.round(), atol=1e-6), ratios
+    assert (ratios != 0).any()  # signed grids learned a non-zero lower bound, now an integer zero point
+    # the forward uses that grid: every output is offset + scale * an integer code
+    q = model[0].weight_quant
+    scale, offset, qn, qp = q.affine()
+    codes = (q(model[0].weight.detach()).double() - offset) / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and qn <= codes.round().min() and codes.round().max() <= qp
+    without = _trained_interval(integer_zero_point=False)
+    free = torch.cat([(o / s).reshape(-1) for s, o, _, _ in (q.affine() for _, q in quantizers(without))])
+    assert not torch.allclose(free, free.round(), atol=1e-3)  # the test can fail: free bounds are not integral
+
+
+def test_integer_zero_point_off_is_the_interval_kernel_unchanged():
+    """Off (the default), the quantizer is the interval kernel on its learned bounds, bit for bit, forward and
+    backward."""
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=2, signed=True, per_channel=True, method="interval")
+    w = torch.randn(8, 3, 3, 3)
+    q = make_quantizer(spec, init=w)
+    with torch.no_grad():
+        q.lower.sub_(0.0123)  # a lower bound that is no multiple of the step
+    x = torch.randn(8, 3, 3, 3, requires_grad=True)
+    y = q(x)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    lower, upper = q.lower.detach().clone().requires_grad_(True), q.upper.detach().clone().requires_grad_(True)
+    y2 = interval_fake_quant(x2, lower, upper, 4, q._grad_scale(x2))
+    y2.sum().backward()
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    assert torch.equal(q.lower.grad, lower.grad) and torch.equal(q.upper.grad, upper.grad)
+    snapped = make_quantizer(QuantSpec(bits=2, signed=True, per_channel=True, method="interval",
+                                       integer_zero_point=True), init=w)  # fmt: skip
+    snapped.load_state_dict(q.state_dict())
+    assert not torch.equal(snapped(x.detach()), y.detach())  # on, the same bounds give another grid
+
+
+def test_integer_zero_point_is_for_interval_only():
+    with pytest.raises(ValueError, match="integer_zero_point applies to method interval"):
+        QuantConfig(method="lsq", integer_zero_point=True)

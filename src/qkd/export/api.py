@@ -65,10 +65,10 @@ def export_student(
     return _export(student, fmt, path, example, info, bake_preprocessing)[0]
 
 
-def _export(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict,
-            bake_preprocessing: bool) -> tuple[Callable[[Tensor], Tensor], dict]:  # fmt: skip
+def _export(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict, bake_preprocessing: bool,
+            four_bit_storage: bool = False) -> tuple[Callable[[Tensor], Tensor], dict]:  # fmt: skip
     """:func:`export_student`, also returning the contract written into the file."""
-    check_format(fmt, bake_preprocessing)
+    check_format(fmt, bake_preprocessing, four_bit_storage)
     check_quantized(student)
     student, example = student.eval().cpu(), example.cpu()
     contract = complete(info, fmt, example, bake_preprocessing)
@@ -81,7 +81,7 @@ def _export(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dic
     if fmt == "onnx":
         from qkd.export.onnx_qdq import export_onnx
 
-        export_onnx(student, example, path, contract=contract)
+        export_onnx(student, example, path, contract=contract, four_bit_storage=four_bit_storage)
     else:
         from qkd.export.onnx_int import export_onnx_int
 
@@ -120,16 +120,17 @@ def require_quantized(loaded: Any, target: str | Path) -> None:
 
 
 def export_loaded(loaded: Any, fmt: str, path: str | Path, *, bake_preprocessing: bool = False,
-                  verify: int | None = 1000) -> Exported:  # fmt: skip
+                  verify: int | None = 1000, four_bit_storage: bool = False) -> Exported:  # fmt: skip
     """Export a run's model read by ``pipeline.load_student`` with the run's contract; check it on ``verify``
-    images of the test split against the trained model."""
+    images of the test split against the trained model. ``four_bit_storage`` (format onnx): codes of 4 bits or
+    fewer in INT4/UINT4 (see :func:`qkd.export.onnx_qdq.export_onnx`)."""
     check_limit(verify)  # before anything is written
     path = Path(path)
     split, images = check_split(loaded.data)
     contract = run_contract(loaded.cfg, loaded.data, loaded.where)
     contract["float32_bytes"] = float_checkpoint_bytes(loaded.student)  # what the export is compared with
     example = next(iter(images))[0][:2]
-    run, contract = _export(loaded.student, fmt, path, example, contract, bake_preprocessing)
+    run, contract = _export(loaded.student, fmt, path, example, contract, bake_preprocessing, four_bit_storage)
     check = compare(run, loaded.student, images, limit=verify, exact=True)
     return Exported(path, contract, check, split, loaded)
 
@@ -153,6 +154,7 @@ def export_run(
     verify: int | None = 1000,
     unfinished: bool = False,
     overrides: list[str] | None = None,
+    four_bit_storage: bool = False,
 ) -> Exported:
     """``qkd export`` from Python: the student of a run folder or checkpoint file, written in ``fmt`` to ``out``
     (default :func:`default_path`) with its input contract, and checked against the trained model.
@@ -164,10 +166,26 @@ def export_run(
     from qkd.checkpoint import load_checkpoint
 
     check_limit(verify)  # before the run is read
+    check_format(fmt, bake_preprocessing, four_bit_storage)
     target = Path(target)
     ckpt = load_checkpoint(target) if target.is_file() else None  # read once, for its settings and weights
     cfg = pipeline.target_config(target, [*(overrides or []), "device=cpu"], ckpt)
     loaded = pipeline.load_student(cfg, target, role="student", unfinished=unfinished, ckpt=ckpt)
     require_quantized(loaded, target)
     path = Path(out) if out is not None else default_path(target, fmt, bake_preprocessing)
-    return export_loaded(loaded, fmt, path, bake_preprocessing=bake_preprocessing, verify=verify)
+    return export_loaded(loaded, fmt, path, bake_preprocessing=bake_preprocessing, verify=verify,
+                         four_bit_storage=four_bit_storage)  # fmt: skip
+
+
+def code_storage(path: str | Path) -> str:
+    """One line on how a QDQ ONNX file stores its weight codes: how many tensors in 4-bit and in 8-bit types."""
+    import onnx
+    from onnx import TensorProto
+
+    types = [t.data_type for t in onnx.load(str(path), load_external_data=False).graph.initializer if len(t.dims) > 1]
+    four = sum(t in (TensorProto.INT4, TensorProto.UINT4) for t in types)
+    eight = sum(t in (TensorProto.INT8, TensorProto.UINT8) for t in types)
+    if not four:
+        return f"weight codes: all {eight} tensors in 8-bit types (none fits 4 bits, or an opset before 21)"
+    return (f"weight codes: {four} tensors in INT4/UINT4, {eight} in 8-bit types (wider codes); onnxruntime runs "
+            "4-bit layers in float")  # fmt: skip

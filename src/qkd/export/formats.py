@@ -9,10 +9,14 @@ EXTENSIONS = {"int": "safetensors", "onnx": "onnx", "onnx-int": "onnx"}
 FORMATS = tuple(EXTENSIONS)
 
 
-def check_format(fmt: str, bake_preprocessing: bool = False) -> None:
-    """A one-line :class:`QKDError` for a format that is not one, or preprocessing to bake into the int file."""
+def check_format(fmt: str, bake_preprocessing: bool = False, four_bit_storage: bool = False) -> None:
+    """A one-line :class:`QKDError` for a format that is not one, preprocessing to bake into the int file, or 4-bit
+    storage asked of another format than the QDQ ONNX."""
     if fmt not in FORMATS:
         raise QKDError(f"unknown export format '{fmt}'; valid formats: {', '.join(FORMATS)}")
+    if four_bit_storage and fmt != "onnx":
+        raise QKDError(f"--four-bit-storage applies to --format onnx (QDQ codes in INT4/UINT4), not {fmt} (the int "
+                       "format packs codes at their bit-width already)")  # fmt: skip
     if bake_preprocessing and fmt == "int":
         raise QKDError("--bake-preprocessing applies to the ONNX formats (onnx, onnx-int); the int file's "
                        "manifest says the preprocessing (qkd.export.contract.preprocess applies it)")  # fmt: skip

@@ -13,9 +13,11 @@ lower bound), and becomes:
 
 That is the standard pattern runtimes fuse (onnxruntime: ``DQ -> Conv -> Q`` into QLinearConv) wherever a
 conv's output goes only to the next quantizer; the Sub/Add of a grid with an offset (interval) keeps that
-layer in float. Codes are stored in INT8/UINT8 (the types integer kernels take), a narrower bit-width with
-its range restricted by the Clip; ``four_bit_storage`` stores 4-bit codes in INT4/UINT4 at opset 21 or
-later (a float Max -> Min before Q then restricts the range), which no onnxruntime CPU kernel fuses.
+layer in float (an offset of a whole number of steps, ``quant.integer_zero_point``, is an integer zero point
+instead; the export warns and counts the float ones in its metadata). Codes are stored in INT8/UINT8 (the types
+integer kernels take), a narrower bit-width with its range restricted by the Clip; ``four_bit_storage`` stores
+4-bit codes in INT4/UINT4 at opset 21 or later (a float Max -> Min before Q then restricts the range), which no
+onnxruntime CPU kernel fuses.
 
 How: the TorchScript exporter traces a copy of the model whose quantizers are replaced by markers
 (a custom ``qkd::Quant`` node carrying an index); the marked graph is then rewritten with the
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from qkd.errors import QKDError
 from qkd.export.grid import activation_grid, check_quantized, float_weight, grid, weight_layers
 from qkd.export.onnx_common import FOUR_BIT, onnx_runner, run_onnx, save_onnx, storage_type
+from qkd.export.onnx_intconv import integer_matmuls
 from qkd.quant import Quantizer, quantizers
 
 __all__ = ["export_onnx", "onnx_runner", "run_onnx", "storage_type"]
@@ -161,6 +164,7 @@ class _Rewriter:
         self.prefix, self.grid = prefix, grid
         self.dtype, lo, hi = storage_type(grid.qn, grid.qp, int4)
         self.clip = (grid.qn, grid.qp) != (lo, hi)
+        self.zero = _integer_zero_point(grid, lo, hi)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
 
@@ -174,8 +178,13 @@ class _Rewriter:
         return out
 
     def qparams(self) -> list[str]:
-        zero = np.zeros(self.grid.scale.shape, dtype=np.int64)
+        zero = self.zero if self.zero is not None else np.zeros(self.grid.scale.shape, dtype=np.int64)
         return [self.const("scale", TensorProto.FLOAT, self.grid.scale), self.const("zero_point", self.dtype, zero)]
+
+    @property
+    def shifted(self) -> bool:
+        """A non-zero offset that is no integer zero point: a float Sub/Add around the QDQ (a float layer)."""
+        return bool(np.any(self.grid.offset != 0)) and self.zero is None
 
     def activation(self, x: str, out: str) -> None:
         """``[Sub offset] -> Q -> [Clip codes] -> DQ -> [Add offset]``; Sub/Add only for a non-zero lower bound.
@@ -186,7 +195,7 @@ class _Rewriter:
         clamp is a Clip on the codes, exact as round-then-clamp; 4-bit types (``four_bit_storage``) keep the
         float clamp before Q, because no runtime op clips INT4/UINT4.
         """
-        g, shifted = self.grid, bool(np.any(self.grid.offset != 0))
+        g, shifted = self.grid, self.shifted
         if shifted:
             offset = self.const("offset", TensorProto.FLOAT, g.offset)
             x = self.node("Sub", [x, offset])
@@ -210,8 +219,9 @@ class _Rewriter:
         zero point (onnxruntime 1.32 fails to load the model).
         """
         g = self.grid
-        lo = self.const("clip_min", TensorProto.FLOAT, np.float32(g.qn) * g.scale)
-        hi = self.const("clip_max", TensorProto.FLOAT, np.float32(g.qp) * g.scale)
+        zero = np.float32(0) if self.zero is None else self.zero.astype(np.float32)  # codes count from the zero point
+        lo = self.const("clip_min", TensorProto.FLOAT, (np.float32(g.qn) - zero) * g.scale)
+        hi = self.const("clip_max", TensorProto.FLOAT, (np.float32(g.qp) - zero) * g.scale)
         return self.node("Min", [self.node("Max", [x, lo]), hi])
 
     def weight(self, out: str) -> None:
@@ -219,11 +229,24 @@ class _Rewriter:
         g = self.grid
         codes = self.const("codes", self.dtype, g.codes)
         attrs = {"axis": 0} if g.per_channel else {}
-        shifted = bool(np.any(g.offset != 0))
+        shifted = self.shifted
         y = self.node("DequantizeLinear", [codes, *self.qparams()], None if shifted else out, **attrs)
         if shifted:
             shape = g.offset.shape + (1,) * (g.codes.ndim - 1) if g.per_channel else ()
             self.node("Add", [y, self.const("offset", TensorProto.FLOAT, g.offset.reshape(shape))], out)
+
+
+def _integer_zero_point(grid: _Grid, lo: int, hi: int) -> np.ndarray | None:
+    """The zero point that makes ``offset + scale * code`` an ONNX ``(code - zero) * scale``, where the offset is a
+    whole number of steps (interval trained with ``quant.integer_zero_point``) and that zero point fits the storage
+    type [lo, hi]; None otherwise (and for offset 0, which needs none)."""
+    if not np.any(grid.offset != 0):
+        return None
+    steps = grid.offset.astype(np.float64) / grid.scale.astype(np.float64)
+    zero = -np.round(steps)
+    if np.abs(steps + zero).max() > 1e-3 or zero.min() < lo or zero.max() > hi:
+        return None
+    return zero.astype(np.int64)
 
 
 def _index(node: onnx.NodeProto) -> int:
@@ -329,12 +352,13 @@ def _drop_redundant_relu6(graph: onnx.GraphProto, grids: list[_Grid]) -> None:
             del node.input[1:]
 
 
-def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
+def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> int:
     """Fold BatchNormalization into the quantized Convs before it, turn a ReLU6 its quantizer makes redundant into
-    ReLU, then replace every placeholder by its QDQ nodes, in place, keeping the topological order."""
+    ReLU, then replace every placeholder by its QDQ nodes, in place, keeping the topological order. Returns how
+    many quantizers kept a float offset (Sub/Add around their QDQ)."""
     folded = _fold_batchnorm(model.graph, grids)
     _drop_redundant_relu6(model.graph, grids)
-    graph, nodes, inits, seen = model.graph, [], [], set()
+    graph, nodes, inits, seen, offsets = model.graph, [], [], set(), 0
     for node in graph.node:
         if node.domain != _DOMAIN:
             nodes.append(node)
@@ -343,6 +367,7 @@ def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
         prefix = grid.name if grid.name not in seen else f"{grid.name}.call{len(seen)}"  # a layer called twice
         seen.add(prefix)
         rw = _Rewriter(prefix, grid, int4)
+        offsets += rw.shifted
         if grid.codes is None:
             rw.activation(node.input[0], node.output[0])
         else:
@@ -356,6 +381,24 @@ def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> None:
     kept = [o for o in model.opset_import if o.domain != _DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(kept)
+    return offsets
+
+
+FLOAT_OFFSET_KEY = "qdq_float_offset_quantizers"
+
+
+def _say_float_offsets(model: onnx.ModelProto, count: int, contract: dict | None) -> dict | None:
+    """Never silently slow: quantizers whose offset is no integer zero point (interval bounds) keep a float Sub/Add
+    around their QDQ, and their layers run in float in onnxruntime; one warning line, and the count in the file's
+    metadata (``qdq_float_offset_quantizers``). Returns the contract to write (None: the count set directly)."""
+    if count:
+        warnings.warn(f"QDQ ONNX: {count} quantizer(s) have a lower bound that is no integer zero point and keep a "
+                      "float offset (Sub/Add): their layers run in float; train interval grids with "
+                      "quant.integer_zero_point=true to avoid it", UserWarning, stacklevel=3)  # fmt: skip
+    if contract is not None:
+        return {**contract, FLOAT_OFFSET_KEY: count}
+    helper.set_model_props(model, {FLOAT_OFFSET_KEY: str(count)})
+    return None
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -417,6 +460,7 @@ def export_onnx(
     opset: int = 21,
     contract: dict | None = None,
     four_bit_storage: bool = False,
+    integer_matmul: bool = False,
 ) -> Path:
     """Write ``model`` (a quantized student) as ONNX with QDQ nodes and integer weights; return the path.
 
@@ -426,6 +470,12 @@ def export_onnx(
     graph where it says ``preprocessing_baked``. Codes are stored in 8-bit types (the ones runtimes fuse into
     integer kernels); ``four_bit_storage`` (opset 21 or later) stores codes of 4 bits or fewer in INT4/UINT4
     instead: half the weight bytes, but onnxruntime then runs every layer in float.
+
+    ``integer_matmul`` (for onnxruntime): the convs whose output goes to no quantizer (residual adds, the head),
+    which onnxruntime runs in float, are written as MatMulInteger on the codes instead
+    (:mod:`qkd.export.onnx_intconv`; same grids, exact). Off by default because OpenVINO, which runs the plain QDQ
+    form of those convs in integers itself, runs that form in float32 (ResNet-18 224 px, measured: 0.25x the float
+    model's latency without it, 1.0x with it).
     """
     if opset < _MIN_OPSET:
         raise QKDError(f"ONNX export needs opset {_MIN_OPSET} or later (per-channel QDQ); got {opset}")
@@ -436,5 +486,8 @@ def export_onnx(
         onnx_model = _trace_to_onnx(clone, example.detach().float().cpu(), opset)
     if opset > _TORCHSCRIPT_MAX_OPSET:  # before the rewrite, so no 4-bit type meets an older opset
         onnx_model = version_converter.convert_version(onnx_model, opset)
-    _rewrite(onnx_model, grids, int4=four_bit_storage and opset >= _INT4_MIN_OPSET)
+    offsets = _rewrite(onnx_model, grids, int4=four_bit_storage and opset >= _INT4_MIN_OPSET)
+    contract = _say_float_offsets(onnx_model, offsets, contract)
+    if integer_matmul and integer_matmuls(onnx_model):  # the convs onnxruntime cannot fuse, on the codes
+        _drop_unused_initializers(onnx_model.graph)
     return save_onnx(onnx_model, path, contract)

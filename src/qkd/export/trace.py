@@ -92,7 +92,7 @@ def _layer_op(name: str, layer: nn.Module, bias: Tensor | None,
         "a_bits": aq.bits, "a_range": [ag.qn, ag.qp], "a_scale": a_step, "a_offset": a_off,
     }  # fmt: skip
     if isinstance(aq, IntervalQuantizer):  # the network's input is quantized with the quantizer's own float32 maths
-        op["a_interval"] = [float(aq.lower.detach()), float(aq.upper.detach())]
+        op["a_interval"] = list(aq.interval())
     op.update(conv or {})
     bias = bias.detach().double() if bias is not None else torch.zeros(out_ch, dtype=torch.float64)
     # real output = sum of terms (see program.TERMS) + bias; kept as float64 until the BN fold is known

@@ -36,6 +36,9 @@ class QuantSpec:
     ``step_init`` sets the LSQ step from data: ``mse`` (the step that minimises the quantization error
     of the first tensor seen, searched over clipping ranges) or ``lsq`` (the LSQ paper's
     ``2 * mean|x| / sqrt(Qp)``).
+    ``integer_zero_point`` (interval only): the learned lower bound is snapped, in the forward, to an integer
+    multiple of the step, so the grid's zero point is an integer (an exporter stores it as a zero point instead
+    of a float offset around the quantizer).
 
     >>> q = make_quantizer(QuantSpec(bits=4, signed=True, per_channel=True), init=torch.randn(8, 3, 3, 3))
     """
@@ -46,6 +49,7 @@ class QuantSpec:
     method: str = "lsq"
     step_init: str = "mse"
     channel_dim: int = 0
+    integer_zero_point: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", parse_bits(self.bits))
@@ -82,6 +86,10 @@ class QuantConfig:
       called ``name`` itself (``"head.*"``: every layer in the head, or the head where it is one Linear).
       A pattern must match at least one Conv/Linear-like layer of the model (a typo is an error, not a
       silent no-op).
+    - ``integer_zero_point`` (``method: interval``): keep every grid's zero point an integer by snapping the
+      learned lower bound to a multiple of the step in the forward (straight-through), so that a QDQ ONNX export
+      stores it as an integer zero point; off, the lower bound is free and such a layer's QDQ keeps a float
+      offset (Sub/Add) around its quantizer, which onnxruntime cannot fuse into integer kernels.
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
@@ -94,12 +102,16 @@ class QuantConfig:
     per_channel: bool = True
     first_last_bits: int | str | None = 8
     overrides: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
+    integer_zero_point: bool = False
 
     def __post_init__(self) -> None:
         self.weight_bits, self.act_bits = parse_bits(self.weight_bits), parse_bits(self.act_bits)
         if self.first_last_bits != "same":
             self.first_last_bits = parse_bits(self.first_last_bits)
         check_choices(self.method, self.step_init)
+        if self.integer_zero_point and self.method != "interval":
+            raise ValueError("integer_zero_point applies to method interval (lsq grids have zero point 0 already); "
+                             "drop it or set method: interval")  # fmt: skip
         if not isinstance(self.bn_batches, int) or self.bn_batches < 0:
             raise ValueError(f"bn_batches must be a non-negative integer; got {self.bn_batches!r}")
         for pattern, bits in self.overrides.items():
@@ -128,7 +140,7 @@ class QuantConfig:
 
     def specs(self, weight_bits: int | None, act_bits: int | None) -> tuple[QuantSpec, QuantSpec]:
         """The weight and input quantizer specs of a layer with these bits."""
-        common = {"method": self.method, "step_init": self.step_init}
+        common = {"method": self.method, "step_init": self.step_init, "integer_zero_point": self.integer_zero_point}
         return (
             QuantSpec(weight_bits, signed=True, per_channel=self.per_channel, **common),
             QuantSpec(act_bits, signed=None, per_channel=False, **common),

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from qkd.quant.config import QuantSpec
-from qkd.quant.ste import interval_fake_quant, lsq_fake_quant
+from qkd.quant.ste import interval_fake_quant, lsq_fake_quant, round_ste
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 MSE_CANDIDATES = 100  # clipping ranges tried by the ``mse`` initialisation
@@ -67,6 +67,7 @@ class Quantizer(nn.Module):
         self.per_channel = spec.per_channel
         self.channel_dim = spec.channel_dim if spec.per_channel else 0
         self.step_init = spec.step_init
+        self.integer_zero_point = spec.integer_zero_point
         self.auto_sign = spec.signed is None
         self.enabled = True
         self.register_buffer("initialized", torch.tensor(False))
@@ -177,6 +178,8 @@ class IntervalQuantizer(Quantizer):
     """Learned clipping interval (QIL-style): 2^bits levels evenly spread over [lower, upper].
 
     Unsigned inputs keep ``lower`` at 0 so that zero stays exact (ReLU outputs, zero padding).
+    With ``integer_zero_point`` the interval in use is the learned one shifted (by under half a step) so that
+    ``lower`` is an integer multiple of the step: the grid's zero point ``-lower / step`` is then an integer.
     """
 
     def _make_params(self, shape: tuple[int, ...]) -> None:
@@ -198,13 +201,34 @@ class IntervalQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         lower = self.lower if self.signed else self.lower.detach()
-        return interval_fake_quant(x, lower, self.upper, 2**self.bits, self._grad_scale(x))
+        upper = self.upper
+        if self.integer_zero_point:
+            lower, upper = self._snapped(lower, upper)
+        return interval_fake_quant(x, lower, upper, 2**self.bits, self._grad_scale(x))
+
+    def interval(self) -> tuple[float, float]:
+        """The interval the forward uses (float32; snapped with ``integer_zero_point``), detached."""
+        lower, upper = self.lower.detach(), self.upper.detach()
+        if self.integer_zero_point:
+            lower, upper = self._snapped(lower, upper)
+        return float(lower), float(upper)
+
+    def _snapped(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        """The interval of the same width whose lower bound is the nearest integer multiple of the step; the
+        rounding is straight-through, so ``lower`` and ``upper`` learn as without it."""
+        width = (upper - lower).clamp_min(1e-8)
+        step = width / (2**self.bits - 1)
+        lower = round_ste(lower / step) * step
+        return lower, lower + width
 
     def affine(self) -> tuple[Tensor, Tensor, int, int]:
         # in float64: the grid itself, not one more float32 rounding of it (the exporters store what they need)
         levels = 2**self.bits - 1
         lower = self.lower.detach().double()
         width = (self.upper.detach().double() - lower).clamp_min(1e-8)  # as in the fake-quant kernel
+        if self.integer_zero_point:  # the zero point the forward rounded to (in its float32), times the step
+            step32 = (self.upper.detach() - self.lower.detach()).clamp_min(1e-8) / levels
+            lower = torch.round(self.lower.detach() / step32).double() * (width / levels)
         return width / levels, lower, 0, levels
 
 
