@@ -243,6 +243,8 @@ def _merge_relu_into_clamp(graph: fx.Graph) -> None:
             continue
         lo, hi = (node.args[1:3] + (-1.0, 1.0)[len(node.args) - 1 :])[:2]
         a_lo, a_hi = (0.0, float("inf")) if act.target != hardtanh else act.args[1:3]
+        if max(lo, a_lo) > min(hi, a_hi):  # disjoint ranges: the two clamps give a constant, not one clamp
+            continue
         node.args = (act.args[0], max(lo, a_lo), min(hi, a_hi))
         graph.erase_node(act)
 
