@@ -52,7 +52,6 @@ log = logging.getLogger("qkd")
 
 CONTRACT_METHOD = "qkd_contract"
 PTE_MAGIC = b"ET12"  # bytes 4..8 of every ExecuTorch program (its flatbuffer file identifier)
-BATCH = 16  # the program's fixed batch size (ExecuTorch 1.5 mis-sizes a bounded dynamic one); the runner pads to it
 INSTALL = "pip install 'qkd-distill[executorch]'"
 _PER_CHANNEL_AXIS = 0
 
@@ -234,15 +233,18 @@ def _aten(name: str) -> Any:
 def _merge_relu_into_clamp(graph: fx.Graph) -> None:
     """``relu`` (or ReLU6's hardtanh) read only by a quantizer's clamp becomes part of that clamp: one hardtanh,
     which XNNPACK fuses into the layer before (a ReLU followed by a clamp is not a pattern it fuses)."""
-    hardtanh = _aten("hardtanh.default")
+    hardtanh, clamps = _aten("hardtanh.default"), (_aten("hardtanh.default"), _aten("hardtanh_.default"))
+    relus = (_aten("relu.default"), _aten("relu_.default"))  # in place: nn.ReLU(inplace=True), kept by torch.export
     for node in list(graph.nodes):
         if node.target != hardtanh or not isinstance(node.args[0], fx.Node):
             continue
         act = node.args[0]
-        if len(act.users) != 1 or act.target not in (_aten("relu.default"), hardtanh):
+        if len(act.users) != 1 or act.target not in (*relus, *clamps):
+            continue
+        if not isinstance(act.args[0], fx.Node) or len(act.args[0].users) != 1:  # an in-place op's input read elsewhere
             continue
         lo, hi = (node.args[1:3] + (-1.0, 1.0)[len(node.args) - 1 :])[:2]
-        a_lo, a_hi = (0.0, float("inf")) if act.target != hardtanh else act.args[1:3]
+        a_lo, a_hi = (0.0, float("inf")) if act.target in relus else act.args[1:3]
         if max(lo, a_lo) > min(hi, a_hi):  # disjoint ranges: the two clamps give a constant, not one clamp
             continue
         node.args = (act.args[0], max(lo, a_lo), min(hi, a_hi))
@@ -263,7 +265,8 @@ def _int8_pattern(node: fx.Node) -> bool:
     if not (_is(x, "dequantize_per_tensor") and _is(node.args[1], "dequantize_per_channel")):
         return False
     out = node
-    if len(out.users) == 1 and next(iter(out.users)).target in (_aten("relu.default"), _aten("hardtanh.default")):
+    fused = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default")
+    if len(out.users) == 1 and next(iter(out.users)).target in [_aten(n) for n in fused]:
         out = next(iter(out.users))
     return len(out.users) == 1 and _is(next(iter(out.users)), "quantize_per_tensor")
 
@@ -310,26 +313,26 @@ def _portable_ops(lowered: Any) -> list[str]:
     return sorted({n.split("::")[-1] for n in names if n not in skip})
 
 
-def export_executorch(model: nn.Module, example: Tensor, path: str | Path, contract: dict | None = None,
-                      batch: int = BATCH) -> dict:  # fmt: skip
+def export_executorch(model: nn.Module, example: Tensor, path: str | Path, contract: dict | None = None) -> dict:
     """Write ``model`` (a quantized student) as an ExecuTorch program lowered to XNNPACK at ``path``; return what
     was written into its contract (``not_int8``: the layers running in float32 and why; ``portable_ops``;
     ``program_batch``).
 
-    ``example``: one input (its first image sets the shape); the program takes batches of ``batch`` images
-    (:func:`load_pte`'s runner pads and splits any other). The model is left untouched (a CPU copy is exported)."""
+    ``example``: one input batch; the program takes batches of its size (fixed: ExecuTorch 1.5 sized a bounded
+    dynamic batch wrongly), and :func:`load_pte`'s runner pads and splits any other. The model is left untouched (a
+    CPU copy is exported)."""
     require_executorch()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     check_quantized(model)
     clone = copy.deepcopy(model).float().cpu().eval()
-    example = example.detach().float().cpu()[:1].expand(batch, *example.shape[1:]).contiguous()
+    example = example.detach().float().cpu().contiguous()
     with torch.no_grad(), _quiet():
         ep, layers = _exported_program(clone, example)
         found = {"not_int8": {n: "; ".join(layer.reasons) for n, layer in layers.items() if not layer.int8},
                  "int8_layers": sum(layer.int8 for layer in layers.values()), "layers": len(layers),
-                 "program_batch": batch}  # fmt: skip
+                 "program_batch": len(example)}  # fmt: skip
         lowered = to_edge_transform_and_lower(
             ep,
             partitioner=[XnnpackPartitioner()],
