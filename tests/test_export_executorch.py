@@ -57,7 +57,7 @@ def exported(request, tmp_path_factory, one_thread):
 
 def test_pte_agrees_with_fake_quant(exported):
     _, model, path, run, _ = exported
-    x = _inputs(400, seed=3)  # not a multiple of the program's batch: the runner pads the last chunk
+    x = _inputs(401, seed=3)  # not a multiple of the program's batch (the example's, 2): the last one padded
     with torch.no_grad():
         expected = model(x)
     got = run(x)
@@ -81,6 +81,26 @@ def test_delegated_to_xnnpack_and_int8_where_it_can(exported):
         assert "its output is not quantized" in float_layers["features.2.0"]
         assert "features.1.0" not in float_layers and contract["int8_layers"] >= 1
     assert len(notices) == 1 and "run in float32" in notices[0]
+
+
+def test_in_place_relu_still_gives_an_int8_conv(tmp_path, one_thread):
+    """nn.ReLU(inplace=True) (torchvision's blocks) stays ``relu_`` in torch.export's graph: it must merge into the
+    next quantizer's clamp like a ReLU, or XNNPACK runs the conv before it in float (all of ResNet-18 was)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
+    )  # fmt: skip
+    quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, per_channel=True))
+    calibrate(model, _inputs(32, seed=1))
+    model.eval()
+    run = qkd.export_model(model, "executorch", tmp_path / "m.pte", _inputs(1, seed=2))
+    contract = open_export(tmp_path / "m.pte")[1]
+    assert "0" not in contract["not_int8"] and contract["int8_layers"] == 1
+    x = _inputs(64, seed=3)
+    with torch.no_grad():
+        assert (run(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.95
 
 
 def test_interval_grid_off_the_integer_zero_point_is_said(exported):

@@ -327,7 +327,9 @@ def export_executorch(model: nn.Module, example: Tensor, path: str | Path, contr
 
     check_quantized(model)
     clone = copy.deepcopy(model).float().cpu().eval()
-    example = example.detach().float().cpu().contiguous()
+    # standard strides: torch.export records the example's dim order (a loader's channels-last batch of one channel
+    # passes is_contiguous(), and the program then refused every standard input)
+    example = example.detach().float().cpu().clone(memory_format=torch.contiguous_format)
     with torch.no_grad(), _quiet():
         ep, layers = _exported_program(clone, example)
         found = {"not_int8": {n: "; ".join(layer.reasons) for n, layer in layers.items() if not layer.int8},
@@ -412,7 +414,7 @@ def _runner(method: Any, batch: int) -> Callable[[Tensor], Tensor]:
         outs = []
         for chunk in torch.as_tensor(x, dtype=torch.float32).split(batch):
             padded = F.pad(chunk, (0, 0) * (chunk.dim() - 1) + (0, batch - len(chunk)))
-            outs.append(method.execute([padded.contiguous()])[0][: len(chunk)])
+            outs.append(method.execute([padded.clone(memory_format=torch.contiguous_format)])[0][: len(chunk)])
         return torch.cat(outs)
 
     return run
