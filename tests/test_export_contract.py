@@ -142,7 +142,7 @@ def test_eval_of_a_file_that_is_no_export_of_this_kind(demo_run, exports, tmp_pa
     onnx.save(model, tmp_path / "foreign.onnx")
     int_file = exports[1]["int", False].path
     cases = [
-        (["eval", tmp_path / "junk.onnx"], "is not a qkd export (int, onnx or onnx-int)"),
+        (["eval", tmp_path / "junk.onnx"], "is not a qkd export (int, onnx, onnx-int or executorch)"),
         (["eval", tmp_path / "foreign.onnx"], "is an ONNX model without qkd's metadata"),
         (["eval", int_file, "--engine", "onnx"], "is an int export, not onnx: evaluate it with --backend int"),
         (["eval", int_file, "quant.weight_bits=3"], "'quant.weight_bits=3' is not taken"),

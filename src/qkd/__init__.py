@@ -11,6 +11,10 @@ QKD on your own model and data, in one call (self-study, co-study, tutoring; see
 Or only the quantization, for your own training loop:
 
 >>> student = qkd.quantize_model(my_float_model, qkd.QuantConfig(weight_bits=4, act_bits=4))
+
+And any quantized model to a deployable file (int, onnx, onnx-int, executorch), checked to run:
+
+>>> run = qkd.export_model(result.student, "executorch", "student.pte", example_batch)
 """
 
 from qkd._version import __version__
@@ -20,6 +24,7 @@ from qkd.lazy import keep_old_paths, lazy_names
 __getattr__, _names = lazy_names(__name__, {
     "config": ("TrainConfig",),
     "errors": ("Diverged", "QKDError", "Stopped"),
+    "export": ("export_model",),
     "methods": ("Distill", "METHODS"),
     "quant": ("QuantConfig", "quantization_disabled", "quantization_summary", "quantize_model"),
     "train": ("FitResult", "Trainer", "fit"),

@@ -147,7 +147,8 @@ Backend = Annotated[
         "--backend",
         "--engine",
         help="torch (the fake-quant model, the default for a run or checkpoint), int (the integer runtime), onnx "
-        "(QDQ) or onnx-int (ConvInteger), run by onnxruntime. With a run or checkpoint, int/onnx/onnx-int export it "
+        "(QDQ) or onnx-int (ConvInteger), run by onnxruntime, or executorch (.pte, XNNPACK). With a run or "
+        "checkpoint, int/onnx/onnx-int/executorch export it "
         "afresh to a temporary file and compare; with an exported file, the file's own format (the default there). "
         "--engine is its old name.",
         show_default=False,
@@ -174,8 +175,8 @@ EvalTarget = Annotated[
     Path,
     typer.Argument(
         help="A run folder, a checkpoint file, or a file written by qkd export (student-int.safetensors, "
-        "student-onnx.onnx, student-onnx-int.onnx, or any --out name): that very file is evaluated on its run's "
-        "test split, the images prepared as its metadata says." + FIT_RUN
+        "student-onnx.onnx, student-onnx-int.onnx, student-executorch.pte, or any --out name): that very file is "
+        "evaluated on its run's test split, the images prepared as its metadata says." + FIT_RUN
     ),
 ]
 
@@ -242,11 +243,12 @@ def _eval_export(path: Path, args: list[str] | None, backend: str | None) -> Non
 
     if backend == "torch":
         raise QKDError(f"{path} is an exported file; --backend torch evaluates a run or checkpoint (give "
-                       "--backend int, onnx or onnx-int, or none)")  # fmt: skip
+                       "--backend int, onnx, onnx-int or executorch, or none)")  # fmt: skip
     result = evaluate_export(path, list(args or []), backend)
     c = result["contract"]
     bits = f"W{c.get('weight_bits', '?')}A{c.get('act_bits', '?')} {c.get('quantizer', '')}".rstrip()
-    runtime = "the integer runtime" if result["export_format"] == "int" else "onnxruntime"
+    runtime = {"int": "the integer runtime", "executorch": "ExecuTorch (XNNPACK)"}.get(result["export_format"],
+                                                                                    "onnxruntime")  # fmt: skip
     typer.echo(f"{path}: {result['export_format']} export of {c.get('model', 'a model')} {bits}, trained to "
                f"{c.get('trained_to', '?')}, run by {runtime}")  # fmt: skip
     typer.echo(f"  input: {c.get('preprocessing', '?')}")
@@ -257,16 +259,17 @@ Format = Annotated[
     str,
     typer.Option(
         "--format",
-        help="int (packed integers, safetensors), onnx (QDQ, runs in float32) or onnx-int (integer convolutions "
-        "and float64 requantization: the trained model's exact answers).",
+        help="int (packed integers, safetensors), onnx (QDQ, runs in float32), onnx-int (integer convolutions "
+        "and float64 requantization: the trained model's exact answers) or executorch (.pte lowered to XNNPACK, int8 "
+        "where XNNPACK can; needs pip install 'qkd-distill[executorch]').",
     ),
 ]
 ExportOut = Annotated[
     Path | None,
     typer.Option(
         "--out",
-        help="Output file (default: <run>/export/student-int.safetensors, student-onnx.onnx or "
-        "student-onnx-int.onnx; student-onnx-baked.onnx etc. with --bake-preprocessing).",
+        help="Output file (default: <run>/export/student-int.safetensors, student-onnx.onnx, "
+        "student-onnx-int.onnx or student-executorch.pte; student-onnx-baked.onnx etc. with --bake-preprocessing).",
         readable=False,
     ),
 ]

@@ -215,7 +215,7 @@ def is_export_file(target: Path) -> bool:
     """A file written by qkd export (or meant as one): by its name, else by not being a torch checkpoint."""
     if not target.is_file() or target.suffix in (".pt", ".pth", ".ckpt"):
         return False
-    if target.suffix in (".onnx", ".safetensors"):
+    if target.suffix in (".onnx", ".safetensors", ".pte"):
         return True
     with open(target, "rb") as f:
         return not f.read(4).startswith(CHECKPOINT_MAGIC)

@@ -8,7 +8,8 @@ The modules: :mod:`~qkd.export.program` (the format: ops, terms, fixed-point bit
 :mod:`~qkd.export.grid` (each quantizer as an integer grid: the front part every exporter shares),
 :mod:`~qkd.export.fixedpoint`, :mod:`~qkd.export.trace` (a model -> the program, with ``trace_calls``);
 the targets :mod:`~qkd.export.int_file` (+ :mod:`~qkd.export.int_runtime`, ``packing``),
-:mod:`~qkd.export.onnx_qdq` and :mod:`~qkd.export.onnx_int` (+ ``onnx_common``);
+:mod:`~qkd.export.onnx_qdq` and :mod:`~qkd.export.onnx_int` (+ ``onnx_common``),
+:mod:`~qkd.export.executorch_pte` (an ExecuTorch program lowered to XNNPACK);
 :mod:`~qkd.export.verify` (the checker), :mod:`~qkd.export.read` (an exported file back),
 :mod:`~qkd.export.contract` (what a file takes) and :mod:`~qkd.export.api` (the entry points).
 Names are imported on first use, so ``import qkd.export`` stays cheap (onnx only with an ONNX format).
@@ -17,7 +18,8 @@ Names are imported on first use, so ``import qkd.export`` stays cheap (onnx only
 from qkd.lazy import keep_old_paths, lazy_names
 
 _PUBLIC = {
-    "api": ("Exported", "default_path", "export_loaded", "export_run", "export_student", "float_checkpoint_bytes"),
+    "api": ("Exported", "default_path", "export_loaded", "export_model", "export_run", "export_student",
+            "float_checkpoint_bytes"),
     "formats": ("EXTENSIONS", "FORMATS", "check_format", "check_limit"),
     "read": ("DATA_CHANGES", "evaluate_export", "open_export"),
     "verify": ("compare", "float64_reference"),
@@ -26,6 +28,7 @@ _PUBLIC = {
     "int_runtime": ("IntRuntime",),
     "onnx_qdq": ("export_onnx",),
     "onnx_int": ("export_onnx_int",),
+    "executorch_pte": ("export_executorch", "load_pte"),
     "onnx_common": ("onnx_runner", "run_onnx"),
     "trace": ("to_int_program", "to_real_program"),
     "program": ("OPS",),

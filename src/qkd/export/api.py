@@ -1,7 +1,7 @@
 """Export a trained student in a format and check the export against it: ``qkd export`` from Python.
 
 :func:`export_run` takes a run folder or checkpoint, :func:`export_loaded` a student read by the pipeline,
-:func:`export_student` any quantized model. Every export is verified at once: the exported model's top-1
+:func:`export_model` any quantized model. Every export is verified at once: the exported model's top-1
 predictions are compared with the fake-quant model's on real images, and the agreement and largest logit
 difference are reported (:mod:`qkd.export.verify`).
 """
@@ -52,22 +52,35 @@ def _float_modules(metadata: dict, inside: tuple[str, ...]) -> list[tuple[str, A
     return [(k, metadata[k]) for k in kept]
 
 
-def export_student(
-    student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict, bake_preprocessing: bool = False
+def export_model(
+    model: nn.Module,
+    fmt: str,
+    path: str | Path,
+    example: Tensor,
+    info: dict | None = None,
+    bake_preprocessing: bool = False,
 ) -> Callable[[Tensor], Tensor]:
-    """Write ``student`` in ``fmt`` to ``path``; return a callable that runs the written file on the network's
-    input (the normalised images, also for a file that takes raw pixels).
+    """Write any quantized ``model`` (``qkd.fit``'s student, one from :func:`qkd.quantize_model` after calibration
+    or training, or a run's model read back) in ``fmt`` (int, onnx, onnx-int, executorch) to ``path``; return a
+    callable that runs the written file on the network's input (the normalised images, also for a file that takes
+    raw pixels). ``example``: one input batch (its shape is the file's).
+
+    >>> run = qkd.export_model(result.student, "executorch", "student.pte", x[:2])
+    >>> run(x).argmax(1)
 
     ``info`` goes into the file as the start of its input contract (:mod:`qkd.export.contract`): a run's
     :func:`~qkd.export.contract.run_contract`, :func:`~qkd.export.contract.input_contract` for your own data, or
     ``{}``; the file adds its format, input shape and the qkd version. ``bake_preprocessing`` (ONNX formats):
     the file takes raw pixel values and normalises them in its graph."""
-    return _export(student, fmt, path, example, info, bake_preprocessing)[0]
+    return _export(model, fmt, Path(path), example, dict(info or {}), bake_preprocessing)[0]
+
+
+export_student = export_model  # its earlier name
 
 
 def _export(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dict, bake_preprocessing: bool,
             four_bit_storage: bool = False) -> tuple[Callable[[Tensor], Tensor], dict]:  # fmt: skip
-    """:func:`export_student`, also returning the contract written into the file."""
+    """:func:`export_model`, also returning the contract written into the file."""
     check_format(fmt, bake_preprocessing, four_bit_storage)
     check_quantized(student)
     student, example = student.eval().cpu(), example.cpu()
@@ -76,6 +89,11 @@ def _export(student: nn.Module, fmt: str, path: Path, example: Tensor, info: dic
         ops, tensors = to_int_program(student, example)
         save_int(path, ops, tensors, contract)
         return load_int(path)[0], contract
+    if fmt == "executorch":  # executorch is imported when this format is asked for
+        from qkd.export.executorch_pte import export_executorch, load_pte
+
+        contract.update(export_executorch(student, example, path, contract))
+        return load_pte(path)[1], contract
     from qkd.export.onnx_common import onnx_runner  # onnx is imported when an ONNX format is asked for
 
     if fmt == "onnx":
@@ -141,7 +159,7 @@ def compare_fresh_export(loaded: Any, fmt: str, name: str) -> dict:
     ``qkd eval RUN --backend FMT`` reports."""
     with tempfile.TemporaryDirectory() as tmp:
         split, images = check_split(loaded.data)
-        run = export_student(loaded.model, fmt, Path(tmp) / name, next(iter(images))[0][:2], {})
+        run = export_model(loaded.model, fmt, Path(tmp) / name, next(iter(images))[0][:2], {})
         return {"backend": fmt, "split": split, **compare(run, loaded.model, images, exact=True)}
 
 

@@ -228,9 +228,9 @@ def read_onnx_contract(path: Path) -> dict[str, Any] | None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise QKDError(f"{path} is not a qkd export (int, onnx or onnx-int): {first_line(e)}") from None
+        raise QKDError(f"{path} is not a qkd export (int, onnx, onnx-int or executorch): {first_line(e)}") from None
     if not model.graph.node:
-        raise QKDError(f"{path} is not a qkd export (int, onnx or onnx-int): no ONNX graph in it")
+        raise QKDError(f"{path} is not a qkd export (int, onnx, onnx-int or executorch): no ONNX graph in it")
     props = {p.key: p.value for p in model.metadata_props}
     if "qkd_version" not in props:
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -109,3 +110,18 @@ def check_quantized(model: nn.Module) -> None:
     """The one refusal of a model without an active quantizer, for every format."""
     if not any(q.active for _, q in quantizers(model)):
         raise QKDError(f"{type(model).__name__} has no quantized layers; export the student of a quantized run")
+
+
+def fold_batchnorm(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | float, bn: tuple[np.ndarray, ...],
+                   eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """An inference BatchNorm after a layer of weights ``codes * scale`` (per output channel, offset 0) folded into
+    it: ``(codes, scale, bias)`` with the scale multiplied by ``|gamma / sqrt(var + eps)|`` per channel, the codes of
+    a channel of negative factor negated (every scale stays positive: the same integers up to their sign), and the
+    bias of the folded layer. ``bn`` is ``(gamma, beta, running_mean, running_var)``; everything in float64. The
+    exporters that fold BN (QDQ ONNX, ExecuTorch) take it from here."""
+    gamma, beta, mean, var = (np.asarray(t, dtype=np.float64) for t in bn)
+    factor = gamma / np.sqrt(var + eps)
+    sign = np.where(factor < 0, -1, 1)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (codes.shape[0],)) * np.abs(factor)
+    codes = codes * sign.reshape((-1,) + (1,) * (codes.ndim - 1))
+    return codes, scale, beta + (np.asarray(bias, dtype=np.float64) - mean) * factor

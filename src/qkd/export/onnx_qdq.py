@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
-from qkd.export.grid import activation_grid, check_quantized, float_weight, grid, weight_layers
+from qkd.export.grid import activation_grid, check_quantized, float_weight, fold_batchnorm, grid, weight_layers
 from qkd.export.onnx_common import FOUR_BIT, onnx_runner, run_onnx, save_onnx, storage_type
 from qkd.export.onnx_intconv import integer_matmuls
 from qkd.quant import Quantizer, quantizers
@@ -300,26 +300,24 @@ def _fold_batchnorm(graph: onnx.GraphProto, grids: list[_Grid]) -> dict[str, _Gr
         grid = grids[_index(mark)]
         if grid.codes is None or np.any(grid.offset != 0):
             continue
-        gamma, beta, mean, var = (inits[i].astype(np.float64) for i in bn.input[1:5])
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        factor = gamma / np.sqrt(var + eps)
-        sign = np.where(factor < 0, -1, 1)
-        qn, qp = (min(grid.qn, -grid.qp), max(grid.qp, -grid.qn)) if np.any(sign < 0) else (grid.qn, grid.qp)
+        b = inits[bias].astype(np.float64) if bias is not None else 0.0
+        codes, scale, folded_bias = fold_batchnorm(grid.codes, grid.scale, b, tuple(inits[i] for i in bn.input[1:5]),
+                                                   eps)  # fmt: skip
+        negated = bool(np.any(inits[bn.input[1]] < 0))  # a negative gamma: that channel's codes negated
+        qn, qp = (min(grid.qn, -grid.qp), max(grid.qp, -grid.qn)) if negated else (grid.qn, grid.qp)
         try:
             storage_type(qn, qp, int4=False)
         except QKDError:
             continue  # negated codes fit no 8-bit type
         channels = grid.codes.shape[0]
-        scale = np.broadcast_to(grid.scale.astype(np.float64), (channels,)) * np.abs(factor)
-        codes = grid.codes * sign.reshape((-1,) + (1,) * (grid.codes.ndim - 1))
-        b = inits[bias].astype(np.float64) if bias is not None else 0.0
         folded[conv.input[1]] = _Grid(grid.name, scale.astype(np.float32), np.zeros(channels, np.float32), qn, qp,
                                       codes)  # fmt: skip
         bias_name = f"{grid.name}.folded_bias"
         if bias_name in inits:  # a layer called twice
             bias_name = f"{grid.name}.call{len(folded)}.folded_bias"
         inits[bias_name] = np.empty(0)
-        graph.initializer.append(_tensor(bias_name, TensorProto.FLOAT, (beta + (b - mean) * factor).astype(np.float32)))
+        graph.initializer.append(_tensor(bias_name, TensorProto.FLOAT, folded_bias.astype(np.float32)))
         del conv.input[2:]
         conv.input.append(bias_name)
         conv.output[0] = bn.output[0]

@@ -17,12 +17,14 @@ from torch import Tensor
 from qkd.config import where_settings
 from qkd.errors import QKDError
 from qkd.export.contract import PIXEL_MAX, first_line, is_safetensors, preprocess, raw_from_input, read_onnx_contract
+from qkd.export.executorch_pte import is_pte, load_pte
 from qkd.export.int_file import load_int
 from qkd.export.verify import check_split
 
 
 def open_export(path: str | Path) -> tuple[str, dict, Callable[[Tensor], Tensor]]:
-    """An exported file's format, contract and a callable running it (the int runtime, or onnxruntime);
+    """An exported file's format, contract and a callable running it (the int runtime, onnxruntime, or
+    ExecuTorch for a .pte);
     anything that is not a qkd export is a one-line :class:`QKDError`."""
     path = Path(path)
     if not path.is_file():
@@ -33,6 +35,12 @@ def open_export(path: str | Path) -> tuple[str, dict, Callable[[Tensor], Tensor]
     if is_safetensors(path):
         runtime, manifest = load_int(path)
         return "int", {k: v for k, v in manifest.items() if k != "ops"}, runtime
+    if is_pte(path):
+        contract, run = load_pte(path)
+        return "executorch", contract, run
+    if path.suffix == ".pte":
+        raise QKDError(f"{path} is not an ExecuTorch program (no ExecuTorch header): a damaged file? export it again "
+                       "with qkd export --format executorch")  # fmt: skip
     contract = read_onnx_contract(path)
     if contract is None:
         raise QKDError(f"{path} is an ONNX model without qkd's metadata (not exported by qkd, or by an older qkd): "
