@@ -259,15 +259,20 @@ def trained(run_dir: Path, limit: int | None) -> tuple[torch.nn.Module, torch.nn
     return model, float_model, batches[0][0][:1], batches
 
 
-def speed_network(name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+def speed_network(name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, int]:
+    """A torchvision classifier at 224 px, or a qkd model (``mobilenetv2_cifar``, ``resnet20``) at 32 px: random
+    weights, W4A4 LSQ per channel, calibrated on random images."""
     import torchvision
 
+    from qkd.models import MODELS, create_model
+
     torch.manual_seed(0)
-    float_model = getattr(torchvision.models, name)(weights=None).eval()
+    size = 32 if name in MODELS else 224
+    float_model = (create_model(name) if name in MODELS else getattr(torchvision.models, name)(weights=None)).eval()
     model = quantize_model(copy.deepcopy(float_model), QuantConfig(weight_bits=4, act_bits=4, method="lsq",
                                                                    per_channel=True, first_last_bits=8))  # fmt: skip
-    calibrate(model, torch.randn(8, 3, 224, 224))
-    return model.eval(), float_model, torch.randn(1, 3, 224, 224)
+    calibrate(model, torch.randn(8, 3, size, size))
+    return model.eval(), float_model, torch.randn(1, 3, size, size), size
 
 
 def cached(name: str, key: list, make: Callable[[], dict]) -> dict:
@@ -303,7 +308,7 @@ def table(rows: list[dict], args: dict) -> str:
 
 def main(
     runs: list[Path] = typer.Argument(None, help="trained run folders (agreement + latency at their input size)"),
-    speed: list[str] = typer.Option([], help="torchvision networks at 224 px, random weights (latency only)"),
+    speed: list[str] = typer.Option([], help="torchvision at 224 px or qkd models at 32 px, random weights: latency"),
     limit: int = typer.Option(None, help="test images for agreement (default: all)"),
     rounds: int = typer.Option(15, help="alternated rounds per latency cell (at most)"),
     budget_s: float = typer.Option(60.0, help="seconds after which a latency cell stops adding rounds"),
@@ -325,10 +330,10 @@ def main(
             rows.append(cached(run_dir.name, key, make))
         for name in speed:
             def make(name=name):
-                model, float_model, example = speed_network(name)
+                model, float_model, example, size = speed_network(name)
                 folder = Path(tmp) / name
                 folder.mkdir()
-                return measure(f"{name} 224px (random W4A4)", model, float_model, example, folder, None, args)
+                return measure(f"{name} {size}px (random W4A4)", model, float_model, example, folder, None, args)
 
             rows.append(cached(f"speed-{name}", key, make))
     text = (f"\n### Deploy: every format in its runtime against its float twin, {time.strftime('%Y-%m-%d')}\n\n"
