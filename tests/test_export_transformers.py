@@ -227,6 +227,8 @@ def test_quantized_mha_state_dict_and_float_round_trip():
     assert rows == {"fc": "swapped", "attn.in_proj": "swapped", "attn.out_proj": "swapped"}
     keys = set(model.state_dict())
     assert set(original.state_dict()) <= keys and all("quant" in k for k in keys - set(original.state_dict()))
+    loaded = model.load_state_dict(original.state_dict(), strict=False)  # torch's keys load into the swapped form
+    assert not loaded.unexpected_keys and all("quant" in k for k in loaded.missing_keys)
     x = torch.randn(2, 5, 16)
     calibrate(model, x)
     with torch.no_grad(), quantization_disabled(model):
