@@ -21,6 +21,10 @@ How: the TorchScript exporter traces a copy of the model whose quantizers are re
 (a custom ``qkd::Quant`` node carrying an index); the marked graph is then rewritten with the
 ``onnx`` API. This keeps the integer types, zero points and initializers under our control instead
 of depending on which fake-quant ranges the exporter happens to support.
+
+Everything between quantized layers (LayerNorm, GELU, softmax, the matmuls of attention, permutes) stays as
+torch.onnx writes it, a float island between a DequantizeLinear and the next QuantizeLinear, as TensorRT and
+onnxruntime expect; a Linear weight a MatMul reads is stored transposed, so it too is ``DQ -> MatMul``.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ MODEL_ITSELF = "(the model itself)"  # how a model that computes with its own we
 ONLY_MODULES = "qkd quantizes nn.Conv2d/nn.Linear modules"
 # Modules whose parameters are no matmul/conv weights (scales, lookup tables): never a layer left float.
 NOT_MATMUL = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
-_CHILD_WEIGHT = re.compile(r"\bself\.(\w+)\.weight\b")
+_CHILD_WEIGHT = re.compile(r"\bself\.(\w+)\.weight\b(?!\s*\.)")  # not .weight.dtype, .weight.shape
 _FUNCTIONAL = re.compile(r"\b(?:F|functional|torch)\.(conv_transpose[123]d|conv[123]d|linear|bilinear)\s*\(")
 
 
