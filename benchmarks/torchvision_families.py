@@ -165,9 +165,10 @@ Each model: `weights=None`, 10 classes; BatchNorm statistics set on 8 random ima
 8-bit); calibrated on the same images and BatchNorm statistics set again; one SGD step (batch 2, train
 mode, gradient norm clipped to 1); then exported. Agreement is top-1 against the float64 fake-quant
 model (`deploy.compare(exact=True)`) on 4 other random images, with the largest logit difference.
-"quantized / float" counts Conv/Linear-like layers (`quantization_summary`); the float ones are attention
-projections that `nn.MultiheadAttention` reads directly. Random weights and images say nothing about
-accuracy: the table shows which families quantize, train and export, and that the exports are exact.
+"quantized / float" counts Conv/Linear-like layers (`quantization_summary`, which lists any left float and
+why). `benchmarks/transformer_qdq.py` measures the QDQ ONNX of ConvNeXt, ViT, Swin and MaxViT. Random
+weights and images say nothing about accuracy: the table shows which families quantize, train and export,
+and that the exports are exact.
 The integer runtime holds values between layers to 2**-32: where a float64 activation lies closer than
 that to a rounding boundary of the next quantizer, its code can differ by one step, which moves the
 logits by up to about 0.1 without changing the top-1 (not in this run; once in a resnet18 trial on other images).

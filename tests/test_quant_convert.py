@@ -267,8 +267,14 @@ def test_subclass_with_own_state_is_quantized_in_place():
     assert type(model[0]) is _MaskedLinear
 
 
-def test_attention_projection_listed_float_and_single_layer_refused():
+def test_attention_projections_are_quantized_and_single_layer_refused():
+    """nn.MultiheadAttention is swapped for LinearMultiheadAttention: both projections become quantized layers;
+    one qkd cannot swap (add_bias_kv) keeps its projections float, listed with the reason."""
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 8)})
+    quantize_model(model, W3A3)
+    rows = {r["name"]: r["how"] for r in quantization_summary(model).rows}
+    assert rows == {"attn.in_proj": "swapped", "attn.out_proj": "swapped", "fc": "swapped"}
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, add_bias_kv=True), "fc": nn.Linear(8, 8)})
     quantize_model(model, W3A3)
     rows = {r["name"]: r["how"] for r in quantization_summary(model).rows}
     assert rows == {"attn": "float: uses its own parameter 'in_proj_weight' directly; qkd quantizes "
@@ -277,3 +283,24 @@ def test_attention_projection_listed_float_and_single_layer_refused():
                     "fc": "swapped"}  # fmt: skip
     with pytest.raises(QKDError, match="not one Linear"):
         quantize_model(nn.Linear(2, 2))
+
+
+class _ReadsChildWeight(nn.Module):
+    """torchvision's Swin attention style: the forward passes a child layer's weight to F.linear itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.fc = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.linear(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_layer_whose_weight_its_parent_reads_is_left_float(caplog):
+    """Quantized, such a layer would never run (its quantizers never see a tensor): it is left float and said so."""
+    with caplog.at_level(logging.WARNING, logger="qkd"):
+        model = quantize_model(_ReadsChildWeight(), W3A3)
+    rows = {r["name"]: r["how"] for r in quantization_summary(model).rows}
+    assert rows == {"qkv": "float: _ReadsChildWeight.forward reads self.qkv.weight directly, not through its "
+                           "forward", "fc": "swapped"}  # fmt: skip
+    assert "1 layer(s) left float (_ReadsChildWeight.forward reads self.qkv.weight" in caplog.text

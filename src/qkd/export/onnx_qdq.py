@@ -23,12 +23,17 @@ How: the TorchScript exporter traces a copy of the model whose quantizers are re
 (a custom ``qkd::Quant`` node carrying an index); the marked graph is then rewritten with the
 ``onnx`` API. This keeps the integer types, zero points and initializers under our control instead
 of depending on which fake-quant ranges the exporter happens to support.
+
+Everything between quantized layers (LayerNorm, GELU, softmax, the matmuls of attention, permutes) stays as
+torch.onnx writes it, a float island between a DequantizeLinear and the next QuantizeLinear, as TensorRT and
+onnxruntime expect; a Linear weight a MatMul reads is stored transposed, so it too is ``DQ -> MatMul``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import warnings
 from collections.abc import Iterator
@@ -67,6 +72,7 @@ class _Grid:
     qn: int
     qp: int
     codes: np.ndarray | None = None
+    axis: int = 0  # the codes' output-channel axis (1 once transposed for a MatMul)
 
     @property
     def per_channel(self) -> bool:
@@ -225,14 +231,14 @@ class _Rewriter:
         return self.node("Min", [self.node("Max", [x, lo]), hi])
 
     def weight(self, out: str) -> None:
-        """Integer initializer ``-> DQ (per channel on axis 0) -> [Add offset]``."""
+        """Integer initializer ``-> DQ (per channel on its output-channel axis) -> [Add offset]``."""
         g = self.grid
         codes = self.const("codes", self.dtype, g.codes)
-        attrs = {"axis": 0} if g.per_channel else {}
+        attrs = {"axis": g.axis} if g.per_channel else {}
         shifted = self.shifted
         y = self.node("DequantizeLinear", [codes, *self.qparams()], None if shifted else out, **attrs)
         if shifted:
-            shape = g.offset.shape + (1,) * (g.codes.ndim - 1) if g.per_channel else ()
+            shape = tuple(-1 if d == g.axis else 1 for d in range(g.codes.ndim)) if g.per_channel else ()
             self.node("Add", [y, self.const("offset", TensorProto.FLOAT, g.offset.reshape(shape))], out)
 
 
@@ -328,6 +334,38 @@ def _fold_batchnorm(graph: onnx.GraphProto, grids: list[_Grid]) -> dict[str, _Gr
     return folded
 
 
+def _fold_weight_transposes(graph: onnx.GraphProto, grids: list[_Grid]) -> dict[str, _Grid]:
+    """Store the codes of a Linear weight read by a MatMul already transposed: ``DQ -> MatMul``, not ``DQ ->
+    Transpose -> MatMul``.
+
+    torch.onnx writes ``F.linear`` on a 3-D input (a transformer's tokens) as ``MatMul(x, Transpose(W))``; with the
+    weight behind a DequantizeLinear the Transpose stays, and no runtime fuses the MatMul. A 2-D weight placeholder
+    read only by a ``Transpose(perm=[1, 0])`` takes the Transpose's output and transposed codes, quantized per
+    channel on axis 1. Works on the placeholder graph, in place; returns the new grids by the placeholder's output.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded: dict[str, _Grid] = {}
+    dropped: set[int] = set()
+    for mark in graph.node:
+        readers = consumers.get(mark.output[0], [])
+        if mark.domain != _DOMAIN or len(readers) != 1 or readers[0].op_type != "Transpose":
+            continue
+        grid, transpose = grids[_index(mark)], readers[0]
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+        if grid.codes is None or grid.codes.ndim != 2 or perm != [1, 0]:
+            continue
+        folded[transpose.output[0]] = dataclasses.replace(grid, codes=grid.codes.T.copy(), axis=1)
+        mark.output[0] = transpose.output[0]
+        dropped.add(id(transpose))
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
+
+
 def _drop_redundant_relu6(graph: onnx.GraphProto, grids: list[_Grid]) -> None:
     """``Clip(x, 0, m)`` (ReLU6) read only by activation quantizers whose grid tops out at or below ``m`` becomes
     ``Relu``: the quantizer clamps at its top anyway (round-then-clamp gives the top code for every x above it),
@@ -351,10 +389,10 @@ def _drop_redundant_relu6(graph: onnx.GraphProto, grids: list[_Grid]) -> None:
 
 
 def _rewrite(model: onnx.ModelProto, grids: list[_Grid], int4: bool) -> int:
-    """Fold BatchNormalization into the quantized Convs before it, turn a ReLU6 its quantizer makes redundant into
-    ReLU, then replace every placeholder by its QDQ nodes, in place, keeping the topological order. Returns how
-    many quantizers kept a float offset (Sub/Add around their QDQ)."""
-    folded = _fold_batchnorm(model.graph, grids)
+    """Fold BatchNormalization into the quantized Convs before it and a Linear weight's Transpose into its codes,
+    turn a ReLU6 its quantizer makes redundant into ReLU, then replace every placeholder by its QDQ nodes, in place,
+    keeping the topological order. Returns how many quantizers kept a float offset (Sub/Add around their QDQ)."""
+    folded = _fold_batchnorm(model.graph, grids) | _fold_weight_transposes(model.graph, grids)
     _drop_redundant_relu6(model.graph, grids)
     graph, nodes, inits, seen, offsets = model.graph, [], [], set(), 0
     for node in graph.node:

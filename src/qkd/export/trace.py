@@ -45,6 +45,7 @@ from qkd.export.grid import check_quantized, float_weight, layer_grids
 from qkd.export.program import SHAPE_OPS
 from qkd.export.trace_calls import (
     OTHER_CONVS,
+    QDQ_HINT,
     CallTranslator,
     describe_node,
     is_shape_arithmetic,
@@ -53,8 +54,10 @@ from qkd.export.trace_calls import (
     target_name,
 )
 from qkd.quant import IntervalQuantizer, QConv2d, QLinear, Quantizer
+from qkd.quant.attention import LinearMultiheadAttention, LinearWindowAttention
 
-_LEAVES = (QConv2d, QLinear, Quantizer)  # besides torch.nn's own modules, which fx keeps whole
+# besides torch.nn's own modules, which fx keeps whole; attention is refused by name, as one module
+_LEAVES = (QConv2d, QLinear, Quantizer, LinearMultiheadAttention, LinearWindowAttention)
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
                 nn.SiLU: "silu", nn.Sigmoid: "sigmoid"}  # fmt: skip
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
@@ -294,7 +297,8 @@ class Builder(CallTranslator):
         elif isinstance(m, parametrize.ParametrizationList) and node.target.endswith(".parametrizations.weight"):
             self.weights[node.name] = node.target.rsplit(".parametrizations.", 1)[0]
         else:
-            raise QKDError(f"module '{node.target}' ({type(m).__name__}) is not supported by the integer formats")
+            raise QKDError(f"module '{node.target}' ({type(m).__name__}) is not supported by the integer formats"
+                           f"{QDQ_HINT}")  # fmt: skip
 
     def act_quant(self, node: fx.Node, x: fx.Node) -> None:
         """The input quantizer of an in-place layer: the layer op requantizes its input after the ops the
@@ -355,7 +359,9 @@ def _trace(model: nn.Module, example: Tensor | None) -> Builder:
     try:
         graph = _Tracer().trace(model)
     except Exception as e:
-        raise QKDError(f"cannot trace the model for integer export: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0].split(". ")[0]
+        raise QKDError(f"cannot trace the model for integer export (torch.fx: {reason}); the integer formats take "
+                       "models torch.fx traces, the onnx (QDQ) format traces with torch.onnx") from None  # fmt: skip
     b = Builder(model, graph, example)
     handlers = {"call_module": b.module, "call_function": b.function, "call_method": b.method}
     for node in graph.nodes:

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 from qkd.errors import QKDError
 from qkd.export.fixedpoint import fixed_multiplier
 
+# what a refusal of an op between layers adds: the QDQ format runs such ops in float
+QDQ_HINT = "; the onnx (QDQ) format keeps such ops float between its quantized layers"
 _ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
                   F.hardsigmoid: "hardsigmoid", F.silu: "silu", torch.sigmoid: "sigmoid",
                   F.sigmoid: "sigmoid"}  # fmt: skip
@@ -132,7 +134,8 @@ class CallTranslator:
         elif f in _POOLS:
             self.pool_function(node)
         elif not self.shape_function(node):
-            raise QKDError(f"function {target_name(f)} ({describe_node(node)}) is not supported by the integer formats")
+            raise QKDError(f"function {target_name(f)} ({describe_node(node)}) is not supported by the integer formats"
+                           f"{QDQ_HINT}")  # fmt: skip
 
     def pool_function(self, node: fx.Node) -> None:
         """``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ``F.max_pool2d``."""
@@ -195,7 +198,8 @@ class CallTranslator:
         elif name in ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"):
             self.arithmetic(node, name.rstrip("_"), x, node.args[1])
         else:
-            raise QKDError(f"tensor method .{name}() ({describe_node(node)}) is not supported by the integer formats")
+            raise QKDError(f"tensor method .{name}() ({describe_node(node)}) is not supported by the integer formats"
+                           f"{QDQ_HINT}")  # fmt: skip
 
     # ----- the ops ----------------------------------------------------------------------------------
     def arithmetic(self, node: fx.Node, kind: str, a: Any, b: Any) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from qkd.errors import QKDError
+from qkd.quant.attention import restore_attention, swap_attention
 from qkd.quant.config import EDGE, QuantConfig, QuantSpec, matches
 from qkd.quant.modules import (
     FLOAT_REASON,
@@ -54,6 +55,7 @@ MODEL_ITSELF = "(the model itself)"  # how a model that computes with its own we
 ONLY_MODULES = "qkd quantizes nn.Conv2d/nn.Linear modules"
 # Modules whose parameters are no matmul/conv weights (scales, lookup tables): never a layer left float.
 NOT_MATMUL = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
+_CHILD_WEIGHT = re.compile(r"\bself\.(\w+)\.weight\b(?!\s*\.)")  # not .weight.dtype, .weight.shape
 _FUNCTIONAL = re.compile(r"\b(?:F|functional|torch)\.(conv_transpose[123]d|conv[123]d|linear|bilinear)\s*\(")
 
 
@@ -138,9 +140,11 @@ def quantize_model(
     config = config or QuantConfig()
     if is_layer_like(model):
         raise QKDError(f"quantize_model needs a model holding layers, not one {type(model).__name__}: wrap it first")
-    _check_overrides(config, [n for n, m in model.named_modules() if n and is_layer_like(m)])
     _dequantize_for_reconfigure(model, reconfigure)
-    steps = [_plan(n, m, filter_fn) for n, m in model.named_modules() if n and is_layer_like(m)]
+    swap_attention(model)  # attention projections called as Linear layers, which then quantize
+    _check_overrides(config, [n for n, m in model.named_modules() if n and is_layer_like(m)])
+    read = read_by_parent(model)
+    steps = [_plan(n, m, filter_fn, read.get(n)) for n, m in model.named_modules() if n and is_layer_like(m)]
     selected = [s.name for s in steps if s.float_reason is None]
     edges = {selected[0], selected[-1]} if selected else set()
     left_float = []
@@ -177,12 +181,36 @@ def _dequantize_for_reconfigure(model: nn.Module, reconfigure: bool) -> None:
     dequantize_model(model)  # also forgets the float reasons of the last quantization
 
 
-def _plan(name: str, module: nn.Module, filter_fn: FilterFn) -> _Step:
-    """How to quantize one layer; QKDError for a selected layer that cannot be quantized."""
+def read_by_parent(model: nn.Module) -> dict[str, str]:
+    """``{layer name: why}`` of the Conv/Linear layers whose parent's forward reads their weight itself
+    (``F.linear(x, self.qkv.weight)``) instead of calling them: quantized, they would never run."""
+    found = {}
+    for name, module in model.named_modules():
+        children = {c for c, m in module.named_children() if is_layer_like(m)}
+        for child in children & set(_weights_read(type(module))):
+            full = f"{name}.{child}" if name else child
+            found[full] = f"{type(module).__name__}.forward reads self.{child}.weight directly, not through its forward"
+    return found
+
+
+@functools.cache
+def _weights_read(cls: type[nn.Module]) -> list[str]:
+    """The children whose ``.weight`` the forward of ``cls`` reads (``self.<child>.weight``)."""
+    try:
+        return _CHILD_WEIGHT.findall(inspect.getsource(cls.forward))
+    except (OSError, TypeError):
+        return []
+
+
+def _plan(name: str, module: nn.Module, filter_fn: FilterFn, read_by: str | None = None) -> _Step:
+    """How to quantize one layer; QKDError for a selected layer that cannot be quantized. ``read_by``: why its
+    parent reads its weight directly (it then stays float)."""
     if not filter_fn(module, name):
         return _Step(name, module, float_reason=FILTERED)
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return _Step(name, module, float_reason=READ_DIRECTLY)
+    if read_by is not None:
+        return _Step(name, module, float_reason=read_by)
     swap_to = next((q for base, q in QUANT_MODULES.items() if _behaves_as(module, base)), None)
     why_not = _unquantizable(module, in_place=swap_to is None)
     if why_not:
@@ -256,7 +284,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         elif isinstance(module, SWAPPED):
             _set_submodule(model, name, module.to_float())
         module.__dict__.pop(FLOAT_REASON, None)
-    return model
+    return restore_attention(model)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
