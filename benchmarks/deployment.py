@@ -273,11 +273,12 @@ def speed_network(name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Te
     weights, W4A4 LSQ per channel, calibrated on random images."""
     import torchvision
 
-    from qkd.models import MODELS, create_model
+    from qkd.models import create_model, list_models
 
     torch.manual_seed(0)
-    size = 32 if name in MODELS else 224
-    float_model = (create_model(name) if name in MODELS else getattr(torchvision.models, name)(weights=None)).eval()
+    ours = name in list_models()
+    size = 32 if ours else 224
+    float_model = (create_model(name) if ours else getattr(torchvision.models, name)(weights=None)).eval()
     model = quantize_model(copy.deepcopy(float_model), QuantConfig(weight_bits=4, act_bits=4, method="lsq",
                                                                    per_channel=True, first_last_bits=8))  # fmt: skip
     calibrate(model, torch.randn(8, 3, size, size))
