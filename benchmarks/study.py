@@ -102,8 +102,11 @@ def float_config(data_dir: Path, role: str, model: str, epochs: int, device: str
     return cfg
 
 
-def cell_name(bits: int, method: str, epochs: int, limit: int | None, tag: str, seed: int) -> str:
-    return f"w{bits}a{bits}-{method}-e{epochs}-n{limit or 'all'}{'-' + tag if tag else ''}-s{seed}"
+def cell_name(bits: int, method: str, epochs: int, limit: int | None, tag: str, seed: int,
+              fresh: int | None = None) -> str:  # fmt: skip
+    """``-n2500``: a fixed subset of 2,500 images per epoch; ``-d12500``: 12,500 drawn afresh from all each epoch."""
+    images = f"d{fresh}" if fresh else f"n{limit or 'all'}"
+    return f"w{bits}a{bits}-{method}-e{epochs}-{images}{'-' + tag if tag else ''}-s{seed}"
 
 
 def _grid(specs: list[str]) -> list[tuple[int, str, int, int | None]]:
@@ -137,6 +140,12 @@ def run(
     seeds: list[int] = typer.Option([0], help="seeds"),
     epochs: int = typer.Option(4, min=1, help="quantized epochs per method"),
     train_limit: int | None = typer.Option(2_500, help="training images per epoch (a stratified subset, per seed)"),
+    epoch_images: int | None = typer.Option(
+        None,
+        min=1,
+        help="training images per epoch drawn afresh from all 50,000 each epoch (replaces --train-limit): "
+        "a budget in images seen, e.g. --epochs 4 --epoch-images 50000 for 200,000",
+    ),
     fp_epochs: int = typer.Option(1, min=1, help="step 0: float fine-tuning epochs on all 50,000 images"),
     teacher: str = typer.Option("resnet20", help="teacher: resnet20 (the float student teaches) or resnet56"),
     set_: list[str] = typer.Option([], "--set", help="config override for every cell, e.g. runtime.amp=false"),
@@ -165,6 +174,8 @@ def run(
         raise typer.BadParameter(f"unknown methods {sorted(bad)}; valid: {', '.join(METHODS)}")
     if (bool(set_) or teacher != "resnet20") and not tag:
         raise typer.BadParameter("--set and --teacher change the cells: name the variant with --tag")
+    if epoch_images is not None:
+        train_limit = None
     store = load_store(study)
     store.setdefault("machines", {})[machine()] = True
 
@@ -194,8 +205,8 @@ def run(
     for b, m, seed, e in plan:
         e = e or epochs
         cfg = base_config(data_dir, b, teacher, device, seed, ["runtime.eval=lean", *set_])
-        cfg.name = cell_name(b, m, e, train_limit, tag, seed)
-        cfg.method, cfg.epochs, cfg.data.train_limit = m, e, train_limit
+        cfg.name = cell_name(b, m, e, train_limit, tag, seed, epoch_images)
+        cfg.method, cfg.epochs, cfg.data.train_limit, cfg.data.epoch_images = m, e, train_limit, epoch_images
         for role in ("student", "teacher"):
             mcfg = getattr(cfg, role)
             mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role].resolve()), 0
@@ -206,6 +217,7 @@ def run(
             continue
         cells.append((cfg, None))
         about[cfg.name] = {"bits": b, "method": m, "seed": seed, "epochs": e, "train_limit": train_limit,
+                           "epoch_images": epoch_images,
                            "tag": tag, "teacher": teacher}  # fmt: skip
     logging.info("%d cells to run (%d already stored)", len(cells), len(store["runs"]))
     done = lambda job, rec: keep("runs", job[0].name, rec | {"start": start, "cell": about[job[0].name]})  # noqa: E731
@@ -229,12 +241,13 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def cells_of(store: dict, epochs: int, train_limit: int | None, tag: str = "") -> dict[tuple[int, str], dict]:
+def cells_of(store: dict, epochs: int, train_limit: int | None, tag: str = "",
+             epoch_images: int | None = None) -> dict[tuple[int, str], dict]:  # fmt: skip
     """(bits, method) -> {seed: record} for one budget and variant."""
     out: dict[tuple[int, str], dict] = {}
     for rec in store["runs"].values():
         c = rec["cell"]
-        if (c["epochs"], c["train_limit"], c["tag"]) == (epochs, train_limit, tag):
+        if (c["epochs"], c["train_limit"], c["tag"], c.get("epoch_images")) == (epochs, train_limit, tag, epoch_images):
             out.setdefault((c["bits"], c["method"]), {})[c["seed"]] = rec
     return out
 

@@ -134,6 +134,26 @@ def test_every_sample_seen_once_per_epoch_and_len() -> None:
         assert torch.allclose(x[:, 0, 1:3, 1:3].amax((1, 2)) * 255, y.float())
 
 
+def test_per_pass_draws_a_fresh_subset_each_pass_without_repeats() -> None:
+    loader = _loader(n=50, batch_size=8, per_pass=20)
+    assert len(loader) == 3 and loader.pass_samples == 20
+    first, again, other = (torch.cat([y for _, y in _run(loader, seed)]) for seed in (0, 0, 1))
+    assert len(first) == 20 and len(set(first.tolist())) == 20  # labels are the image indices: no repeats
+    assert torch.equal(first, again)  # a pass is a function of its seed
+    assert set(first.tolist()) != set(other.tolist())  # another pass, other images (not just another order)
+    with pytest.raises(ValueError, match="shuffle"):
+        _loader(n=50, shuffle=False, per_pass=20)
+
+
+def test_epoch_images_option() -> None:
+    b = build_data("digits", epoch_images=100)
+    assert b.train.pass_samples == 100 and b.train.num_samples > 1000 and b.val.pass_samples == b.val.num_samples
+    with pytest.raises(QKDError, match="epoch_images must be >= 1"):
+        build_data("digits", epoch_images=0)
+    with pytest.raises(QKDError, match="epoch_images applies to the in-memory sources"):
+        build_data("imagefolder", "/nonexistent", epoch_images=10)
+
+
 def test_drop_last_and_unshuffled_order() -> None:
     assert len(_loader(n=50, batch_size=8, drop_last=True)) == 6
     assert sum(len(y) for _, y in _loader(n=50, batch_size=8, drop_last=True)) == 48

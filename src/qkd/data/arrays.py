@@ -237,6 +237,7 @@ def _tensor_loader(
         device=o.device,
         seed=o.seed,
         shard=(rank(), world_size()),  # under torchrun, this rank's share of every batch
+        per_pass=o.epoch_images if train else None,
     )
 
 

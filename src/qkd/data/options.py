@@ -31,7 +31,9 @@ class DataOptions:
       batch is decoded with nvJPEG and cropped on the GPU; needs the run on CUDA). Every mode draws the same
       crops from the same seed.
     - ``limit``: at most this many images per split (quick runs); ``train_limit``: for the training split
-      alone (val/test whole).
+      alone (val/test whole); ``epoch_images``: each training epoch draws this many images afresh, without
+      repeats within it, from the whole training split (after ``train_limit``), so that a budget counted in
+      images seen (4 epochs of 12,500) is not a fixed subset seen 4 times; in-memory sources only.
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
@@ -49,6 +51,7 @@ class DataOptions:
     num_workers: int = field(default=2, metadata={"where": True})
     limit: int | None = None
     train_limit: int | None = None
+    epoch_images: int | None = None
     decode: str = field(default="pil", metadata={"where": True})
 
     def __post_init__(self) -> None:
@@ -59,7 +62,8 @@ class DataOptions:
                              f"(e.g. 500), got {self.val_size}")  # fmt: skip
         if self.val_from not in ("train", "test"):
             raise ValueError(f"data.val_from must be train or test, got {self.val_from!r}")
-        for name, value in (("limit", self.limit), ("train_limit", self.train_limit)):
+        for name, value in (("limit", self.limit), ("train_limit", self.train_limit),
+                            ("epoch_images", self.epoch_images)):  # fmt: skip
             if value is not None and value < 1:
                 raise ValueError(f"data.{name} must be >= 1 or unset, got {value}")
         if self.num_workers < 0:

@@ -44,6 +44,9 @@ def build_data(
     except (TypeError, ValueError) as e:
         raise QKDError(str(e)) from None
     key = opts.name.strip().lower()
+    if opts.epoch_images is not None and (":" in key or key in STREAM_SOURCES):
+        raise QKDError(f"data.epoch_images applies to the in-memory sources ({', '.join(ARRAY_SOURCES)}), not to "
+                       f"{opts.name}; drop it, or use data.train_limit for a fixed subset")  # fmt: skip
     if ":" in key:
         return from_factory(opts, _device(device), seed)
     if key not in ARRAY_SOURCES and key not in STREAM_SOURCES:

@@ -49,8 +49,11 @@ class TensorLoader:
         device: str | torch.device = "cpu",
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
+        per_pass: int | None = None,
     ) -> None:
         _check_tensors(x, y, batch_size, len(mean))
+        if per_pass is not None and not shuffle:
+            raise ValueError("per_pass draws a fresh subset each pass: it needs shuffle=True")
         self.rank, self.world = shard
         if shuffle:
             local_batch(batch_size, self.world)  # the global batch must split evenly
@@ -67,14 +70,20 @@ class TensorLoader:
         self.std = tuple(float(s) for s in std)
         self._scale, self._shift = normalize_affine(self.mean, self.std, self.device)
         self._seed = int(seed)
+        self.per_pass = per_pass
 
     @property
     def num_samples(self) -> int:
         """Images in the data set (not batches; ``len(loader)`` is the number of batches)."""
         return int(self.labels.shape[0])
 
+    @property
+    def pass_samples(self) -> int:
+        """Images in one pass: ``per_pass`` drawn afresh from the data set each pass, else all of them."""
+        return self.num_samples if self.per_pass is None else min(self.per_pass, self.num_samples)
+
     def __len__(self) -> int:
-        full, rest = divmod(self.num_samples, self.batch_size)
+        full, rest = divmod(self.pass_samples, self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
     def set_epoch(self, seed: int) -> None:
@@ -92,8 +101,8 @@ class TensorLoader:
 
     def _batches(self, seed: int) -> Iterator[Batch]:
         gen = torch.Generator().manual_seed(seed)
-        n = self.num_samples
-        order = torch.randperm(n, generator=gen).to(self.device) if self.shuffle else None
+        n = self.pass_samples
+        order = torch.randperm(self.num_samples, generator=gen)[:n].to(self.device) if self.shuffle else None
         draws = self._draw_augmentation(n, gen)
         stop = min(len(self) * self.batch_size, n)
         if self.world > 1 and self.shuffle:  # training: every rank gets as many images (the rest is dropped)
