@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from qkd.errors import QKDError
 from qkd.quant import is_layer_like, quantization_disabled
+from qkd.quant.budget import plan_budget
 from qkd.quant.convert import MODEL_ITSELF, own_weight_modules
 from qkd.train.loop import Runtime
 
@@ -90,6 +91,8 @@ def check_first_batch(trainer: Trainer) -> None:
         _check_images(x)
         _check_labels(x, y)
         classes = _classes("student", trainer.student, x, trainer.rt)
+        if trainer.cfg.quant.budget is not None and any(s.quantized for s in trainer.stages):
+            plan_budget(trainer.student, trainer.cfg.quant, x)  # refuses a budget no allocation meets
         if trainer.teacher is not None and any(s.uses_teacher for s in trainer.stages):
             theirs = _classes("teacher", trainer.teacher, x, trainer.rt)
             if theirs != classes:
