@@ -194,3 +194,5 @@ def test_assigned_bits_quantize_each_layer_at_its_width():
     calibrate(model, torch.randn(4, 1, 8, 8))
     rows = {r["name"]: (r["weight_bits"], r["act_bits"]) for r in quantization_summary(model).rows}
     assert rows == {"stem.0": (8, 8), "block.branch.0": (2, 2), "down.0": (3, 3), "head": (8, 6)}
+    with pytest.raises(QKDError, match="quantize_model takes each layer's bits, not a budget"):
+        quantize_model(UserNet(8), quant)  # not silently at weight_bits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable
+from dataclasses import replace
 
 from torch import nn
 from torch.nn import functional as F
@@ -38,7 +39,7 @@ def check_float_student(student: nn.Module, quant: QuantConfig | None, resume: b
                            "with the quant settings) or dequantize_model() it first")  # fmt: skip
         dequantize_model(student)
     if quant is not None:
-        quantize_model(copy.deepcopy(student), quant)
+        quantize_model(copy.deepcopy(student), replace(quant, budget=None))  # the budget's bits: chosen later
 
 
 def quantize_student(student: nn.Module, quant: QuantConfig, rt: Runtime) -> QuantSummary:
