@@ -169,12 +169,17 @@ def test_a_budget_run_exports_exactly(budget_run, tmp_path, fmt):
     assert exported.check["agreement_f64"] == 1.0 and exported.check["max_logit_diff_f64"] < 1e-4
 
 
-def test_fit_within_a_bops_budget_and_exact_exports_of_its_mixed_bits(tmp_path, one_thread):
+def test_fit_within_a_bops_budget_resumed_and_exact_exports_of_its_mixed_bits(tmp_path, one_thread):
     train, val = digits_loaders()
     torch.manual_seed(0)
-    quant = QuantConfig(budget=Budget(bops="300K", bits=[2, 3, 4]), first_last_bits="same")
-    result = qkd.fit(UserNet(8), None, train, val, method="qat", epochs=1, quant=quant, optim={"lr": 0.05})
+    quant, student = QuantConfig(budget=Budget(bops="300K", bits=[2, 3, 4]), first_last_bits="same"), UserNet(8)
+    settings = dict(method="qat", epochs=2, quant=quant, optim={"lr": 0.05}, out=tmp_path / "r")
+    with pytest.raises(KeyboardInterrupt):
+        qkd.fit(student, None, train, val, on_epoch_end=StopAfter(1), **settings)
+    chosen = json.loads((tmp_path / "r" / "quantization.json").read_text())["budget"]
+    result = qkd.fit(student, None, train, val, resume=True, **settings)  # the same object, quantized: resumed
     budget = result.summary["budget"]
+    assert budget == chosen
     assert budget["unit"] == "bops" and budget["achieved"] <= 300_000 and not budget["fixed"]
     assert len(set(budget["bits"].values())) > 1, budget  # a budget between the widths: mixed
     x, y = next(iter(val))
