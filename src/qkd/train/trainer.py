@@ -246,7 +246,7 @@ class Trainer:
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
         """Quantize the student; with ``quant.budget``, at the bits chosen now (on a resume: those read back)."""
         quant, seed = self.cfg.quant, self._seed(self.state.stage, CALIBRATION)
-        if quant.budget is not None and self.budget is None:
+        if quant.budget is not None and calibrate_batch:  # a resumed run's are read back, never chosen again
             self.budget = on_main(lambda: choose_student_bits(self.student, quant, self.rt, self.train.epoch(seed)))
         quant = budget_config(quant, self.budget)
         layers = quantize_student(self.student, quant, self.rt)
