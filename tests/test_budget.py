@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import qkd
 from helpers import StopAfter, UserNet, digits_loaders, qkd_in_process
@@ -15,8 +16,8 @@ from qkd import pipeline
 from qkd.config import load_config
 from qkd.errors import ConfigError, QKDError
 from qkd.export import compare, export_model, export_run
-from qkd.quant import QuantConfig, calibrate, quantization_summary, quantize_model
-from qkd.quant.budget import allocate, assigned, count_macs, plan_budget
+from qkd.quant import QuantConfig, calibrate, quantization_summary, quantize_model, set_quantization
+from qkd.quant.budget import allocate, assigned, count_macs, plan_budget, sensitivities
 from qkd.quant.config import Budget
 
 # tiny_cnn on digits: conv 144 weights and fc 320 at 8 bits (first/last rule), 4,608 + 9,216 allocated
@@ -190,6 +191,24 @@ def test_fit_within_a_bops_budget_resumed_and_exact_exports_of_its_mixed_bits(tm
         check = compare(run, result.student, [(x, y)], exact=True)
         print(fmt, check)
         assert check["agreement_f64"] == 1.0 and check["max_logit_diff_f64"] < 1e-4, (fmt, check)
+
+
+def test_sensitivity_is_the_loss_increase_with_one_layer_quantized():
+    torch.manual_seed(0)
+    model, quant = UserNet(8).eval(), QuantConfig(budget=Budget(weights="1KiB", bits=[2, 4]))
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(2)]
+    names = ["stem.0", "down.0", "head"]
+    found = sensitivities(model, quant, names, batches, F.cross_entropy)
+    base = sum(F.cross_entropy(model(x), y).item() for x, y in batches) / 2
+    for name, b in itertools.product(names, (2, 4)):  # the reference: calibrate with that layer alone on
+        alone = quantize_model(copy.deepcopy(model), QuantConfig(weight_bits=b, act_bits=b, first_last_bits="same"))
+        set_quantization(alone, False)
+        set_quantization(alone.get_submodule(name), True)
+        calibrate(alone, batches[0][0])
+        with torch.no_grad():
+            want = sum(F.cross_entropy(alone(x), y).item() for x, y in batches) / 2 - base
+        assert found[name][[2, 4].index(b)] == pytest.approx(want, abs=1e-6), (name, b)
+    assert found["down.0"][0] > found["down.0"][1] > 0  # 2 bits cost more than 4
 
 
 def test_assigned_bits_quantize_each_layer_at_its_width():

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from qkd.errors import QKDError
 from qkd.quant.config import Budget, QuantConfig, matches
-from qkd.quant.convert import calibrate, quantization_disabled, quantize_model, quantized_layers, set_quantization
+from qkd.quant.convert import quantization_disabled, quantize_model, quantized_layers, set_quantization
 
 FLOAT_BITS = 32  # what a float side counts in a budget
 SENSITIVITY_BATCHES = 2  # calibration batches the loss is measured on, per layer and width
@@ -159,13 +159,30 @@ def sensitivities(model: nn.Module, quant: QuantConfig, names: list[str], batche
         at_b = replace(quant, budget=None, overrides={}, weight_bits=b, act_bits=b, first_last_bits="same")
         probe = quantize_model(copy.deepcopy(model), at_b).eval()
         set_quantization(probe, False)
-        for name in names:
-            layer = probe.get_submodule(name)
+        layers = [probe.get_submodule(n) for n in names]
+        _initialise_inputs(probe, layers, batches[0][0])
+        for name, layer in zip(names, layers):
             set_quantization(layer, True)
-            calibrate(probe, batches[0][0])
             found[name].append(loss(probe) - base)
             set_quantization(layer, False)
     return found
+
+
+def _initialise_inputs(probe: nn.Module, layers: list[nn.Module], x: Tensor) -> None:
+    """Initialise each of ``layers``' input quantizers from its float input, in one pass of ``x`` with every
+    quantizer off: what :func:`~qkd.quant.convert.calibrate` does with that layer's quantizers alone on."""
+
+    def hook(layer: nn.Module, args: tuple) -> None:
+        layer.act_quant.enabled = True
+        layer.act_quant(args[0])  # initialises it on its first input
+        layer.act_quant.enabled = False
+
+    hooks = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        probe(x)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def choose_bits(model: nn.Module, quant: QuantConfig, plan: BudgetPlan, batches: list[tuple[Tensor, Tensor]],
