@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from qkd.data.options import DataOptions
 from qkd.errors import ConfigError, QKDError
 from qkd.methods import METHODS, Distill
-from qkd.quant.config import QuantConfig
+from qkd.quant.config import QuantConfig, refuse_bits_with_budget
 
 DEVICES = "auto, cpu, cuda, cuda:N (GPU number N) or mps"
 #: The built-in models and data sources, named here for ``qkd list`` without importing torch; the registries
@@ -252,7 +252,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
-        child = node.setdefault(part, {})
+        child = node[part] = node.get(part) or {}  # an unset optional section (quant.budget: null) starts empty
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
@@ -286,7 +286,13 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
     data = _read_yaml(source) if source else RunConfig().model_dump(mode="json")
     for item in overrides or []:
         _apply_override(data, item)
-    return build_config(data)
+    cfg = build_config(data)
+    given = [o for o in overrides or [] if o.partition("=")[0] in ("quant.weight_bits", "quant.act_bits")]
+    try:  # the preset's bits give way to a budget; the user's own are refused with it
+        refuse_bits_with_budget(cfg.quant.budget, given)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:

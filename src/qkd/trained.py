@@ -18,6 +18,7 @@ from qkd.errors import QKDError
 from qkd.quant import quantization_disabled, quantize_model
 from qkd.train import rundir
 from qkd.train.loop import Runtime, top1_accuracy
+from qkd.train.quantize import budget_config, recorded_budget
 from qkd.train.resume import load_state
 from qkd.train.stages import Stage
 
@@ -148,8 +149,8 @@ def load_trained(
                        "its model as it is now")  # fmt: skip
     data = data_for(cfg)
     model = build_model(getattr(cfg, role), data)
-    if quantized:
-        quantize_model(model, cfg.quant)
+    if quantized:  # with quant.budget: at the bits the run chose (in every checkpoint's metadata)
+        quantize_model(model, budget_config(cfg.quant, recorded_budget(ckpt)))
     load_state(model, state, f"model '{getattr(cfg, role).name}'")
     rt = Runtime(resolve_device(cfg.device), cfg.runtime.channels_last, cfg.runtime.amp)
     return LoadedModel(rt.place(model), data, quantized, rt, cfg, role, where)

@@ -45,8 +45,8 @@ def run_contract(cfg: Any, data: Any, where: str) -> dict[str, Any]:
     return {
         "model": cfg.student.name,
         "trained_to": where,
-        "weight_bits": q.weight_bits,
-        "act_bits": q.act_bits,
+        "weight_bits": q.weight_bits if q.budget is None else "mixed",  # per layer within quant.budget
+        "act_bits": q.act_bits if q.budget is None else "mixed",
         "first_last_bits": q.first_last_bits,
         "quantizer": q.method,
         "per_channel": q.per_channel,

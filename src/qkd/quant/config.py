@@ -7,6 +7,7 @@ No torch here, so that a run config is read and checked without it; the quantize
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 
 STEP_INITS = ("mse", "lsq")
@@ -66,6 +67,76 @@ def check_choices(method: str, step_init: str) -> None:
         raise ValueError(f"unknown step_init '{step_init}'; valid: {', '.join(STEP_INITS)}")
 
 
+BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+COUNT_UNITS = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_AMOUNT = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_amount(value: object, units: dict[str, int], what: str, example: str) -> int:
+    """``"150KiB"`` -> 153600 (with :data:`BYTE_UNITS`), ``"1.2G"`` -> 1200000000 (:data:`COUNT_UNITS`); a plain
+    number is in the base unit. ValueError naming the units understood."""
+    number, unit = (value, "") if isinstance(value, int | float) and not isinstance(value, bool) else (None, "")
+    found = _AMOUNT.fullmatch(value) if isinstance(value, str) else None
+    if found:
+        number, unit = float(found.group(1)), found.group(2)
+    scale = units.get(unit) if unit else 1
+    if number is None or scale is None:
+        raise ValueError(f"{what}={value!r} is not understood; give a number with one of the units "
+                         f"{', '.join(units)} (or none), e.g. {what}={example}")  # fmt: skip
+    amount = float(number) * scale
+    if not amount > 0 or amount != amount or amount == float("inf"):
+        raise ValueError(f"{what}={value!r} must be a positive amount, e.g. {what}={example}")
+    return round(amount)
+
+
+@dataclass
+class Budget:
+    """A size or cost budget that chooses each layer's bits (``qkd.quant.budget``) instead of one bit-width.
+
+    Exactly one of ``weights`` (bytes of packed weight codes: every quantized layer's weights at its bits, a float
+    layer's at 32; biases, steps and zero points not counted; ``"150KiB"``, ``"0.2MiB"``, ``"150000B"``, a plain
+    number of bytes) or ``bops`` (bit operations per image at the model's input size: the sum over layers of
+    MACs x weight bits x activation bits, float sides at 32; ``1.2e9``, ``"1.2G"``). Each allocated layer gets one
+    width from ``bits`` for its weights and its input alike (W b A b).
+
+    >>> QuantConfig(budget=Budget(weights="150KiB", bits=[2, 3, 4, 8]))
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    weights: int | str | None = None
+    bops: int | float | str | None = None
+    bits: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
+
+    def __post_init__(self) -> None:
+        if (self.weights is None) == (self.bops is None):
+            raise ValueError("a budget is quant.budget.weights (e.g. 150KiB) or quant.budget.bops (e.g. 1.2G): "
+                             "give exactly one")  # fmt: skip
+        self.limit  # noqa: B018 -- parsed now: a unit not understood is refused when the config is read
+        if not isinstance(self.bits, list | tuple) or not self.bits or any(parse_bits(b) is None for b in self.bits):
+            raise ValueError(f"quant.budget.bits must be a list of bit-widths from 2 to 8, e.g. [2, 3, 4, 8]; "
+                             f"got {self.bits!r}")  # fmt: skip
+        self.bits = sorted(set(self.bits))
+
+    @property
+    def unit(self) -> str:
+        """``weights`` or ``bops``: what the budget limits."""
+        return "weights" if self.weights is not None else "bops"
+
+    @property
+    def limit(self) -> int:
+        """The budget in bytes (``weights``) or bit operations (``bops``)."""
+        if self.weights is not None:
+            return parse_amount(self.weights, BYTE_UNITS, "quant.budget.weights", "150KiB")
+        return parse_amount(self.bops, COUNT_UNITS, "quant.budget.bops", "1.2G")
+
+    def format(self, amount: float) -> str:
+        """``amount`` in this budget's unit, readably: ``149.3 KiB`` or ``1.21 GBOPs``."""
+        if self.unit == "weights":
+            return f"{amount / 1024:.1f} KiB" if amount < 2**20 else f"{amount / 2**20:.2f} MiB"
+        return f"{amount / 1e9:.3g} GBOPs" if amount >= 1e8 else f"{amount / 1e6:.3g} MBOPs"
+
+
 @dataclass
 class QuantConfig:
     """Bit-widths and quantizer choice for a whole model.
@@ -90,6 +161,9 @@ class QuantConfig:
       learned lower bound to a multiple of the step in the forward (straight-through), so that a QDQ ONNX export
       stores it as an integer zero point; off, the lower bound is free and such a layer's QDQ keeps a float
       offset (Sub/Add) around its quantizer, which onnxruntime cannot fuse into integer kernels.
+    - ``budget``: a :class:`Budget` (or its dict): each layer's bits (weights and input alike) are chosen before
+      training to meet it with the least measured sensitivity (:mod:`qkd.quant.budget`); they replace
+      ``weight_bits``/``act_bits``, except at layers the first/last rule or ``overrides`` set, which keep theirs.
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
@@ -103,9 +177,15 @@ class QuantConfig:
     first_last_bits: int | str | None = 8
     overrides: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
     integer_zero_point: bool = False
+    budget: Budget | None = None
 
     def __post_init__(self) -> None:
         self.weight_bits, self.act_bits = parse_bits(self.weight_bits), parse_bits(self.act_bits)
+        if isinstance(self.budget, dict):
+            self.budget = Budget(**self.budget)
+        if self.budget is not None and None in (self.weight_bits, self.act_bits):
+            raise ValueError("a budget chooses weight and activation bits together; drop weight_bits/act_bits=float "
+                             "or the budget")  # fmt: skip
         if self.first_last_bits != "same":
             self.first_last_bits = parse_bits(self.first_last_bits)
         check_choices(self.method, self.step_init)
@@ -145,6 +225,15 @@ class QuantConfig:
             QuantSpec(weight_bits, signed=True, per_channel=self.per_channel, **common),
             QuantSpec(act_bits, signed=None, per_channel=False, **common),
         )
+
+
+def refuse_bits_with_budget(budget: object, given: list[str]) -> None:
+    """A budget chooses the bits: refuse it together with ``weight_bits``/``act_bits`` given by the user (``given``:
+    those settings as they were written, e.g. ``["quant.weight_bits=4"]``)."""
+    if budget is not None and given:
+        them = "them" if len(given) > 1 else "it"
+        raise ValueError(f"{' and '.join(given)} with quant.budget: the budget chooses every layer's bits; drop "
+                         f"{them} (quant.overrides fixes single layers) or the budget")  # fmt: skip
 
 
 def matches(name: str, pattern: str) -> bool:

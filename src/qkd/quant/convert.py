@@ -138,6 +138,9 @@ def quantize_model(
     next batch). Layers left float for a reason other than ``first_last_bits`` are logged as warnings.
     """
     config = config or QuantConfig()
+    if config.budget is not None:
+        raise QKDError("quantize_model takes each layer's bits, not a budget: qkd.fit chooses them within one, or "
+                       "qkd.quant.budget (plan_budget, choose_bits, assigned) does for your own loop")  # fmt: skip
     if is_layer_like(model):
         raise QKDError(f"quantize_model needs a model holding layers, not one {type(model).__name__}: wrap it first")
     _dequantize_for_reconfigure(model, reconfigure)

@@ -252,7 +252,9 @@ def _float_lines(group: Sequence[Run], student: str, split: str, colour_of: dict
 def accuracy_vs_bits(runs: Sequence[Run], split: str = "test") -> Figure | None:
     """Final accuracy against bits per method (the float student as reference); None where no run is both
     quantized and finished."""
-    groups = {k: [r for r in g if r.quantized and r.final(split) is not None] for k, g in _groups(runs).items()}
+    # a run at mixed bits (quant.budget) has no one width to stand at
+    groups = {k: [r for r in g if r.quantized and r.bits[0] != "mixed" and r.final(split) is not None]
+              for k, g in _groups(runs).items()}  # fmt: skip
     groups = {k: g for k, g in groups.items() if g}
     if not groups:
         return None

@@ -71,6 +71,8 @@ class Run:
     @property
     def bits_label(self) -> str:
         w, a = self.bits
+        if w == "mixed":  # chosen per layer within quant.budget
+            return "mixed"
         return "float" if not self.quantized else f"W{w or 'f'}A{a or 'f'}"
 
     @property

@@ -25,7 +25,8 @@ def format_summary(summary: dict) -> str:
     bits = summary["bits"]
     for key, r in stages.items():
         if r["quantized"]:
-            label = f"student W{bits['weight'] or 'f'}A{bits['act'] or 'f'} after {key}"
+            at = "mixed bits" if bits["weight"] == "mixed" else f"W{bits['weight'] or 'f'}A{bits['act'] or 'f'}"
+            label = f"student {at} after {key}"
             teacher = pct(r["teacher"].get("test")) if "teacher" in r else ""
             rows.append((label, str(r["epochs"]), pct(r.get("val")), pct(r.get("test")), teacher,
                          f"{r['wall_s']:.1f}", _chance(r)))  # fmt: skip
@@ -56,6 +57,8 @@ def describe_loaded(r: Any) -> str:
     q = r.cfg.quant
     edges = f"{q.first_last_bits} bits" if q.first_last_bits else "as the rest"
     bits = f"W{q.weight_bits}A{q.act_bits} fake-quant (first/last layers {edges})"
+    if q.budget is not None:
+        bits = f"fake-quant at mixed bits {q.budget.bits} chosen within quant.budget.{q.budget.unit}"
     how = bits if r.quantized else "float"
     state = "at the end of the run" if r.where == "the end of the run" else r.where
     state = state if state.startswith(("at ", "after ")) else f"UNFINISHED, stopped at {state}"

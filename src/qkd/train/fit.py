@@ -8,7 +8,9 @@ from typing import Any
 from torch import nn
 
 from qkd.config import TrainConfig, build_config
+from qkd.errors import ConfigError
 from qkd.quant import QuantConfig
+from qkd.quant.config import refuse_bits_with_budget
 from qkd.train.measure import EvalFn
 from qkd.train.precheck import check_first_batch, check_models, float_training
 from qkd.train.stages import plan
@@ -52,6 +54,11 @@ def fit(
     >>> result.summary["stages"]["3_tutor"]["val"], result.student   # accuracy, the low-bit model
     """
     check_models(student, teacher)
+    if isinstance(quant, dict):
+        try:
+            refuse_bits_with_budget(quant.get("budget"), [k for k in ("weight_bits", "act_bits") if k in quant])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     cfg = build_config({"method": method, "epochs": epochs, "quant": quant or QuantConfig(), **settings}, TrainConfig)
     trainer = Trainer(student, teacher, train, val, test, config=cfg, stages=plan(cfg, float_training(pretrain)),
                       out=out, evaluate=evaluate,

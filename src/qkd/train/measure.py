@@ -101,16 +101,17 @@ def split_figures(result: dict) -> dict[str, float]:
 
 
 def summary(cfg: TrainConfig, state: RunState, describe: dict, run_dir: Path | None, rt: Runtime,
-            layers: dict | None) -> dict:  # fmt: skip
-    """The run's summary (``summary.json``): settings, models, where it ran, and every result."""
+            layers: dict | None, budget: dict | None = None) -> dict:  # fmt: skip
+    """The run's summary (``summary.json``): settings, models, where it ran, and every result (with
+    ``quant.budget``: the bits chosen, against the budget)."""
     q = cfg.quant
     stages = state.results.get("stages", {})
     return {
         "name": run_dir.name if run_dir is not None else None,
         "method": method_name(cfg),
         "bits": {
-            "weight": q.weight_bits,
-            "act": q.act_bits,
+            "weight": q.weight_bits if q.budget is None else "mixed",
+            "act": q.act_bits if q.budget is None else "mixed",
             "first_last": q.first_last_bits,
             "quantizer": q.method,
             "per_channel": q.per_channel,
@@ -122,6 +123,7 @@ def summary(cfg: TrainConfig, state: RunState, describe: dict, run_dir: Path | N
         "world_size": world_size(),
         "batch_size": (describe.get("data") or {}).get("batch_size"),  # the global batch
         "layers": layers,
+        **({"budget": budget} if budget is not None else {}),
         **state.results,
         "at_chance": [k for k, r in stages.items() if r.get("at_chance")],
         "changes": state.changes,

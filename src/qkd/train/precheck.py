@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from qkd.errors import QKDError
-from qkd.quant import is_layer_like, quantization_disabled
+from qkd.quant import is_layer_like, quantization_disabled, quantized_layers
+from qkd.quant.budget import plan_budget
 from qkd.quant.convert import MODEL_ITSELF, own_weight_modules
 from qkd.train.loop import Runtime
 
@@ -82,6 +83,7 @@ def check_first_batch(trainer: Trainer) -> None:
     """One training batch through the student (and the teacher, where a stage uses it), before anything is
     written: the batch's form, the models' outputs and the labels, each refused in one line. The models come
     back as they were (weights, buffers, train/eval flags) and so does every random state."""
+    quantized = next(quantized_layers(trainer.student), None) is not None  # by an interrupted fit: resumed
     if any(s.quantized for s in trainer.stages):
         check_quantizable(trainer.student)
     with _randomness_kept():
@@ -90,6 +92,8 @@ def check_first_batch(trainer: Trainer) -> None:
         _check_images(x)
         _check_labels(x, y)
         classes = _classes("student", trainer.student, x, trainer.rt)
+        if trainer.cfg.quant.budget is not None and any(s.quantized for s in trainer.stages) and not quantized:
+            plan_budget(trainer.student, trainer.cfg.quant, x)  # refuses a budget no allocation meets
         if trainer.teacher is not None and any(s.uses_teacher for s in trainer.stages):
             theirs = _classes("teacher", trainer.teacher, x, trainer.rt)
             if theirs != classes:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable
+from dataclasses import replace
 
 from torch import nn
+from torch.nn import functional as F
 
 from qkd.distributed import average_bn_statistics, broadcast_state, gather
 from qkd.errors import QKDError
@@ -20,6 +22,7 @@ from qkd.quant import (
     quantized_layers,
     recalibrate_bn,
 )
+from qkd.quant.budget import SENSITIVITY_BATCHES, assigned, choose_bits, plan_budget
 from qkd.train.loop import Runtime
 
 
@@ -36,7 +39,7 @@ def check_float_student(student: nn.Module, quant: QuantConfig | None, resume: b
                            "with the quant settings) or dequantize_model() it first")  # fmt: skip
         dequantize_model(student)
     if quant is not None:
-        quantize_model(copy.deepcopy(student), quant)
+        quantize_model(copy.deepcopy(student), replace(quant, budget=None))  # the budget's bits: chosen later
 
 
 def quantize_student(student: nn.Module, quant: QuantConfig, rt: Runtime) -> QuantSummary:
@@ -55,3 +58,28 @@ def calibrate_student(student: nn.Module, quant: QuantConfig, rt: Runtime, batch
         recalibrate_bn(student, itertools.islice(inputs, quant.bn_batches))
     average_bn_statistics(student)
     broadcast_state(student)  # every rank starts from exactly rank 0's state
+
+
+def choose_student_bits(student: nn.Module, quant: QuantConfig, rt: Runtime, batches: Iterable) -> dict:
+    """The bits of each layer within ``quant.budget`` (:func:`~qkd.quant.budget.choose_bits`), the sensitivities
+    measured by the cross-entropy on the first batches of ``batches`` (a seeded pass of the training data)."""
+    measured = [rt.batch(b) for b in itertools.islice(batches, SENSITIVITY_BATCHES)]
+    if not measured:
+        raise QKDError("the train data gave no batch to measure the layers' sensitivity on")
+    plan = plan_budget(student, quant, measured[0][0])
+    return choose_bits(student, quant, plan, measured, F.cross_entropy)
+
+
+def recorded_budget(ckpt: dict) -> dict | None:
+    """The bits a run chose within ``quant.budget``, as its checkpoint (any of them) records them."""
+    return ((ckpt.get("qkd") or {}).get("quantization") or {}).get("budget")
+
+
+def budget_config(quant: QuantConfig, budget: dict | None) -> QuantConfig:
+    """``quant`` as it quantizes: with ``quant.budget``, the chosen bits (``budget``, as recorded) per layer."""
+    if quant.budget is None:
+        return quant
+    if budget is None:
+        raise QKDError("this run has quant.budget but its checkpoint records no bits chosen for it (written by an "
+                       "older qkd?); start the run again")  # fmt: skip
+    return assigned(quant, budget["bits"])

@@ -25,13 +25,21 @@ from qkd.config import TrainConfig
 from qkd.distributed import is_main_process, on_main, resolve_device, setup, sync_batchnorm, wrap
 from qkd.errors import Diverged, QKDError
 from qkd.phases import PHASES, Phase
+from qkd.quant.budget import describe as describe_budget
 from qkd.quant.ste import use_kernel_backend
 from qkd.train import live, rundir
 from qkd.train.batches import CALIBRATION, INDEX_SEEDING, SEEDING, START, Batches, run_seed
 from qkd.train.loop import DivergenceGuard, EpochState, Runtime, train_epoch
 from qkd.train.measure import EvalFn, Measurements, split_figures, summary
 from qkd.train.optim import build_optimizer, build_scheduler
-from qkd.train.quantize import calibrate_student, check_float_student, quantize_student
+from qkd.train.quantize import (
+    budget_config,
+    calibrate_student,
+    check_float_student,
+    choose_student_bits,
+    quantize_student,
+    recorded_budget,
+)
 from qkd.train.resume import (
     check_same_settings,
     diverged,
@@ -118,6 +126,7 @@ class Trainer:
         self.state = RunState()
         self.layers: dict | None = None  # quantized/float layer counts, once the student is quantized
         self.quant_table: dict | None = None  # and every layer's bits (quantization.json)
+        self.budget: dict | None = None  # with quant.budget: the bits chosen, against the budget
         self.partial: EpochState | None = None  # where a stopped epoch stands
         self.events: live.Events | None = None  # TensorBoard, on rank 0 while fit runs
         self.stop = StopRequest()
@@ -202,7 +211,10 @@ class Trainer:
         if not is_main_process() or self.state.stage >= len(self.stages):
             return
         q = self.cfg.quant
-        bits = f" at W{q.weight_bits}A{q.act_bits} ({q.method})" if any(s.quantized for s in self.stages) else ""
+        bits = f"W{q.weight_bits}A{q.act_bits}"
+        if q.budget is not None:
+            bits = f"mixed bits {q.budget.bits} within {q.budget.unit} {q.budget.format(q.budget.limit)}"
+        bits = f" at {bits} ({q.method})" if any(s.quantized for s in self.stages) else ""
         head = live.headline(method_name(self.cfg) + bits, self.rt, self.run_dir, writer is not None)
         where = self._position() if resumed else None
         log.info("%s", live.banner(head, {"train": self.train, **self.evals}, self.stages, where))
@@ -214,6 +226,7 @@ class Trainer:
     def restore(self, ckpt: dict) -> dict:
         """Load a ``last.pt`` snapshot; returns the optimizer/scheduler states it holds."""
         if ckpt["student_quantized"]:
+            self.budget = recorded_budget(ckpt)  # the bits chosen at the start, not chosen again
             self._quantize_student(calibrate_batch=False)
         self.state, self.measure.teacher_before, self.partial, optim = read_snapshot(
             ckpt, self.student, self.teacher, self.run_dir)  # fmt: skip
@@ -231,15 +244,21 @@ class Trainer:
             torch.manual_seed(seed)
 
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
-        layers = quantize_student(self.student, self.cfg.quant, self.rt)
-        self.quant_table = layers.to_dict()
+        """Quantize the student; with ``quant.budget``, at the bits chosen now (on a resume: those read back)."""
+        quant, seed = self.cfg.quant, self._seed(self.state.stage, CALIBRATION)
+        if quant.budget is not None and calibrate_batch:  # a resumed run's are read back, never chosen again
+            self.budget = on_main(lambda: choose_student_bits(self.student, quant, self.rt, self.train.epoch(seed)))
+        quant = budget_config(quant, self.budget)
+        layers = quantize_student(self.student, quant, self.rt)
+        self.quant_table = {**layers.to_dict(), "budget": self.budget} if self.budget else layers.to_dict()
         self.layers = {"quantized": layers.n_quantized, "float": layers.n_float}
         self._write_json(self.quant_table, "quantization.json")
         if calibrate_batch:
             if is_main_process():
                 log.info("student layers (also in quantization.json):\n%s", layers)
-            batches = self.train.epoch(self._seed(self.state.stage, CALIBRATION))
-            calibrate_student(self.student, self.cfg.quant, self.rt, batches)
+                if self.budget is not None:
+                    log.info("%s", describe_budget(self.budget, self.cfg.quant.budget))
+            calibrate_student(self.student, quant, self.rt, self.train.epoch(seed))
         self.state.student_quantized = True
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
@@ -416,5 +435,5 @@ class Trainer:
 
     def summary(self) -> dict:
         """The run's summary as it stands (``summary.json`` at the end)."""
-        return {**summary(self.cfg, self.state, self.describe, self.run_dir, self.rt, self.layers),
+        return {**summary(self.cfg, self.state, self.describe, self.run_dir, self.rt, self.layers, self.budget),
                 "seeding": self.seeding}  # fmt: skip
