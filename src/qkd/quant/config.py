@@ -10,6 +10,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 STEP_INITS = ("mse", "lsq")
+PTQ_MODES = ("calibrate", "adaround")
 QUANTIZER_NAMES = ("interval", "lsq")  # the quantizers of qkd.quant.quantizer (a test holds the two alike)
 EDGE = "first/last layer with first_last_bits=float"
 ALL_FLOAT = "weight_bits=float and act_bits=float"
@@ -90,6 +91,10 @@ class QuantConfig:
       learned lower bound to a multiple of the step in the forward (straight-through), so that a QDQ ONNX export
       stores it as an integer zero point; off, the lower bound is free and such a layer's QDQ keeps a float
       offset (Sub/Add) around its quantizer, which onnxruntime cannot fuse into integer kernels.
+    - ``ptq`` (``method: ptq`` runs, post-training quantization): ``calibrate`` (the quantizers from a batch and
+      the BatchNorm statistics re-estimated, as every run starts) or ``adaround``, which then chooses each weight's
+      rounding layer by layer (:mod:`~qkd.quant.adaround`) on ``ptq_images`` training images, ``ptq_iters`` Adam
+      steps per layer.
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
@@ -103,6 +108,9 @@ class QuantConfig:
     first_last_bits: int | str | None = 8
     overrides: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
     integer_zero_point: bool = False
+    ptq: str = "calibrate"
+    ptq_images: int = 512
+    ptq_iters: int = 500
 
     def __post_init__(self) -> None:
         self.weight_bits, self.act_bits = parse_bits(self.weight_bits), parse_bits(self.act_bits)
@@ -114,6 +122,12 @@ class QuantConfig:
                              "drop it or set method: interval")  # fmt: skip
         if not isinstance(self.bn_batches, int) or self.bn_batches < 0:
             raise ValueError(f"bn_batches must be a non-negative integer; got {self.bn_batches!r}")
+        if self.ptq not in PTQ_MODES:
+            raise ValueError(f"unknown ptq '{self.ptq}'; valid: {', '.join(PTQ_MODES)}")
+        for key in ("ptq_images", "ptq_iters"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer; got {value!r}")
         for pattern, bits in self.overrides.items():
             unknown = set(bits) - {"weight_bits", "act_bits"}
             if unknown:

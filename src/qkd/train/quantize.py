@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 from qkd.distributed import average_bn_statistics, broadcast_state, gather
@@ -20,6 +21,7 @@ from qkd.quant import (
     quantized_layers,
     recalibrate_bn,
 )
+from qkd.quant.adaround import adaround, summary
 from qkd.train.loop import Runtime
 
 
@@ -55,3 +57,21 @@ def calibrate_student(student: nn.Module, quant: QuantConfig, rt: Runtime, batch
         recalibrate_bn(student, itertools.islice(inputs, quant.bn_batches))
     average_bn_statistics(student)
     broadcast_state(student)  # every rank starts from exactly rank 0's state
+
+
+def adaround_student(student: nn.Module, float_student: nn.Module, quant: QuantConfig, rt: Runtime,
+                     batches: Iterable, stop: Callable[[], bool] | None = None) -> dict:  # fmt: skip
+    """AdaRound the calibrated student (:mod:`~qkd.quant.adaround`) on the first ``quant.ptq_images`` images of
+    ``batches``, against ``float_student`` (the float model it was made from); rank 0's result on every rank.
+    Returns what the summary records of it."""
+    images, seen = [], 0
+    for batch in batches:
+        x = rt.batch(batch)[0]
+        images.append(x[: quant.ptq_images - seen])
+        seen += len(images[-1])
+        if seen >= quant.ptq_images:
+            break
+    float_student = rt.place(float_student)
+    results = adaround(student, float_student, torch.cat(images), quant.ptq_iters, stop)
+    broadcast_state(student)  # under torchrun each rank rounded on its own shard: rank 0's rounding for all
+    return {**summary(results), "images": seen, "iters": quant.ptq_iters}

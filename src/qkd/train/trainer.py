@@ -8,6 +8,7 @@ from (seed, stage name, epoch), and what a stage draws before its first epoch fr
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from qkd.train.batches import CALIBRATION, INDEX_SEEDING, SEEDING, START, Batche
 from qkd.train.loop import DivergenceGuard, EpochState, Runtime, train_epoch
 from qkd.train.measure import EvalFn, Measurements, split_figures, summary
 from qkd.train.optim import build_optimizer, build_scheduler
-from qkd.train.quantize import calibrate_student, check_float_student, quantize_student
+from qkd.train.quantize import adaround_student, calibrate_student, check_float_student, quantize_student
 from qkd.train.resume import (
     check_same_settings,
     diverged,
@@ -231,6 +232,9 @@ class Trainer:
             torch.manual_seed(seed)
 
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
+        start, ptq = time.perf_counter(), calibrate_batch and self.stages[self.state.stage].phase == "ptq"
+        adaround = ptq and self.cfg.quant.ptq == "adaround"
+        float_student = copy.deepcopy(self.student) if adaround else None  # AdaRound's reference
         layers = quantize_student(self.student, self.cfg.quant, self.rt)
         self.quant_table = layers.to_dict()
         self.layers = {"quantized": layers.n_quantized, "float": layers.n_float}
@@ -238,8 +242,20 @@ class Trainer:
         if calibrate_batch:
             if is_main_process():
                 log.info("student layers (also in quantization.json):\n%s", layers)
-            batches = self.train.epoch(self._seed(self.state.stage, CALIBRATION))
-            calibrate_student(self.student, self.cfg.quant, self.rt, batches)
+            seed = self._seed(self.state.stage, CALIBRATION)
+            calibrate_student(self.student, self.cfg.quant, self.rt, self.train.epoch(seed))
+            if ptq:  # what post-training quantization did, and its time (the stage's, as it trains nothing)
+                done = {"mode": self.cfg.quant.ptq}
+                if adaround:
+                    if is_main_process():
+                        log.info("AdaRound: %d images, %d iterations per layer", self.cfg.quant.ptq_images,
+                                 self.cfg.quant.ptq_iters)  # fmt: skip
+                    done.update(adaround_student(self.student, float_student, self.cfg.quant, self.rt,
+                                                 self.train.epoch(seed), stop=self.stop.__bool__))  # fmt: skip
+                    if self.stop:  # between two layers: nothing of it is kept, a resume rounds again
+                        raise stopped(self.stop.name, self.stop.exit_code, self._position(), self.run_dir,
+                                      self.record)  # fmt: skip
+                self.state.results["ptq"] = {**done, "time_s": time.perf_counter() - start}
         self.state.student_quantized = True
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
@@ -337,6 +353,8 @@ class Trainer:
             "quantized": stage.quantized,
             "wall_s": sum(r["time_s"] for r in self.state.history if r["stage"] == stage.key),
         }
+        if stage.phase == "ptq":  # it trains nothing: its time is the quantization's
+            result["wall_s"] = self.state.results.get("ptq", {}).get("time_s", 0.0)
         last = self.state.finished_stage(stage.key, stage.epochs)  # its last epoch's validation figures
         splits = list(self.evals)
         if self.cfg.runtime.eval == "lean" and i + 1 < len(self.stages):  # lean: the test split at the end only
