@@ -10,12 +10,13 @@ from torch.nn import functional as F
 
 from helpers import UserNet, qkd_in_process
 from qkd.config import load_config
-from qkd.errors import ConfigError
+from qkd.errors import ConfigError, QKDError
 from qkd.export import IntRuntime, compare, to_int_program
 from qkd.models import create_model
 from qkd.pipeline import run_plan
 from qkd.quant import QuantConfig, calibrate, quantize_model
 from qkd.quant.adaround import adaround, rectified_sigmoid, round_layer
+from qkd.reuse import run_or_reuse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,3 +127,16 @@ def test_refusals(overrides, message):
 def test_refusal_on_the_command_line(tmp_path):
     res = qkd_in_process("run", "method=kd", "quant.ptq=adaround", "--out", str(tmp_path))
     assert res.returncode == 2 and "set method=ptq or drop quant.ptq" in res.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_ptq_run_is_reused_whatever_its_unused_budget(tmp_path):
+    """``qkd.reuse``: a ptq run has no epochs (and trains nothing here), so epochs, split and optim are no part of
+    it; a setting it computes with still is."""
+    cfg = load_config(None, [*PTQ, "student.train_epochs=0", "name=p"])
+    first = run_or_reuse(cfg, tmp_path)
+    again = load_config(None, [*PTQ, "student.train_epochs=0", "name=p", "epochs=7", "split=[0.5, 0.5, 0]",
+                               "optim.lr=0.3"])  # fmt: skip
+    assert run_or_reuse(again, tmp_path) == first
+    other = load_config(None, [*PTQ, "student.train_epochs=0", "name=p", "quant.ptq=adaround"])
+    with pytest.raises(QKDError, match=r"made with other settings \(quant.ptq\)"):
+        run_or_reuse(other, tmp_path)
