@@ -14,6 +14,7 @@ then reproduces exactly (checked). Activation quantizers stay as they are.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class LayerResult:
     adaround: float
     undecided: float
     flipped: float  # share of the weights rounded otherwise than to nearest
+    time_s: float = 0.0
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -164,11 +166,12 @@ def _inputs(model: nn.Module, layer: nn.Module, images: Tensor, batch: int = 256
 
 
 def adaround(model: nn.Module, float_model: nn.Module, images: Tensor, iters: int,
-             stop: Callable[[], bool] | None = None) -> list[LayerResult]:  # fmt: skip
+             stop: Callable[[], bool] | None = None,
+             on_layer: Callable[[LayerResult], None] | None = None) -> list[LayerResult]:  # fmt: skip
     """AdaRound every quantized layer of ``model`` (quantized and calibrated, in place) whose weight is quantized,
     in order; ``float_model`` is the float network it was made from (its layers under the same names, unchanged),
     ``images`` the calibration images. ``stop()`` true ends it between layers (the rest keep nearest rounding).
-    Returns each layer's result. Both models are evaluated in eval mode."""
+    ``on_layer(result)`` sees each layer's result as it is done. Returns them all. Both models run in eval mode."""
     modes = model.training, float_model.training
     model.eval(), float_model.eval()
     results = []
@@ -176,11 +179,14 @@ def adaround(model: nn.Module, float_model: nn.Module, images: Tensor, iters: in
         for name, layer in list(quantized_layers(model)):
             if not layer.weight_quant.active or (stop is not None and stop()):
                 continue
-            reference = float_model.get_submodule(name)
+            start, reference = time.perf_counter(), float_model.get_submodule(name)
             with torch.no_grad():
                 target = torch.cat([reference(xb) for xb in _inputs(float_model, reference, images).split(256)])
             x = _inputs(model, layer, images)
             results.append(round_layer(layer, x, target, iters, name=name))
+            results[-1].time_s = time.perf_counter() - start
+            if on_layer is not None:
+                on_layer(results[-1])
     finally:
         model.train(modes[0]), float_model.train(modes[1])
     return results

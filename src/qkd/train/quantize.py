@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from qkd.distributed import average_bn_statistics, broadcast_state, gather
+from qkd.distributed import average_bn_statistics, broadcast_state, gather, is_main_process
 from qkd.errors import QKDError
 from qkd.quant import (
     QuantConfig,
@@ -21,8 +22,10 @@ from qkd.quant import (
     quantized_layers,
     recalibrate_bn,
 )
-from qkd.quant.adaround import adaround, summary
+from qkd.quant.adaround import LayerResult, adaround, summary
 from qkd.train.loop import Runtime
+
+log = logging.getLogger("qkd")
 
 
 def check_float_student(student: nn.Module, quant: QuantConfig | None, resume: bool) -> None:
@@ -72,6 +75,12 @@ def adaround_student(student: nn.Module, float_student: nn.Module, quant: QuantC
         if seen >= quant.ptq_images:
             break
     float_student = rt.place(float_student)
-    results = adaround(student, float_student, torch.cat(images), quant.ptq_iters, stop)
+    results = adaround(student, float_student, torch.cat(images), quant.ptq_iters, stop, on_layer=_log_layer)
     broadcast_state(student)  # under torchrun each rank rounded on its own shard: rank 0's rounding for all
     return {**summary(results), "images": seen, "iters": quant.ptq_iters}
+
+
+def _log_layer(r: LayerResult) -> None:
+    if is_main_process():
+        log.info("AdaRound %s: output error %.4g -> %.4g (nearest -> chosen), %.1f %% rounded the other way, %.1f s",
+                 r.name, r.nearest, r.adaround, 100 * r.flipped, r.time_s)  # fmt: skip
