@@ -244,19 +244,23 @@ class Trainer:
                 log.info("student layers (also in quantization.json):\n%s", layers)
             seed = self._seed(self.state.stage, CALIBRATION)
             calibrate_student(self.student, self.cfg.quant, self.rt, self.train.epoch(seed))
-            if ptq:  # what post-training quantization did, and its time (the stage's, as it trains nothing)
-                done = {"mode": self.cfg.quant.ptq}
-                if adaround:
-                    if is_main_process():
-                        log.info("AdaRound: %d images, %d iterations per layer", self.cfg.quant.ptq_images,
-                                 self.cfg.quant.ptq_iters)  # fmt: skip
-                    done.update(adaround_student(self.student, float_student, self.cfg.quant, self.rt,
-                                                 self.train.epoch(seed), stop=self.stop.__bool__))  # fmt: skip
-                    if self.stop:  # between two layers: nothing of it is kept, a resume rounds again
-                        raise stopped(self.stop.name, self.stop.exit_code, self._position(), self.run_dir,
-                                      self.record)  # fmt: skip
-                self.state.results["ptq"] = {**done, "time_s": time.perf_counter() - start}
+            if ptq:
+                self._post_training(float_student, seed, start)
         self.state.student_quantized = True
+
+    def _post_training(self, float_student: nn.Module | None, seed: int | None, start: float) -> None:
+        """``method=ptq``, the student calibrated: AdaRound against ``float_student`` where given, on the
+        calibration pass's images; the summary's ``ptq`` entry, its time (the stage's, as it trains nothing)."""
+        done = {"mode": self.cfg.quant.ptq}
+        if float_student is not None:
+            if is_main_process():
+                log.info("AdaRound: %d images, %d iterations per layer", self.cfg.quant.ptq_images,
+                         self.cfg.quant.ptq_iters)  # fmt: skip
+            done.update(adaround_student(self.student, float_student, self.cfg.quant, self.rt,
+                                         self.train.epoch(seed), stop=self.stop.__bool__))  # fmt: skip
+            if self.stop:  # between two layers: nothing of it is kept, a resume rounds again
+                raise stopped(self.stop.name, self.stop.exit_code, self._position(), self.run_dir, self.record)
+        self.state.results["ptq"] = {**done, "time_s": time.perf_counter() - start}
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
         """The metric (top-1 accuracy unless ``evaluate`` was given) on each evaluation split."""
