@@ -105,7 +105,12 @@ def round_layer(layer: nn.Module, x: Tensor, target: Tensor, iters: int, lam: fl
     rest = ((weight.detach() - grid.offset) / grid.scale - grid.floor).clamp(0.01, 0.99)
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_()  # h(v) = rest: starts at W
     opt = torch.optim.Adam([v], lr=LR)
-    was_enabled, quantizer.enabled = quantizer.enabled, False  # the grid values go in as they are
+    with torch.no_grad():  # the input quantizer is fixed: its codes once, not at every step (nor its gradient)
+        x = torch.cat([layer.act_quant(xb) for xb in x.split(256)])
+    quantizers = (quantizer, layer.act_quant)
+    was_enabled = [q.enabled for q in quantizers]
+    for q in quantizers:  # the grid values and the quantized input go in as they are
+        q.enabled = False
     try:
         nearest = _error(layer, wname, grid.values(torch.round(rest)), x, target)
         gen = torch.Generator().manual_seed(0)
@@ -125,7 +130,8 @@ def round_layer(layer: nn.Module, x: Tensor, target: Tensor, iters: int, lam: fl
                              float(((h > 0.01) & (h < 0.99)).float().mean()),
                              float((up != torch.round(rest)).float().mean()))  # fmt: skip
     finally:
-        quantizer.enabled = was_enabled
+        for q, enabled in zip(quantizers, was_enabled):
+            q.enabled = enabled
     _set_weight(weight, quantizer, grid, up, name)
     return result
 
