@@ -17,6 +17,7 @@ stored while it holds its default); ``report`` redraws the tables and figures fr
 
     python benchmarks/study.py run --bits 2 --bits 3 --methods qat --methods kd --methods qkd --seeds 0 --seeds 1
     python benchmarks/study.py run --bits 2 --methods kd --methods qkd --epochs 12   # a point of the epochs curve
+    python benchmarks/study.py run --bits 2 --bits 4 --methods ptq --methods adaround  # post-training baselines
     python benchmarks/study.py report                      # tables, intervals, figures -> docs/RESULTS.md
     python benchmarks/study.py run --device cuda --jobs 5 ...                       # on a GPU
 
@@ -42,7 +43,9 @@ from qkd.config import RunConfig, load_config
 from qkd.report import figures as plot
 from qkd.reuse import differences, identity, read_history, run_or_reuse, unused
 
-METHODS = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
+TRAINED = ["qat", "kd", "ss+tu", "cs+tu", "qkd"]
+PTQ = {"ptq": "calibrate", "adaround": "adaround"}  # cells of method=ptq, by quant.ptq: nothing trained, no epochs
+METHODS = TRAINED + list(PTQ)
 PRETRAINED = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 FLOAT_SEED = 0  # step 0 runs once, with this seed, for every seed of the study
 app = typer.Typer(add_completion=False, no_args_is_help=True)
@@ -104,9 +107,12 @@ def float_config(data_dir: Path, role: str, model: str, epochs: int, device: str
 
 def cell_name(bits: int, method: str, epochs: int, limit: int | None, tag: str, seed: int,
               fresh: int | None = None) -> str:  # fmt: skip
-    """``-n2500``: a fixed subset of 2,500 images per epoch; ``-d12500``: 12,500 drawn afresh from all each epoch."""
+    """``w2a2-qkd-e4-n2500-s0``: a fixed subset of 2,500 images per epoch; ``-d12500``: 12,500 drawn afresh from
+    all each epoch. A post-training cell has no epochs (``w2a2-adaround-n2500-s0``: it calibrates on the same
+    subset of training images)."""
+    trained = f"-e{epochs}" if method not in PTQ else ""
     images = f"d{fresh}" if fresh else f"n{limit or 'all'}"
-    return f"w{bits}a{bits}-{method}-e{epochs}-{images}{'-' + tag if tag else ''}-s{seed}"
+    return f"w{bits}a{bits}-{method}{trained}-{images}{'-' + tag if tag else ''}-s{seed}"
 
 
 def _grid(specs: list[str]) -> list[tuple[int, str, int, int | None]]:
@@ -136,7 +142,10 @@ def record(cfg: RunConfig, out: Path, stages=None) -> dict:
 def run(
     study: str = typer.Option("cifar10-clean", help="the study's name: docs/study/<name>.json"),
     bits: list[int] = typer.Option([2, 3], help="bit-widths (W = A)"),
-    methods: list[str] = typer.Option(METHODS, help="methods"),
+    methods: list[str] = typer.Option(
+        TRAINED,
+        help=f"methods: {', '.join(METHODS)} (ptq: calibrated only, adaround: ptq with AdaRound; neither trains)",
+    ),
     seeds: list[int] = typer.Option([0], help="seeds"),
     epochs: int = typer.Option(4, min=1, help="quantized epochs per method"),
     train_limit: int | None = typer.Option(2_500, help="training images per epoch (a stratified subset, per seed)"),
@@ -203,10 +212,11 @@ def run(
     cells, about = [], {}
     plan = _grid(grid) if grid else [(b, m, s, None) for s in seeds for b in bits for m in methods]
     for b, m, seed, e in plan:
-        e = e or epochs
-        cfg = base_config(data_dir, b, teacher, device, seed, ["runtime.eval=lean", *set_])
+        e = 0 if m in PTQ else e or epochs
+        method = ["method=ptq", f"quant.ptq={PTQ[m]}"] if m in PTQ else [f"method={m}", f"epochs={e}"]
+        cfg = base_config(data_dir, b, teacher, device, seed, ["runtime.eval=lean", *set_, *method])
         cfg.name = cell_name(b, m, e, train_limit, tag, seed, epoch_images)
-        cfg.method, cfg.epochs, cfg.data.train_limit, cfg.data.epoch_images = m, e, train_limit, epoch_images
+        cfg.data.train_limit, cfg.data.epoch_images = train_limit, epoch_images
         for role in ("student", "teacher"):
             mcfg = getattr(cfg, role)
             mcfg.checkpoint, mcfg.train_epochs = str(ckpts[role].resolve()), 0
@@ -243,11 +253,13 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
 
 def cells_of(store: dict, epochs: int, train_limit: int | None, tag: str = "",
              epoch_images: int | None = None) -> dict[tuple[int, str], dict]:  # fmt: skip
-    """(bits, method) -> {seed: record} for one budget and variant."""
+    """(bits, method) -> {seed: record} for one budget and variant; post-training cells (0 epochs) beside every
+    budget of their training images."""
     out: dict[tuple[int, str], dict] = {}
     for rec in store["runs"].values():
         c = rec["cell"]
-        if (c["epochs"], c["train_limit"], c["tag"], c.get("epoch_images")) == (epochs, train_limit, tag, epoch_images):
+        if c["epochs"] in (epochs, 0) and (c["train_limit"], c["tag"], c.get("epoch_images")) == (
+            train_limit, tag, epoch_images):  # fmt: skip
             out.setdefault((c["bits"], c["method"]), {})[c["seed"]] = rec
     return out
 
@@ -341,7 +353,7 @@ def timing_table(cells: dict) -> str:
         parts = []
         for key in runs[0]["summary"]["stages"]:
             train = statistics.mean(sum(h["time_s"] - h.get("eval_s", 0) for h in r["history"] if h["stage"] == key)
-                                    for r in runs)  # fmt: skip
+                                    or r["summary"]["stages"][key]["wall_s"] for r in runs)  # fmt: skip
             ev = statistics.mean(sum(h.get("eval_s", 0) for h in r["history"] if h["stage"] == key) for r in runs)
             parts.append(f"{key.split('_', 1)[1]} {train:.0f} + {ev:.0f}")
         lines.append(f"| {m} | {', '.join(parts)} | {statistics.mean(r['summary']['wall_s'] for r in runs):.0f} |")

@@ -76,7 +76,7 @@ def test_co_study_gradients_are_each_models_own_loss(setup):
 
 
 def test_registry_names():
-    assert set(PHASES) == {"self_study", "co_study", "tutor"}
+    assert set(PHASES) == {"self_study", "co_study", "tutor", "ptq"}
     assert PHASES["co_study"].trains_teacher and not PHASES["tutor"].trains_teacher
 
 

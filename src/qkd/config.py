@@ -149,6 +149,14 @@ class TrainConfig(_Strict):
                              f"{sum(self.split):g}")  # fmt: skip
         return self
 
+    @model_validator(mode="after")
+    def _check_ptq(self) -> TrainConfig:
+        if self.quant.ptq != "calibrate" and (self.method != "ptq" or self.phases is not None):
+            raise ValueError(f"quant.ptq={self.quant.ptq} is post-training quantization and applies to "
+                             "method=ptq only (other methods train the quantized model); set method=ptq or drop "
+                             "quant.ptq")  # fmt: skip
+        return self
+
 
 class RunConfig(TrainConfig):
     """Everything one ``qkd run`` needs: a :class:`TrainConfig` plus data and models by name.

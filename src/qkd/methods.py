@@ -26,11 +26,13 @@ class Distill:
 
 
 #: Methods are phase lists; the budget is split by the spec's 15/50/35 proportions (``split``), shared among a
-#: method's own phases in those proportions.
+#: method's own phases in those proportions. ``ptq`` trains nothing: one stage of no epochs, in which the student
+#: is quantized and calibrated (``quant.ptq``), then measured.
 METHODS: dict[str, tuple[str, ...]] = {
     "qkd": ("self_study", "co_study", "tutor"),
     "qat": ("self_study",),
     "kd": ("tutor",),
     "ss+tu": ("self_study", "tutor"),
     "cs+tu": ("co_study", "tutor"),
+    "ptq": ("ptq",),
 }

@@ -100,6 +100,16 @@ class Tutor(Phase):
         return loss.detach(), z_s.detach()
 
 
-PHASES: dict[str, type[Phase]] = {p.name: p for p in (SelfStudy, CoStudy, Tutor)}
+class PostTraining(Phase):
+    """Post-training quantization (``method: ptq``): a stage of no epochs, nothing trained. The trainer quantizes
+    and calibrates the student before it (AdaRound too with ``quant.ptq: adaround``) and measures it after."""
 
-__all__ = ["METHODS", "PHASES", "CoStudy", "Distill", "Phase", "SelfStudy", "Tutor"]
+    name = "ptq"
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise RuntimeError("the ptq phase trains nothing; give it 0 epochs")
+
+
+PHASES: dict[str, type[Phase]] = {p.name: p for p in (SelfStudy, CoStudy, Tutor, PostTraining)}
+
+__all__ = ["METHODS", "PHASES", "CoStudy", "Distill", "Phase", "PostTraining", "SelfStudy", "Tutor"]

@@ -10,7 +10,8 @@ run folder with the same settings, or the run resumed where it was interrupted, 
    holds the setting's default: runs stored before it existed stay reusable (:func:`differences`).
 3. A setting that none of the run's stages reads is no difference (:func:`unused`): the other model's section
    when no stage distils and it is not trained, ``optim.teacher_lr`` without co-study, ``optim.schedule`` with
-   at most one quantized phase.
+   at most one quantized phase, ``epochs`` and ``split`` for post-training quantization (``method=ptq``), and
+   ``optim`` where nothing trains.
 4. A run folder of the same name that differs in any other setting is neither reused nor overwritten: that
    would report one configuration's numbers as another's. It is refused, naming the settings.
 
@@ -60,6 +61,10 @@ def unused(stages: list[Stage]) -> set[str]:
         out.add("optim.teacher_lr")
     if sum(s.quantized for s in stages) <= 1:  # one quantized phase: one decay either way
         out.add("optim.schedule")
+    if all(s.phase == "ptq" for s in stages if s.quantized):  # post-training quantization: no budget to share
+        out |= {"epochs", "split"}
+    if not any(s.epochs for s in stages):  # nothing trains
+        out.add("optim")
     return out
 
 

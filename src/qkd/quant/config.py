@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 STEP_INITS = ("mse", "lsq")
+PTQ_MODES = ("calibrate", "adaround")
 QUANTIZER_NAMES = ("interval", "lsq")  # the quantizers of qkd.quant.quantizer (a test holds the two alike)
 EDGE = "first/last layer with first_last_bits=float"
 ALL_FLOAT = "weight_bits=float and act_bits=float"
@@ -164,6 +165,10 @@ class QuantConfig:
     - ``budget``: a :class:`Budget` (or its dict): each layer's bits (weights and input alike) are chosen before
       training to meet it with the least measured sensitivity (:mod:`qkd.quant.budget`); they replace
       ``weight_bits``/``act_bits``, except at layers the first/last rule or ``overrides`` set, which keep theirs.
+    - ``ptq`` (``method: ptq`` runs, post-training quantization): ``calibrate`` (the quantizers from a batch and
+      the BatchNorm statistics re-estimated, as every run starts) or ``adaround``, which then chooses each weight's
+      rounding layer by layer (:mod:`~qkd.quant.adaround`) on ``ptq_images`` training images, ``ptq_iters`` Adam
+      steps per layer.
     """
 
     __pydantic_config__ = {"extra": "forbid"}  # read when the run config embeds this class
@@ -178,6 +183,9 @@ class QuantConfig:
     overrides: dict[str, dict[str, int | str | None]] = field(default_factory=dict)
     integer_zero_point: bool = False
     budget: Budget | None = None
+    ptq: str = "calibrate"
+    ptq_images: int = 512
+    ptq_iters: int = 500
 
     def __post_init__(self) -> None:
         self.weight_bits, self.act_bits = parse_bits(self.weight_bits), parse_bits(self.act_bits)
@@ -194,6 +202,12 @@ class QuantConfig:
                              "drop it or set method: interval")  # fmt: skip
         if not isinstance(self.bn_batches, int) or self.bn_batches < 0:
             raise ValueError(f"bn_batches must be a non-negative integer; got {self.bn_batches!r}")
+        if self.ptq not in PTQ_MODES:
+            raise ValueError(f"unknown ptq '{self.ptq}'; valid: {', '.join(PTQ_MODES)}")
+        for key in ("ptq_images", "ptq_iters"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer; got {value!r}")
         for pattern, bits in self.overrides.items():
             unknown = set(bits) - {"weight_bits", "act_bits"}
             if unknown:

@@ -93,7 +93,9 @@ class Run:
 
     @property
     def wall_s(self) -> float:
-        return sum(r.get("time_s", 0.0) for r in self.history)
+        """Its epochs' time, and a post-training run's quantization (which has no epochs)."""
+        ptq = (self.summary or {}).get("ptq", {}).get("time_s", 0.0)
+        return sum(r.get("time_s", 0.0) for r in self.history) + ptq
 
     @property
     def position(self) -> str:

@@ -59,6 +59,8 @@ def log_above_bars() -> AbstractContextManager:
 def describe_stage(stage: Stage, steps_per_epoch: int) -> str:
     """``2 epochs x 14 steps, lr 0.1, quantized student, with the teacher (trained too, lr 0.001)``."""
     what = "float" if not stage.quantized else "quantized"
+    if stage.phase == "ptq":
+        return "no training: the student quantized and calibrated (quant.ptq), then measured"
     text = f"{_count(stage.epochs, 'epoch')} x {_count(steps_per_epoch, 'step')}, lr {stage.lr:g}, {what} {stage.role}"
     if stage.role == "student" and stage.uses_teacher:
         trains = PHASES[stage.phase].trains_teacher

@@ -127,5 +127,5 @@ def summary(cfg: TrainConfig, state: RunState, describe: dict, run_dir: Path | N
         **state.results,
         "at_chance": [k for k, r in stages.items() if r.get("at_chance")],
         "changes": state.changes,
-        "wall_s": sum(r["time_s"] for r in state.history),
+        "wall_s": sum(r["time_s"] for r in state.history) + state.results.get("ptq", {}).get("time_s", 0.0),
     }

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qkd.distributed import average_bn_statistics, broadcast_state, gather
+from qkd.distributed import average_bn_statistics, broadcast_state, gather, is_main_process
 from qkd.errors import QKDError
 from qkd.quant import (
     QuantConfig,
@@ -22,8 +24,11 @@ from qkd.quant import (
     quantized_layers,
     recalibrate_bn,
 )
+from qkd.quant.adaround import LayerResult, adaround, summary
 from qkd.quant.budget import SENSITIVITY_BATCHES, assigned, choose_bits, plan_budget
 from qkd.train.loop import Runtime
+
+log = logging.getLogger("qkd")
 
 
 def check_float_student(student: nn.Module, quant: QuantConfig | None, resume: bool) -> None:
@@ -53,7 +58,12 @@ def calibrate_student(student: nn.Module, quant: QuantConfig, rt: Runtime, batch
     the BatchNorm statistics of the quantized network from the next ones, alike on every rank."""
     inputs = (rt.batch(b)[0] for b in batches)
     calibrate(student, gather(next(inputs)))  # under torchrun: from the global batch, on every rank
-    # BN statistics of the quantized network (under autocast, as training runs), averaged over ranks
+    _bn_statistics(student, quant, rt, inputs)
+
+
+def _bn_statistics(student: nn.Module, quant: QuantConfig, rt: Runtime, inputs: Iterable) -> None:
+    """BN statistics of the quantized network from ``quant.bn_batches`` of ``inputs`` (under autocast, as
+    training runs), averaged over ranks; then every rank holds exactly rank 0's state."""
     with rt.autocast():
         recalibrate_bn(student, itertools.islice(inputs, quant.bn_batches))
     average_bn_statistics(student)
@@ -83,3 +93,31 @@ def budget_config(quant: QuantConfig, budget: dict | None) -> QuantConfig:
         raise QKDError("this run has quant.budget but its checkpoint records no bits chosen for it (written by an "
                        "older qkd?); start the run again")  # fmt: skip
     return assigned(quant, budget["bits"])
+
+
+def adaround_student(student: nn.Module, float_student: nn.Module, quant: QuantConfig, rt: Runtime,
+                     batches: Iterable, stop: Callable[[], bool] | None = None) -> dict:  # fmt: skip
+    """AdaRound the calibrated student (:mod:`~qkd.quant.adaround`) on the first ``quant.ptq_images`` images of
+    ``batches`` (iterated twice), against ``float_student`` (the float model it was made from), then
+    its BatchNorm statistics re-estimated as :func:`calibrate_student` did; rank 0's result on every rank.
+    Returns what the summary records of it."""
+    images, seen = [], 0
+    for batch in batches:
+        x = rt.batch(batch)[0]
+        images.append(x[: quant.ptq_images - seen])
+        seen += len(images[-1])
+        if seen >= quant.ptq_images:
+            break
+    float_student = rt.place(float_student)
+    results = adaround(student, float_student, torch.cat(images), quant.ptq_iters, stop, on_layer=_log_layer)
+    broadcast_state(student)  # under torchrun each rank rounded on its own shard: rank 0's rounding for all
+    # the BN statistics again, now for the rounding chosen: measured on ResNet-20 W4A4 (CIFAR-10 JPEG), 81.7 % test
+    # with them, 80.2 % with those of rounding to nearest (81.2 % without AdaRound)
+    _bn_statistics(student, quant, rt, (rt.batch(b)[0] for b in batches))
+    return {**summary(results), "images": seen, "iters": quant.ptq_iters}
+
+
+def _log_layer(r: LayerResult) -> None:
+    if is_main_process():
+        log.info("AdaRound %s: output error %.4g -> %.4g (nearest -> chosen), %.1f %% rounded the other way, %.1f s",
+                 r.name, r.nearest, r.adaround, 100 * r.flipped, r.time_s)  # fmt: skip

@@ -49,9 +49,12 @@ def float_stage(role: str, epochs: int, lr: float) -> Stage:
 
 
 def quantized_stages(cfg: TrainConfig) -> list[Stage]:
-    """The method's quantized phases (or ``cfg.phases``), numbered ``1_self_study``, ``2_co_study``, ..."""
+    """The method's quantized phases (or ``cfg.phases``), numbered ``1_self_study``, ``2_co_study``, ...;
+    ``method: ptq`` is one stage ``1_ptq`` of 0 epochs."""
     if cfg.phases is not None:
         spec = [(p.name, p.epochs, p.lr, p.teacher_lr) for p in cfg.phases]
+    elif cfg.method == "ptq":  # post-training quantization: nothing trained, so no epochs
+        spec = [("ptq", 0, None, None)]
     else:
         names = METHODS[cfg.method]
         spec = [(n, e, None, None) for n, e in zip(names, split_epochs(names, cfg.split, cfg.epochs))]

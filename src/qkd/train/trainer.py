@@ -8,6 +8,7 @@ from (seed, stage name, epoch), and what a stage draws before its first epoch fr
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from qkd.train.loop import DivergenceGuard, EpochState, Runtime, train_epoch
 from qkd.train.measure import EvalFn, Measurements, split_figures, summary
 from qkd.train.optim import build_optimizer, build_scheduler
 from qkd.train.quantize import (
+    adaround_student,
     budget_config,
     calibrate_student,
     check_float_student,
@@ -244,11 +246,14 @@ class Trainer:
             torch.manual_seed(seed)
 
     def _quantize_student(self, calibrate_batch: bool = True) -> None:
-        """Quantize the student; with ``quant.budget``, at the bits chosen now (on a resume: those read back)."""
+        """Quantize the student; with ``quant.budget``, at the bits chosen now (on a resume: those read back); with
+        ``method=ptq``, the post-training step after calibration."""
         quant, seed = self.cfg.quant, self._seed(self.state.stage, CALIBRATION)
+        start, ptq = time.perf_counter(), calibrate_batch and self.stages[self.state.stage].phase == "ptq"
         if quant.budget is not None and calibrate_batch:  # a resumed run's are read back, never chosen again
             self.budget = on_main(lambda: choose_student_bits(self.student, quant, self.rt, self.train.epoch(seed)))
         quant = budget_config(quant, self.budget)
+        float_student = copy.deepcopy(self.student) if ptq and quant.ptq == "adaround" else None  # AdaRound's reference
         layers = quantize_student(self.student, quant, self.rt)
         self.quant_table = {**layers.to_dict(), "budget": self.budget} if self.budget else layers.to_dict()
         self.layers = {"quantized": layers.n_quantized, "float": layers.n_float}
@@ -259,7 +264,23 @@ class Trainer:
                 if self.budget is not None:
                     log.info("%s", describe_budget(self.budget, self.cfg.quant.budget))
             calibrate_student(self.student, quant, self.rt, self.train.epoch(seed))
+            if ptq:
+                self._post_training(float_student, seed, start)
         self.state.student_quantized = True
+
+    def _post_training(self, float_student: nn.Module | None, seed: int | None, start: float) -> None:
+        """``method=ptq``, the student calibrated: AdaRound against ``float_student`` where given, on the
+        calibration pass's images; the summary's ``ptq`` entry, its time (the stage's, as it trains nothing)."""
+        done = {"mode": self.cfg.quant.ptq}
+        if float_student is not None:
+            if is_main_process():
+                log.info("AdaRound: %d images, %d iterations per layer", self.cfg.quant.ptq_images,
+                         self.cfg.quant.ptq_iters)  # fmt: skip
+            done.update(adaround_student(self.student, float_student, self.cfg.quant, self.rt,
+                                         self.train.epoch(seed), stop=self.stop.__bool__))  # fmt: skip
+            if self.stop:  # between two layers: nothing of it is kept, a resume rounds again
+                raise stopped(self.stop.name, self.stop.exit_code, self._position(), self.run_dir, self.record)
+        self.state.results["ptq"] = {**done, "time_s": time.perf_counter() - start}
 
     def evaluate_splits(self, model: nn.Module) -> dict[str, float]:
         """The metric (top-1 accuracy unless ``evaluate`` was given) on each evaluation split."""
@@ -356,6 +377,8 @@ class Trainer:
             "quantized": stage.quantized,
             "wall_s": sum(r["time_s"] for r in self.state.history if r["stage"] == stage.key),
         }
+        if stage.phase == "ptq":  # it trains nothing: its time is the quantization's
+            result["wall_s"] = self.state.results.get("ptq", {}).get("time_s", 0.0)
         last = self.state.finished_stage(stage.key, stage.epochs)  # its last epoch's validation figures
         splits = list(self.evals)
         if self.cfg.runtime.eval == "lean" and i + 1 < len(self.stages):  # lean: the test split at the end only
