@@ -39,7 +39,7 @@ from common import DATA_DIR, ROOT, command_line, machine, publish, run_parallel
 
 from qkd import pipeline
 from qkd.checkpoint import write_text
-from qkd.config import RunConfig, load_config
+from qkd.config import RunConfig, list_presets, load_config
 from qkd.report import figures as plot
 from qkd.reuse import differences, identity, read_history, run_or_reuse, unused
 
@@ -80,10 +80,14 @@ def train_file(data_dir: Path) -> Path:
 
 
 def base_config(data_dir: Path, bits: int, teacher: str, device: str, seed: int, overrides: list[str]) -> RunConfig:
-    """The preset of this bit-width on the clean protocol."""
+    """The preset of this bit-width on the clean protocol (a width without a preset, e.g. 8: the W4A4 preset with
+    its bits set)."""
+    preset = f"cifar10-resnet20-w{bits}a{bits}"
+    widths = [] if preset in list_presets() else [f"quant.weight_bits={bits}", f"quant.act_bits={bits}"]
     return load_config(
-        f"cifar10-resnet20-w{bits}a{bits}",
+        preset if not widths else "cifar10-resnet20-w4a4",
         [
+            *widths,
             "data.name=npz",
             f"data.root={train_file(data_dir)}",
             "data.val_from=test",
