@@ -374,15 +374,17 @@ def _interval(diffs: list[float]) -> str:
     return f"{mean:+.2f}" + ("" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]")
 
 
-def variants_table(store: dict, epochs: int, train_limit: int | None) -> str:
-    """Each variant (a ``--tag``) against the base cells of the same seeds: validation, where choices are made,
-    and test beside it; for co-studying methods, where co-study left the teacher (validation half)."""
-    base = cells_of(store, epochs, train_limit)
+def variants_table(store: dict, epochs: int, train_limit: int | None, against: dict[str, str] | None = None) -> str:
+    """Each variant (a ``--tag``) against the base cells of the same seeds (or the cells of the tag ``against``
+    names for it): validation, where choices are made, and test beside it; for co-studying methods, where
+    co-study left the teacher (validation half)."""
+    against = against or {}
     tags = sorted({r["cell"]["tag"] for r in store["runs"].values()} - {""})
-    lines = ["| variant | what it changes | bits | method | seeds | val % variant / base | variant − base, val "
-             "[95 %] | variant − base, test [95 %] | teacher val % after co-study, KL to student (ref) |",
-             "|---|---|---|---|---:|---|---|---|---|"]  # fmt: skip
+    lines = ["| variant | against | what it changes | bits | method | seeds | val % variant / base | variant − base, "
+             "val [95 %] | variant − base, test [95 %] | teacher val % after co-study, KL to student (ref) |",
+             "|---|---|---|---|---|---:|---|---|---|---|"]  # fmt: skip
     for tag in tags:
+        base = cells_of(store, epochs, train_limit, against.get(tag, ""))
         variant = cells_of(store, epochs, train_limit, tag)
         for (b, m), runs in sorted(variant.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1]))):
             ref = base.get((b, m), {})
@@ -396,12 +398,41 @@ def variants_table(store: dict, epochs: int, train_limit: int | None) -> str:
                        f"{statistics.mean(c['end']['kl'] for c in co):.3f} "
                        f"({statistics.mean(c['end']['kl_reference'] for c in co):.3f})") if co else ""  # fmt: skip
             lines.append(
-                f"| {tag} | {_changed(var[0], old[0])} | W{b}A{b} | {m} | {len(seeds)} | "
+                f"| {tag} | {against.get(tag) or 'base'} | {_changed(var[0], old[0])} | W{b}A{b} | {m} | "
+                f"{len(seeds)} | "
                 f"{statistics.mean(final(v, 'val') for v in var):.2f} / "
                 f"{statistics.mean(final(o, 'val') for o in old):.2f} | {_interval(diff['val'])} | "
                 f"{_interval(diff['test'])} | {teacher} |"
             )
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def bits_figure(store: dict, epochs: int, train_limit: int | None, prefix: Path) -> Path | None:
+    """The bits each layer got within ``quant.budget``, per budgeted variant (a line per seed)."""
+    chosen: dict[str, list[dict]] = {}
+    for rec in store["runs"].values():
+        c, budget = rec["cell"], rec["summary"].get("budget")
+        if budget and (c["epochs"], c["train_limit"]) == (epochs, train_limit):
+            bits = {**{n: wa[0] for n, wa in budget["fixed"].items()}, **budget["bits"]}
+            chosen.setdefault(f"{c['tag']} {c['method']}", []).append(bits)
+    if not chosen:
+        return None
+    fig, (ax,) = plot.figure(size=(8.0, 3.4))
+    names = sorted({n for runs in chosen.values() for bits in runs for n in bits}, key=_layer_order)
+    for i, (label, runs) in enumerate(sorted(chosen.items())):
+        for j, bits in enumerate(runs):
+            ax.plot(range(len(names)), [bits.get(n) for n in names], marker="o", color=f"C{i}", alpha=0.6,
+                    label=label if j == 0 else None, drawstyle="steps-mid")  # fmt: skip
+    ax.set_xticks(range(len(names)), names, rotation=70, fontsize=7)
+    ax.set_ylabel("bits (weights and input)")
+    ax.set_title("Bits per layer chosen within the budget (a line per seed)")
+    ax.legend(fontsize=7)
+    return plot.save(fig, prefix.with_name(prefix.name + "-budget-bits.png"))
+
+
+def _layer_order(name: str) -> tuple:
+    """Module names sorted with their numbers as numbers (``layer1.2`` before ``layer1.10``): a ResNet's order."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
 def figures(store: dict, cells: dict, diffs: list[dict], budget: tuple, prefix: Path) -> list[Path]:
@@ -437,6 +468,11 @@ def report(
     epochs: int = typer.Option(4, help="the budget reported in the main tables"),
     train_limit: int | None = typer.Option(2_500, help="the budget's training images per epoch"),
     append: bool = typer.Option(True, help="append the section to docs/RESULTS.md"),
+    against: list[str] = typer.Option(
+        [],
+        help="VARIANT=TAG: compare that variant with the cells of TAG, not the "
+        "base (e.g. mp-w3size=xeon: the uniform cells run from the same step 0)",
+    ),
 ) -> None:
     """Tables (means, standard deviations, paired 95 % intervals, mechanism, time per phase) and figures,
     from the study's JSON alone; the paired differences are written back into it."""
@@ -451,7 +487,11 @@ def report(
     ref = float_reference(store)
     made = figures(store, cells, diffs, (epochs, train_limit), store_path(study).with_suffix(""))
     rel = [f.relative_to(ROOT / "docs") for f in made]
-    variants = variants_table(store, epochs, train_limit)
+    if bad := [a for a in against if a.count("=") != 1]:
+        raise typer.BadParameter(f"--against {bad[0]!r}: expected VARIANT=TAG, e.g. mp-w3size=xeon")
+    variants = variants_table(store, epochs, train_limit, dict(a.split("=") for a in against))
+    if (bits_png := bits_figure(store, epochs, train_limit, store_path(study).with_suffix(""))) is not None:
+        rel.append(bits_png.relative_to(ROOT / "docs"))
     if variants:
         variants = f"Variants, seed by seed against the cells above (the presets re-checked):\n\n{variants}\n\n"
     text = (
