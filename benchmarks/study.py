@@ -513,5 +513,63 @@ def report(
     publish(text, append)
 
 
+def budget_points(store: dict, bits: int) -> list[dict]:
+    """qkd minus kd at W``bits``, per training budget in images seen, paired seed by seed: the fixed-subset budgets
+    (epochs x --train-limit, the same images each epoch) and the drawn-afresh ones (epochs x --epoch-images)."""
+    groups: dict[tuple[str, int], dict[str, dict[int, dict]]] = {}
+    for rec in store["runs"].values():
+        c = rec["cell"]
+        if c["bits"] != bits or c["method"] not in ("kd", "qkd") or c["tag"] or not c["epochs"]:
+            continue
+        fresh = c.get("epoch_images")
+        kind = "drawn afresh from all 50,000" if fresh else f"a fixed subset of {c['train_limit'] or 50_000}"
+        seen = c["epochs"] * (fresh or c["train_limit"] or 50_000)
+        groups.setdefault((kind, seen), {}).setdefault(c["method"], {})[c["seed"]] = rec
+    points = []
+    for (kind, seen), by_method in sorted(groups.items()):
+        d = paired({(bits, m): runs for m, runs in by_method.items()}, bits, "kd")
+        if d is None:
+            continue
+        means = {m: _fmt([final(by_method[m][s]) for s in d["seeds"]]) for m in ("kd", "qkd")}
+        points.append({"kind": kind, "images": seen, **d, "kd": means["kd"], "qkd": means["qkd"]})
+    return points
+
+
+@app.command()
+def curve(
+    study: str = typer.Option("cifar10-clean", help="the study's name: docs/study/<name>.json"),
+    bits: int = typer.Option(2, help="bit-width (W = A)"),
+    append: bool = typer.Option(False, help="append the section to docs/RESULTS.md"),
+) -> None:
+    """Does qkd pay off with training? qkd minus kd against the budget in images seen, paired, on test."""
+    store = load_store(study)
+    points = budget_points(store, bits)
+    if not points:
+        raise typer.BadParameter(f"{store_path(study)} holds no paired kd/qkd cells at W{bits}A{bits}")
+    lines = [
+        "| images seen | how drawn | seeds | kd test % | qkd test % | qkd − kd [95 %] |",
+        "|---:|---|---:|---|---|---|",
+    ]
+    lines += [f"| {p['images']:,} | {p['kind']} | {len(p['seeds'])} | {p['kd']} | {p['qkd']} | "
+              f"{_interval(p['diffs'])} |" for p in points]  # fmt: skip
+    fig, (ax,) = plot.figure(size=(6.0, 3.6))
+    for i, kind in enumerate(sorted({p["kind"] for p in points})):
+        ps = [p for p in points if p["kind"] == kind]
+        lo = [p["mean"] - p["ci95"][0] if not math.isnan(p["ci95"][0]) else 0 for p in ps]
+        hi = [p["ci95"][1] - p["mean"] if not math.isnan(p["ci95"][1]) else 0 for p in ps]
+        ax.errorbar([p["images"] for p in ps], [p["mean"] for p in ps], yerr=[lo, hi], marker="o", capsize=3,
+                    color=f"C{i}", label=kind)  # fmt: skip
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set(xlabel="training images seen (log)", ylabel="qkd − kd, test top-1 points",
+           title=f"W{bits}A{bits}: qkd minus kd against budget (mean, paired 95 % interval)")  # fmt: skip
+    ax.legend(fontsize=8)
+    png = plot.save(fig, store_path(study).with_name(f"{study}-budget-w{bits}a{bits}.png"))
+    text = (f"\n### W{bits}A{bits}: qkd minus kd against the training budget, {time.strftime('%Y-%m-%d')}\n\n"
+            f"Command: `{command_line().strip()}`; machines: {'; '.join(store['machines'])}.\n\n"
+            + "\n".join(lines) + f"\n\n![{png.stem}]({png.relative_to(ROOT / 'docs')})\n")  # fmt: skip
+    publish(text, append)
+
+
 if __name__ == "__main__":
     app()
