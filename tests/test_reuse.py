@@ -38,3 +38,10 @@ def test_a_finished_run_is_read_not_trained(demo_run, monkeypatch):
     with pytest.raises(QKDError, match=r"other settings \(quant.weight_bits\)"):
         reuse.run_or_reuse(load_config(None, [*DEMO, "quant.weight_bits=3"]), root / "runs")
     assert {h["stage"] for h in reuse.read_history(run_dir)} == set(json.loads(summary)["stages"])
+
+
+def test_history_of_a_run_that_trained_no_epoch_is_empty(tmp_path) -> None:
+    """method=ptq writes no metrics.jsonl: the study stores such a run with an empty history, not a crash."""
+    assert reuse.read_history(tmp_path) == []
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert reuse.read_history(tmp_path) == [{"epoch": 1}]

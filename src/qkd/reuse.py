@@ -88,5 +88,7 @@ def run_or_reuse(cfg: RunConfig, out: str | Path, stages: list[Stage] | None = N
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
-    """A run folder's per-epoch measurements (``metrics.jsonl``), oldest first."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    """A run folder's per-epoch measurements (``metrics.jsonl``), oldest first; none for a run that trained no
+    epoch (``method=ptq``), which writes no such file."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
