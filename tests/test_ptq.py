@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from helpers import UserNet, qkd_in_process
-from qkd.config import load_config
+from qkd.config import load_config, with_overrides
 from qkd.errors import ConfigError, QKDError
 from qkd.export import IntRuntime, compare, to_int_program
 from qkd.models import create_model
@@ -124,6 +124,12 @@ def test_refusals(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_epochs_given_with_ptq_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match=r"epochs=10 with method=ptq: post-training quantization trains nothing"):
+        load_config(None, ["method=ptq", "epochs=10"])
+    assert load_config("cifar10-resnet20-w4a4", ["method=ptq"]).method == "ptq"  # a preset's epochs give way
+
+
 def test_refusal_on_the_command_line(tmp_path):
     res = qkd_in_process("run", "method=kd", "quant.ptq=adaround", "--out", str(tmp_path))
     assert res.returncode == 2 and "set method=ptq or drop quant.ptq" in res.stderr and not list(tmp_path.iterdir())
@@ -134,8 +140,7 @@ def test_a_ptq_run_is_reused_whatever_its_unused_budget(tmp_path):
     it; a setting it computes with still is."""
     cfg = load_config(None, [*PTQ, "student.train_epochs=0", "name=p"])
     first = run_or_reuse(cfg, tmp_path)
-    again = load_config(None, [*PTQ, "student.train_epochs=0", "name=p", "epochs=7", "split=[0.5, 0.5, 0]",
-                               "optim.lr=0.3"])  # fmt: skip
+    again = with_overrides(cfg, ["epochs=7", "split=[0.5, 0.5, 0]", "optim.lr=0.3"])  # as a saved config could hold
     assert run_or_reuse(again, tmp_path) == first
     other = load_config(None, [*PTQ, "student.train_epochs=0", "name=p", "quant.ptq=adaround"])
     with pytest.raises(QKDError, match=r"made with other settings \(quant.ptq\)"):

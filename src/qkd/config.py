@@ -300,6 +300,11 @@ def load_config(source: str | None = None, overrides: list[str] | None = None) -
         refuse_bits_with_budget(cfg.quant.budget, given)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    unused = [o for o in overrides or [] if o.partition("=")[0] in ("epochs", "split")]
+    if cfg.method == "ptq" and unused:  # a preset's epochs give way to ptq; the user's own would be ignored
+        raise ConfigError(f"{' and '.join(unused)} with method=ptq: post-training quantization trains nothing, "
+                          "so it would be ignored; drop it (student.train_epochs trains the float student "
+                          "first)")  # fmt: skip
     return cfg
 
 
