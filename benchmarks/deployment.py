@@ -336,6 +336,7 @@ def main(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run_dir in runs or []:
+
             def make(run_dir=run_dir):
                 model, float_model, example, test = trained(run_dir, limit)
                 folder = Path(tmp) / run_dir.name
@@ -344,6 +345,7 @@ def main(
 
             rows.append(cached(run_dir.name, key, make))
         for name in speed:
+
             def make(name=name):
                 model, float_model, example, size = speed_network(name)
                 folder = Path(tmp) / name

@@ -67,8 +67,10 @@ def measure(out: Path, rounds: int) -> None:
 
     core = ov.Core()
     print(f"OpenVINO {ov.__version__}; `python benchmarks/qdq_openvino.py measure DIR --rounds {rounds}`")
-    print("| network | file | convolutions by runtime precision | median ms | / float (median of per-round ratios) "
-          "| max logit diff / max logit, top-1 agreement with fake-quant (16 random images) |")
+    print(
+        "| network | file | convolutions by runtime precision | median ms | / float (median of per-round ratios) "
+        "| max logit diff / max logit, top-1 agreement with fake-quant (16 random images) |"
+    )
     print("|---|---|---|---:|---:|---|")
     for name, size in NETWORKS.items():
         compiled, precisions, agreement = {}, {}, {"float": ""}

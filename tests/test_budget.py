@@ -5,6 +5,7 @@ import copy
 import itertools
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,6 +71,12 @@ def test_the_preset_bits_give_way_but_the_users_are_refused():
                                                           "act_bits": 4})  # fmt: skip
     with pytest.raises(ValueError, match="a budget chooses weight and activation bits together"):
         QuantConfig(weight_bits=None, budget=Budget(weights="1KiB"))
+    with pytest.raises(ValueError, match="^weight_bits with quant.budget: the budget chooses every layer's bits"):
+        QuantConfig(weight_bits=4, budget=Budget(weights="1KiB"))  # the default's value, but given
+    with pytest.raises(ValueError, match="^weight_bits and act_bits with quant.budget"):
+        QuantConfig(3, 3, budget={"weights": "1KiB"})
+    assert QuantConfig(budget={"weights": "1KiB"}).budget == Budget(weights="1KiB")
+    assert replace(QuantConfig(budget={"weights": "1KiB"}), budget=None).weight_bits == 4  # qkd's own replace
 
 
 @pytest.mark.parametrize(("budget", "needle"), [

@@ -211,8 +211,10 @@ def test_run_names_user_model_and_data_by_import_path(tmp_path):
 )  # fmt: skip
 def test_answers_and_refusals_that_need_no_model_import_no_torch(argv):
     """torch's import is 3 s of every command's start (5.5 s before --help said anything); these need none."""
-    code = ("import sys\nfrom qkd.cli import main\nsys.argv = ['qkd', *sys.argv[1:]]\ntry:\n    main()\n"
-            "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')")
+    code = (
+        "import sys\nfrom qkd.cli import main\nsys.argv = ['qkd', *sys.argv[1:]]\ntry:\n    main()\n"
+        "except SystemExit:\n    pass\nprint('torch imported' if 'torch' in sys.modules else 'no torch')"
+    )
     res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip().splitlines()[-1] == "no torch", res.stdout[-500:] + res.stderr[-1500:]
 

@@ -19,6 +19,7 @@ from onnx import TensorProto  # noqa: E402
 from helpers import UserNet  # noqa: E402
 from qkd.errors import QKDError  # noqa: E402
 from qkd.export import export_onnx, run_onnx  # noqa: E402
+from qkd.export.api import code_storage  # noqa: E402
 from qkd.models import create_model  # noqa: E402
 from qkd.quant import IntervalQuantizer, QConv2d, QLinear, QuantConfig, calibrate, quantize_model, set_quantization  # noqa: E402
 
@@ -254,9 +255,17 @@ def test_opset_below_21_stores_eight_bit_codes(tmp_path):
     path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx", opset=17)
     types = {t.data_type for t in onnx.load(str(path)).graph.initializer}
     assert types & EIGHT_BIT and not types & FOUR_BIT
+    assert "(opset 17 has no 4-bit types; export at opset 21 or later)" in code_storage(path)
     x = _inputs("residual_dw", 16, seed=3)
     with torch.no_grad():
         assert np.abs(run_onnx(path, x.numpy()) - model(x).numpy()).max() <= 1e-4
+
+
+def test_code_storage_says_why_no_code_is_four_bit(tmp_path):
+    """An 8-bit model asked for 4-bit storage: the line names the bits, not the opset."""
+    model = _quantized("residual_dw", 8, "lsq", True)
+    path = export_onnx(model, _inputs("residual_dw", 2, seed=2), tmp_path / "m.onnx", four_bit_storage=True)
+    assert code_storage(path).endswith("8-bit types (no layer's weight codes fit 4 bits)")
 
 
 def test_export_leaves_the_model_untouched(tmp_path):

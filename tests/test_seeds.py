@@ -103,5 +103,5 @@ def test_a_run_begun_under_index_seeding_resumes_under_it(tiny_config, tmp_path,
     _, summary = pipeline.resume(tmp_path / "old")
     assert summary["seeding"] == INDEX_SEEDING
     # fp_student has 2 epochs, then 1_self_study (calibration, then its 2 epochs): as the index scheme drew them
-    left = [(0, 1), (1, CALIBRATION), (1, 0), (1, 1)][stop_after - 1:]
+    left = [(0, 1), (1, CALIBRATION), (1, 0), (1, 1)][stop_after - 1 :]
     assert drawn == [index_seed(0, i, d) for i, d in left]

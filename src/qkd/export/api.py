@@ -200,10 +200,14 @@ def code_storage(path: str | Path) -> str:
     import onnx
     from onnx import TensorProto
 
-    types = [t.data_type for t in onnx.load(str(path), load_external_data=False).graph.initializer if len(t.dims) > 1]
+    model = onnx.load(str(path), load_external_data=False)
+    types = [t.data_type for t in model.graph.initializer if len(t.dims) > 1]
     four = sum(t in (TensorProto.INT4, TensorProto.UINT4) for t in types)
     eight = sum(t in (TensorProto.INT8, TensorProto.UINT8) for t in types)
     if not four:
-        return f"weight codes: all {eight} tensors in 8-bit types (none fits 4 bits, or an opset before 21)"
+        opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+        why = (f"opset {opset} has no 4-bit types; export at opset 21 or later" if opset < 21
+               else "no layer's weight codes fit 4 bits")  # fmt: skip
+        return f"weight codes: all {eight} tensors in 8-bit types ({why})"
     return (f"weight codes: {four} tensors in INT4/UINT4, {eight} in 8-bit types (wider codes); onnxruntime runs "
             "4-bit layers in float")  # fmt: skip

@@ -7,6 +7,7 @@ No torch here, so that a run config is read and checked without it; the quantize
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -239,6 +240,23 @@ class QuantConfig:
             QuantSpec(weight_bits, signed=True, per_channel=self.per_channel, **common),
             QuantSpec(act_bits, signed=None, per_channel=False, **common),
         )
+
+
+def _refusing_bits_with_budget(init):  # noqa: ANN001, ANN202 (wraps the dataclass's generated __init__)
+    """``QuantConfig(budget=..., weight_bits=4)``: refused where it is known that the bits were given (its
+    ``__post_init__`` cannot tell a given 4 from the default; pydantic and the config files do not call ``__init__``,
+    they refuse by the keys written; ``dataclasses.replace`` passes every field, and qkd drops the budget there)."""
+
+    @functools.wraps(init)
+    def __init__(self: QuantConfig, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        given = [key for i, key in enumerate(("weight_bits", "act_bits")) if key in kwargs or len(args) > i]
+        refuse_bits_with_budget(self.budget, given)
+
+    return __init__
+
+
+QuantConfig.__init__ = _refusing_bits_with_budget(QuantConfig.__init__)
 
 
 def refuse_bits_with_budget(budget: object, given: list[str]) -> None:
