@@ -407,6 +407,27 @@ def variants_table(store: dict, epochs: int, train_limit: int | None, against: d
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def training_table(store: dict, epochs: int, train_limit: int | None, tag: str = "") -> str:
+    """What training buys: each trained method (cells of ``tag``) minus each post-training one, seed by seed, where
+    both ran on the same machine (the same step 0; a post-training cell has no tag)."""
+    trained, post = cells_of(store, epochs, train_limit, tag), cells_of(store, epochs, train_limit)
+    lines = ["| bits | trained | post-training | seeds | val % trained / post | trained − post, val [95 %] | "
+             "trained − post, test [95 %] |", "|---|---|---|---:|---|---|---|"]  # fmt: skip
+    for b in sorted({b for b, m in post if m in PTQ}, reverse=True):
+        for m in TRAINED:
+            for p in PTQ:
+                a, z = trained.get((b, m), {}), post.get((b, p), {})
+                seeds = sorted(s for s in a.keys() & z.keys() if a[s]["machine"] == z[s]["machine"])
+                if not seeds:
+                    continue
+                diff = {k: [final(a[s], k) - final(z[s], k) for s in seeds] for k in ("val", "test")}
+                lines.append(f"| W{b}A{b} | {m} | {p} | {len(seeds)} | "
+                             f"{statistics.mean(final(a[s], 'val') for s in seeds):.2f} / "
+                             f"{statistics.mean(final(z[s], 'val') for s in seeds):.2f} | "
+                             f"{_interval(diff['val'])} | {_interval(diff['test'])} |")  # fmt: skip
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def bits_figure(store: dict, epochs: int, train_limit: int | None, prefix: Path) -> Path | None:
     """The bits each layer got within ``quant.budget``, per budgeted variant (a line per seed)."""
     chosen: dict[str, list[dict]] = {}
@@ -473,6 +494,9 @@ def report(
         help="VARIANT=TAG: compare that variant with the cells of TAG, not the "
         "base (e.g. mp-w3size=xeon: the uniform cells run from the same step 0)",
     ),
+    trained: str = typer.Option(
+        "", help="the tag of the trained cells the post-training ones are paired with (same machine, same step 0)"
+    ),
 ) -> None:
     """Tables (means, standard deviations, paired 95 % intervals, mechanism, time per phase) and figures,
     from the study's JSON alone; the paired differences are written back into it."""
@@ -494,6 +518,8 @@ def report(
         rel.append(bits_png.relative_to(ROOT / "docs"))
     if variants:
         variants = f"Variants, seed by seed against the cells above (the presets re-checked):\n\n{variants}\n\n"
+    if buys := training_table(store, epochs, train_limit, trained):
+        variants += f"What training buys over post-training quantization (cells of tag '{trained}'):\n\n{buys}\n\n"
     text = (
         f"\n### CIFAR-10 study, clean protocol: {epochs} epochs x {train_limit or 50_000} images, "
         f"{time.strftime('%Y-%m-%d')}\n\n"
