@@ -539,25 +539,38 @@ def report(
     publish(text, append)
 
 
-def budget_points(store: dict, bits: int) -> list[dict]:
-    """qkd minus kd at W``bits``, per training budget in images seen, paired seed by seed: the fixed-subset budgets
-    (epochs x --train-limit, the same images each epoch) and the drawn-afresh ones (epochs x --epoch-images)."""
+def budget_points(store: dict, bits: int, tags: tuple[str, ...] = ("",)) -> list[dict]:
+    """qkd minus kd at W``bits``, per training budget in images seen, paired seed by seed on test and validation: the
+    fixed-subset budgets (epochs x --train-limit, the same images each epoch) and the drawn-afresh ones (epochs x
+    --epoch-images), of the cells of ``tags``, apart by machine (each machine has its own step 0); with where
+    co-study left the teacher and the wall time of a cell."""
     groups: dict[tuple[str, int], dict[str, dict[int, dict]]] = {}
     for rec in store["runs"].values():
         c = rec["cell"]
-        if c["bits"] != bits or c["method"] not in ("kd", "qkd") or c["tag"] or not c["epochs"]:
+        if c["bits"] != bits or c["method"] not in ("kd", "qkd") or c["tag"] not in tags or not c["epochs"]:
             continue
         fresh = c.get("epoch_images")
         kind = "drawn afresh from all 50,000" if fresh else f"a fixed subset of {c['train_limit'] or 50_000}"
+        kind += f", {rec['machine'].split(',')[0].replace('(R)', '').replace(' Processor', '')}"
         seen = c["epochs"] * (fresh or c["train_limit"] or 50_000)
         groups.setdefault((kind, seen), {}).setdefault(c["method"], {})[c["seed"]] = rec
     points = []
-    for (kind, seen), by_method in sorted(groups.items()):
-        d = paired({(bits, m): runs for m, runs in by_method.items()}, bits, "kd")
+    for (kind, seen), by_method in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cells = {(bits, m): runs for m, runs in by_method.items()}
+        d = paired(cells, bits, "kd")
         if d is None:
             continue
-        means = {m: _fmt([final(by_method[m][s]) for s in d["seeds"]]) for m in ("kd", "qkd")}
-        points.append({"kind": kind, "images": seen, **d, "kd": means["kd"], "qkd": means["qkd"]})
+        val = paired(cells, bits, "kd", "val")
+        runs = {m: [by_method[m][s] for s in d["seeds"]] for m in ("kd", "qkd")}
+        co = [t[k] for r in runs["qkd"] for t in [r["summary"].get("teacher_student", {})] for k in t
+              if k.endswith("co_study")]  # fmt: skip
+        points.append({
+            "kind": kind, "images": seen, **d, "val_diffs": val["diffs"],
+            **{m: _fmt([final(r) for r in runs[m]]) for m in ("kd", "qkd")},
+            "wall_s": {m: statistics.mean(r["summary"]["wall_s"] for r in runs[m]) for m in ("kd", "qkd")},
+            "teacher": co and [statistics.mean(100 * c[at]["teacher_acc"] for c in co) for at in ("start", "end")],
+            "kl": co and [statistics.mean(c["end"][k] for c in co) for k in ("kl", "kl_reference")],
+        })  # fmt: skip
     return points
 
 
@@ -565,20 +578,28 @@ def budget_points(store: dict, bits: int) -> list[dict]:
 def curve(
     study: str = typer.Option("cifar10-clean", help="the study's name: docs/study/<name>.json"),
     bits: int = typer.Option(2, help="bit-width (W = A)"),
+    tag: list[str] = typer.Option([""], help="the cells' tags to draw (\"\" = untagged; e.g. --tag '' --tag xeon)"),
     append: bool = typer.Option(False, help="append the section to docs/RESULTS.md"),
 ) -> None:
-    """Does qkd pay off with training? qkd minus kd against the budget in images seen, paired, on test."""
+    """Does qkd pay off with training? qkd minus kd against the budget in images seen, paired, on test and validation,
+    with where co-study left the teacher and the time a cell took."""
     store = load_store(study)
-    points = budget_points(store, bits)
+    points = budget_points(store, bits, tuple(tag))
     if not points:
         raise typer.BadParameter(f"{store_path(study)} holds no paired kd/qkd cells at W{bits}A{bits}")
     lines = [
-        "| images seen | how drawn | seeds | kd test % | qkd test % | qkd − kd [95 %] |",
-        "|---:|---|---:|---|---|---|",
+        "| images seen | how drawn, machine | seeds | kd test % | qkd test % | qkd − kd, test [95 %] | "
+        "qkd − kd, val [95 %] | co-study: teacher val % before -> after | KL(teacher‖student) after co-study "
+        "(fixed teacher, same student) | minutes per cell kd / qkd |",
+        "|---:|---|---:|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {p['images']:,} | {p['kind']} | {len(p['seeds'])} | {p['kd']} | {p['qkd']} | "
-              f"{_interval(p['diffs'])} |" for p in points]  # fmt: skip
-    fig, (ax,) = plot.figure(size=(6.0, 3.6))
+    for p in points:
+        teacher = f"{p['teacher'][0]:.2f} -> {p['teacher'][1]:.2f}" if p["teacher"] else ""
+        kl = f"{p['kl'][0]:.3f} ({p['kl'][1]:.3f})" if p["kl"] else ""
+        lines.append(f"| {p['images']:,} | {p['kind']} | {len(p['seeds'])} | {p['kd']} | {p['qkd']} | "
+                     f"{_interval(p['diffs'])} | {_interval(p['val_diffs'])} | {teacher} | {kl} | "
+                     f"{p['wall_s']['kd'] / 60:.1f} / {p['wall_s']['qkd'] / 60:.1f} |")  # fmt: skip
+    fig, (ax,) = plot.figure(size=(6.4, 3.8))
     for i, kind in enumerate(sorted({p["kind"] for p in points})):
         ps = [p for p in points if p["kind"] == kind]
         lo = [p["mean"] - p["ci95"][0] if not math.isnan(p["ci95"][0]) else 0 for p in ps]
@@ -589,7 +610,7 @@ def curve(
     ax.set_xscale("log")
     ax.set(xlabel="training images seen (log)", ylabel="qkd − kd, test top-1 points",
            title=f"W{bits}A{bits}: qkd minus kd against budget (mean, paired 95 % interval)")  # fmt: skip
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     png = plot.save(fig, store_path(study).with_name(f"{study}-budget-w{bits}a{bits}.png"))
     text = (f"\n### W{bits}A{bits}: qkd minus kd against the training budget, {time.strftime('%Y-%m-%d')}\n\n"
             f"Command: `{command_line().strip()}`; machines: {'; '.join(store['machines'])}.\n\n"
