@@ -8,7 +8,7 @@ import torch
 
 from helpers import UserNet, copy_run, qkd_in_process, readme_block
 from qkd.errors import QKDError
-from qkd.export import export_run, float_checkpoint_bytes
+from qkd.export import compare, export_run, float_checkpoint_bytes
 from qkd.quant import QuantConfig, quantize_model
 
 
@@ -106,3 +106,20 @@ def test_readme_fit_run_example(fit_run, capsys):
     exec(compile(example.replace("runs/byom", str(run_dir)), "README.md", "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.splitlines() == [str(val), "1.0"]
     assert (run_dir / "export" / "student-onnx.onnx").is_file()
+
+
+def test_the_check_spreads_its_images_over_the_whole_split():
+    """A test split stored by class (the CIFAR arrays are): the check's ``limit`` images come from batches spread over
+    all of it, not from the first classes only; an iterable of unknown length is read from the start."""
+    batches = [(torch.full((4, 1), float(i)), torch.full((4,), i)) for i in range(10)]  # batch i: class i
+    seen: list[int] = []
+
+    def exported(x: torch.Tensor) -> torch.Tensor:
+        seen.append(int(x[0, 0]))
+        return torch.nn.functional.one_hot(x[:, 0].long(), 10).float()
+
+    check = compare(exported, exported, batches, limit=8)
+    assert seen[::2] == [0, 5] and check["images"] == 8 and check["export_acc"] == 1.0
+    seen.clear()
+    compare(exported, exported, iter(batches), limit=8)
+    assert seen[::2] == [0, 1]

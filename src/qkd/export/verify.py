@@ -11,6 +11,7 @@ callable (an exported file's runner, the int runtime) against the model and that
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from functools import partial
 
@@ -66,10 +67,10 @@ def compare(
 ) -> dict:
     """Top-1 agreement and max |logit difference| between ``exported`` and the fake-quant ``model``
     (a module, or any callable giving its logits), and both accuracies, over ``batches`` (at most
-    ``limit`` images). ``exact`` (``model`` a module) adds ``agreement_f64`` and ``max_logit_diff_f64``:
-    the same against ``model`` evaluated in float64 (see :func:`float64_reference`), its exact answer,
-    which float32 rounding can move across a quantization step (the float32 figures then count that
-    rounding too)."""
+    ``limit`` images, from batches spread evenly over ``batches`` where its length is known). ``exact``
+    (``model`` a module) adds ``agreement_f64`` and ``max_logit_diff_f64``: the same against ``model``
+    evaluated in float64 (see :func:`float64_reference`), its exact answer, which float32 rounding can move
+    across a quantization step (the float32 figures then count that rounding too)."""
     check_limit(limit, "limit")
     if isinstance(model, nn.Module):
         model = model.eval().cpu()
@@ -78,8 +79,14 @@ def compare(
         raise TypeError("exact=True needs the model as a module")
     seen = agree = agree64 = right_export = right_model = 0
     max_diff = max_diff64 = 0.0
+    stride = None  # with a limit and batches of known number, every stride-th batch: spread over the whole split
     with torch.no_grad():
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
+            if stride is None:
+                known = limit is not None and hasattr(batches, "__len__")
+                stride = max(1, len(batches) // math.ceil(limit / len(y))) if known else 1
+            if i % stride:
+                continue  # a split stored by class would otherwise be checked on its first classes only
             x, y = x.cpu().contiguous(), y.cpu()
             if limit is not None:
                 x, y = x[: limit - seen], y[: limit - seen]
