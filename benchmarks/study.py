@@ -238,6 +238,27 @@ def run(
     run_parallel(record, [(cfg, out, stages) for cfg, stages in cells], jobs, done)
 
 
+@app.command()
+def merge(
+    source: Path = typer.Argument(..., help="another study JSON, e.g. the GPU slice's cifar10-clean-gpu.json"),
+    study: str = typer.Option("cifar10-clean", help="the study to merge into: docs/study/<name>.json"),
+) -> None:
+    """Add the runs of ``source`` that the study does not hold (a cell of the same name is never replaced; a name
+    held with other results is named, and the merge refused)."""
+    other, store = json.loads(source.read_text()), load_store(study)
+    for kind in ("float", "runs"):
+        clash = [n for n, r in other.get(kind, {}).items() if n in store[kind] and store[kind][n] != r]
+        if clash:
+            raise typer.BadParameter(f"{source}: {kind} {clash[0]} is in {store_path(study)} with other results; "
+                                     "run that slice with --tag")  # fmt: skip
+    added = [n for n in other.get("runs", {}) if n not in store["runs"]]
+    for kind in ("float", "runs"):
+        store[kind] = {**other.get(kind, {}), **store[kind]}
+    store.setdefault("machines", {}).update(other.get("machines", {}))
+    save_store(study, store)
+    typer.echo(f"merged {len(added)} runs into {store_path(study)}: {', '.join(added) or 'none new'}")
+
+
 # ----- reporting: from the JSON alone ---------------------------------------------------------------------
 def final(record: dict, split: str = "test") -> float:
     """The run's final model on a split, in %."""
