@@ -591,6 +591,8 @@ def budget_points(store: dict, bits: int, tags: tuple[str, ...] = ("",)) -> list
             "wall_s": {m: statistics.mean(r["summary"]["wall_s"] for r in runs[m]) for m in ("kd", "qkd")},
             "teacher": co and [statistics.mean(100 * c[at]["teacher_acc"] for c in co) for at in ("start", "end")],
             "kl": co and [statistics.mean(c["end"][k] for c in co) for k in ("kl", "kl_reference")],
+            "kl_end": {m: statistics.mean(list(r["summary"]["teacher_student"].values())[-1]["end"]["kl"]
+                                          for r in runs[m]) for m in ("kd", "qkd")},  # fmt: skip
         })  # fmt: skip
     return points
 
@@ -611,14 +613,15 @@ def curve(
     lines = [
         "| images seen | how drawn, machine | seeds | kd test % | qkd test % | qkd − kd, test [95 %] | "
         "qkd − kd, val [95 %] | co-study: teacher val % before -> after | KL(teacher‖student) after co-study "
-        "(fixed teacher, same student) | minutes per cell kd / qkd |",
-        "|---:|---|---:|---|---|---|---|---|---|---|",
+        "(fixed teacher, same student) | KL(teacher‖student) at the end, kd / qkd | minutes per cell kd / qkd |",
+        "|---:|---|---:|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         teacher = f"{p['teacher'][0]:.2f} -> {p['teacher'][1]:.2f}" if p["teacher"] else ""
         kl = f"{p['kl'][0]:.3f} ({p['kl'][1]:.3f})" if p["kl"] else ""
         lines.append(f"| {p['images']:,} | {p['kind']} | {len(p['seeds'])} | {p['kd']} | {p['qkd']} | "
                      f"{_interval(p['diffs'])} | {_interval(p['val_diffs'])} | {teacher} | {kl} | "
+                     f"{p['kl_end']['kd']:.3f} / {p['kl_end']['qkd']:.3f} | "
                      f"{p['wall_s']['kd'] / 60:.1f} / {p['wall_s']['qkd'] / 60:.1f} |")  # fmt: skip
     fig, (ax,) = plot.figure(size=(6.4, 3.8))
     for i, kind in enumerate(sorted({p["kind"] for p in points})):
