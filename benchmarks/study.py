@@ -193,8 +193,12 @@ def run(
     store.setdefault("machines", {})[machine()] = True
 
     def keep(kind: str, name: str, record: dict) -> None:
-        store[kind][name] = record | {"machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M")}
-        save_store(study, store)
+        # read again first: another study run (or a report) may have stored cells since this one started
+        fresh = load_store(study)
+        fresh.setdefault("machines", {})[machine()] = True
+        for part in (store, fresh):
+            part[kind][name] = record | {"machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M")}
+        save_store(study, fresh)
         logging.info("stored %s in %s", name, store_path(study))
 
     # step 0: the float student (and a teacher of another architecture), once per study
