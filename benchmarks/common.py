@@ -28,10 +28,16 @@ def command_line() -> str:
 
 
 def machine() -> str:
-    """The CPU model (as lscpu names it), cores, torch and its threads, Python, and the GPU where there is one."""
+    """The CPU model (as lscpu names it) and whether it computes bf16 natively, cores, torch and its threads,
+    Python, and the GPU where there is one."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        info = open("/proc/cpuinfo").read().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
+        flags = set(next(ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")))
+        # one model name covers CPUs that compute differently: an AMD EPYC with or without AVX-512 BF16 gives
+        # bf16 autocast (and so a run's result), or float32 -- runs of the two must not be paired
+        cpu += " (native bf16)" if flags & {"avx512_bf16", "amx_bf16"} else " (no native bf16)"
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""

@@ -305,6 +305,12 @@ def paired(cells: dict, bits: int, other: str, split: str = "test") -> dict | No
     return {"other": other, "bits": bits, "seeds": seeds, "diffs": diffs, "mean": mean, "ci95": [lo, hi]}
 
 
+def cpu(record: dict) -> str:
+    """The machine a run trained on, as far as it decides the numbers (the CPU and its bf16; not threads): runs of two
+    CPUs start from two step 0s and never pair."""
+    return record["machine"].split(",")[0].replace("(R)", "").replace(" Processor", "")
+
+
 def seeding(record: dict) -> str:
     """How a stored run seeded its stages (runs stored before the scheme was recorded: by index)."""
     return record["summary"].get("seeding", "stage-index")
@@ -399,21 +405,22 @@ def _interval(diffs: list[float]) -> str:
     return f"{mean:+.2f}" + ("" if math.isnan(lo) else f" [{lo:+.2f}, {hi:+.2f}]")
 
 
-def variants_table(store: dict, epochs: int, train_limit: int | None, against: dict[str, str] | None = None) -> str:
+def variants_table(store: dict, epochs: int, train_limit: int | None, against: dict[str, str] | None = None,
+                   epoch_images: int | None = None) -> str:  # fmt: skip
     """Each variant (a ``--tag``) against the base cells of the same seeds (or the cells of the tag ``against``
-    names for it): validation, where choices are made, and test beside it; for co-studying methods, where
-    co-study left the teacher (validation half)."""
+    names for it) run on the same machine (the same step 0): validation, where choices are made, and test beside
+    it; for co-studying methods, where co-study left the teacher (validation half)."""
     against = against or {}
-    tags = sorted({r["cell"]["tag"] for r in store["runs"].values()} - {""})
+    tags = sorted({r["cell"]["tag"] for r in store["runs"].values()} - {""} - set(against.values()))
     lines = ["| variant | against | what it changes | bits | method | seeds | val % variant / base | variant − base, "
              "val [95 %] | variant − base, test [95 %] | teacher val % after co-study, KL to student (ref) |",
              "|---|---|---|---|---|---:|---|---|---|---|"]  # fmt: skip
     for tag in tags:
-        base = cells_of(store, epochs, train_limit, against.get(tag, ""))
-        variant = cells_of(store, epochs, train_limit, tag)
+        base = cells_of(store, epochs, train_limit, against.get(tag, ""), epoch_images)
+        variant = cells_of(store, epochs, train_limit, tag, epoch_images)
         for (b, m), runs in sorted(variant.items(), key=lambda kv: (-kv[0][0], METHODS.index(kv[0][1]))):
             ref = base.get((b, m), {})
-            seeds = sorted(runs.keys() & ref.keys())
+            seeds = sorted(s for s in runs.keys() & ref.keys() if cpu(runs[s]) == cpu(ref[s]))
             if not seeds:
                 continue
             var, old = [runs[s] for s in seeds], [ref[s] for s in seeds]
@@ -432,6 +439,27 @@ def variants_table(store: dict, epochs: int, train_limit: int | None, against: d
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+@app.command()
+def variants(
+    study: str = typer.Option("cifar10-clean", help="the study's name: docs/study/<name>.json"),
+    epochs: int = typer.Option(4, help="the budget's epochs"),
+    train_limit: int | None = typer.Option(2_500, help="the budget's training images per epoch (a fixed subset)"),
+    epoch_images: int | None = typer.Option(None, help="or: its images per epoch drawn afresh (e.g. 50000)"),
+    against: list[str] = typer.Option([], help="VARIANT=TAG: compare that variant with the cells of TAG"),
+) -> None:
+    """The variants table alone, at any budget (``report`` draws it at its main budget with everything else), e.g.
+    the co-study teacher's rate at 200,000 images: ``variants --epoch-images 50000 --against tlr1e-3=TAG``."""
+    if bad := [a for a in against if a.count("=") != 1]:
+        raise typer.BadParameter(f"--against {bad[0]!r}: expected VARIANT=TAG, e.g. tlr1e-3=zen4")
+    store = load_store(study)
+    table = variants_table(store, epochs, None if epoch_images else train_limit, dict(a.split("=") for a in against),
+                           epoch_images)  # fmt: skip
+    if not table:
+        raise typer.BadParameter(f"{store_path(study)} holds no variant with base cells of the same seeds and "
+                                 "machine at this budget")  # fmt: skip
+    typer.echo(table)
+
+
 def training_table(store: dict, epochs: int, train_limit: int | None, tag: str = "") -> str:
     """What training buys: each trained method (cells of ``tag``) minus each post-training one, seed by seed, where
     both ran on the same machine (the same step 0; a post-training cell has no tag)."""
@@ -442,7 +470,7 @@ def training_table(store: dict, epochs: int, train_limit: int | None, tag: str =
         for m in TRAINED:
             for p in PTQ:
                 a, z = trained.get((b, m), {}), post.get((b, p), {})
-                seeds = sorted(s for s in a.keys() & z.keys() if a[s]["machine"] == z[s]["machine"])
+                seeds = sorted(s for s in a.keys() & z.keys() if cpu(a[s]) == cpu(z[s]))
                 if not seeds:
                     continue
                 diff = {k: [final(a[s], k) - final(z[s], k) for s in seeds] for k in ("val", "test")}
@@ -576,7 +604,7 @@ def budget_points(store: dict, bits: int, tags: tuple[str, ...] = ("",)) -> list
             continue
         fresh = c.get("epoch_images")
         kind = "drawn afresh from all 50,000" if fresh else f"a fixed subset of {c['train_limit'] or 50_000}"
-        kind += f", {rec['machine'].split(',')[0].replace('(R)', '').replace(' Processor', '')}"
+        kind += f", {cpu(rec)}"
         seen = c["epochs"] * (fresh or c["train_limit"] or 50_000)
         groups.setdefault((kind, seen), {}).setdefault(c["method"], {})[c["seed"]] = rec
     points = []
