@@ -413,7 +413,8 @@ def variants_table(store: dict, epochs: int, train_limit: int | None, against: d
     against = against or {}
     tags = sorted({r["cell"]["tag"] for r in store["runs"].values()} - {""} - set(against.values()))
     lines = ["| variant | against | what it changes | bits | method | seeds | val % variant / base | variant − base, "
-             "val [95 %] | variant − base, test [95 %] | teacher val % after co-study, KL to student (ref) |",
+             "val [95 %] | variant − base, test [95 %] | teacher val % after co-study, KL to student (ref), variant / "
+             "base |",
              "|---|---|---|---|---|---:|---|---|---|---|"]  # fmt: skip
     for tag in tags:
         base = cells_of(store, epochs, train_limit, against.get(tag, ""), epoch_images)
@@ -425,10 +426,12 @@ def variants_table(store: dict, epochs: int, train_limit: int | None, against: d
                 continue
             var, old = [runs[s] for s in seeds], [ref[s] for s in seeds]
             diff = {split: [final(v, split) - final(o, split) for v, o in zip(var, old)] for split in ("val", "test")}
-            co = [c for r in var for k, c in r["summary"].get("teacher_student", {}).items() if k.endswith("co_study")]
-            teacher = (f"{100 * statistics.mean(c['end']['teacher_acc'] for c in co):.2f}, "
-                       f"{statistics.mean(c['end']['kl'] for c in co):.3f} "
-                       f"({statistics.mean(c['end']['kl_reference'] for c in co):.3f})") if co else ""  # fmt: skip
+            co = {name: [c for r in rs for k, c in r["summary"].get("teacher_student", {}).items()
+                         if k.endswith("co_study")] for name, rs in (("var", var), ("old", old))}  # fmt: skip
+            teacher = " / ".join(f"{100 * statistics.mean(c['end']['teacher_acc'] for c in cs):.2f}, "
+                                 f"{statistics.mean(c['end']['kl'] for c in cs):.3f} "
+                                 f"({statistics.mean(c['end']['kl_reference'] for c in cs):.3f})"
+                                 for cs in co.values() if cs)  # fmt: skip
             lines.append(
                 f"| {tag} | {against.get(tag) or 'base'} | {_changed(var[0], old[0])} | W{b}A{b} | {m} | "
                 f"{len(seeds)} | "
