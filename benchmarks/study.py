@@ -293,10 +293,10 @@ def cells_of(store: dict, epochs: int, train_limit: int | None, tag: str = "",
     return out
 
 
-def paired(cells: dict, bits: int, other: str, split: str = "test") -> dict | None:
-    """qkd minus ``other`` seed by seed (same seed: same data subset and order), with its 95 % interval. Two runs
-    pair only under one seeding scheme: runs before 2026-12-02 seeded stages by index, later ones by name."""
-    a, b = cells.get((bits, "qkd"), {}), cells.get((bits, other), {})
+def paired(cells: dict, bits: int, other: str, split: str = "test", method: str = "qkd") -> dict | None:
+    """``method`` (qkd) minus ``other`` seed by seed (same seed: same data subset and order), with its 95 % interval.
+    Two runs pair only under one seeding scheme: runs before 2026-12-02 seeded stages by index, later ones by name."""
+    a, b = cells.get((bits, method), {}), cells.get((bits, other), {})
     seeds = sorted(s for s in a.keys() & b.keys() if seeding(a[s]) == seeding(b[s]))
     if not seeds:
         return None
@@ -603,7 +603,7 @@ def budget_points(store: dict, bits: int, tags: tuple[str, ...] = ("",)) -> list
     groups: dict[tuple[str, int], dict[str, dict[int, dict]]] = {}
     for rec in store["runs"].values():
         c = rec["cell"]
-        if c["bits"] != bits or c["method"] not in ("kd", "qkd") or c["tag"] not in tags or not c["epochs"]:
+        if c["bits"] != bits or c["tag"] not in tags or not c["epochs"]:
             continue
         fresh = c.get("epoch_images")
         kind = "drawn afresh from all 50,000" if fresh else f"a fixed subset of {c['train_limit'] or 50_000}"
@@ -617,11 +617,16 @@ def budget_points(store: dict, bits: int, tags: tuple[str, ...] = ("",)) -> list
         if d is None:
             continue
         val = paired(cells, bits, "kd", "val")
+        floors = {
+            f"{m} − {o}": {split: paired(cells, bits, o, split, m) for split in ("test", "val")}
+            for o in sorted(by_method.keys() - {"kd", "qkd"}) for m in ("kd", "qkd")
+        }  # fmt: skip
         runs = {m: [by_method[m][s] for s in d["seeds"]] for m in ("kd", "qkd")}
         co = [t[k] for r in runs["qkd"] for t in [r["summary"].get("teacher_student", {})] for k in t
               if k.endswith("co_study")]  # fmt: skip
         points.append({
-            "kind": kind, "images": seen, **d, "val_diffs": val["diffs"],
+            "kind": kind, "images": seen, **d, "val_diffs": val["diffs"], "floors": floors,
+            "others": {m: _fmt([final(r) for r in by_method[m].values()]) for m in by_method.keys() - {"kd", "qkd"}},
             **{m: _fmt([final(r) for r in runs[m]]) for m in ("kd", "qkd")},
             "wall_s": {m: statistics.mean(r["summary"]["wall_s"] for r in runs[m]) for m in ("kd", "qkd")},
             "teacher": co and [statistics.mean(100 * c[at]["teacher_acc"] for c in co) for at in ("start", "end")],
@@ -658,6 +663,15 @@ def curve(
                      f"{_interval(p['diffs'])} | {_interval(p['val_diffs'])} | {teacher} | {kl} | "
                      f"{p['kl_end']['kd']:.3f} / {p['kl_end']['qkd']:.3f} | "
                      f"{p['wall_s']['kd'] / 60:.1f} / {p['wall_s']['qkd'] / 60:.1f} |")  # fmt: skip
+    others = [
+        f"| {p['images']:,} | {p['kind']} | {m} | {p['others'][m]} | {name} | {len(f['test']['seeds'])} | "
+        f"{_interval(f['test']['diffs'])} | {_interval(f['val']['diffs'])} |"
+        for p in points for name, f in p["floors"].items() if f["test"] for m in [name.split(" − ")[1]]
+    ]  # fmt: skip
+    if others:
+        lines += ["", "Other methods at these budgets, paired seed by seed on the same machine:", "",
+                  "| images seen | how drawn, machine | method | its test % | difference | seeds | test [95 %] | "
+                  "val [95 %] |", "|---:|---|---|---|---|---:|---|---|", *others]  # fmt: skip
     fig, (ax,) = plot.figure(size=(6.4, 3.8))
     for i, kind in enumerate(sorted({p["kind"] for p in points})):
         ps = [p for p in points if p["kind"] == kind]
