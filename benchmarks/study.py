@@ -599,7 +599,7 @@ def budget_points(store: dict, bits: int, tags: tuple[str, ...] = ("",)) -> list
     """qkd minus kd at W``bits``, per training budget in images seen, paired seed by seed on test and validation: the
     fixed-subset budgets (epochs x --train-limit, the same images each epoch) and the drawn-afresh ones (epochs x
     --epoch-images), of the cells of ``tags``, apart by machine (each machine has its own step 0); with where
-    co-study left the teacher and the wall time of a cell."""
+    co-study left the teacher, the wall time of a cell, and kd and qkd minus any other method stored there."""
     groups: dict[tuple[str, int], dict[str, dict[int, dict]]] = {}
     for rec in store["runs"].values():
         c = rec["cell"]
@@ -617,8 +617,8 @@ def budget_points(store: dict, bits: int, tags: tuple[str, ...] = ("",)) -> list
         if d is None:
             continue
         val = paired(cells, bits, "kd", "val")
-        floors = {
-            f"{m} − {o}": {split: paired(cells, bits, o, split, m) for split in ("test", "val")}
+        floors = {  # (kd or qkd, another method) -> their paired difference on each split
+            (m, o): {split: paired(cells, bits, o, split, m) for split in ("test", "val")}
             for o in sorted(by_method.keys() - {"kd", "qkd"}) for m in ("kd", "qkd")
         }  # fmt: skip
         runs = {m: [by_method[m][s] for s in d["seeds"]] for m in ("kd", "qkd")}
@@ -664,9 +664,9 @@ def curve(
                      f"{p['kl_end']['kd']:.3f} / {p['kl_end']['qkd']:.3f} | "
                      f"{p['wall_s']['kd'] / 60:.1f} / {p['wall_s']['qkd'] / 60:.1f} |")  # fmt: skip
     others = [
-        f"| {p['images']:,} | {p['kind']} | {m} | {p['others'][m]} | {name} | {len(f['test']['seeds'])} | "
+        f"| {p['images']:,} | {p['kind']} | {o} | {p['others'][o]} | {m} − {o} | {len(f['test']['seeds'])} | "
         f"{_interval(f['test']['diffs'])} | {_interval(f['val']['diffs'])} |"
-        for p in points for name, f in p["floors"].items() if f["test"] for m in [name.split(" − ")[1]]
+        for p in points for (m, o), f in p["floors"].items() if f["test"]
     ]  # fmt: skip
     if others:
         lines += ["", "Other methods at these budgets, paired seed by seed on the same machine:", "",
