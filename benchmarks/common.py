@@ -4,11 +4,13 @@ and runs side by side in worker processes. Measurement only; what a run computes
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import platform
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -67,7 +69,8 @@ def run_parallel(
             done(job, fn(*job))
         return
     threads, failed = max(1, (os.cpu_count() or 1) // parallel), []
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(parallel, mp_context=spawn, initializer=_die_with_parent) as pool:
         futures = {pool.submit(_in_worker, fn, job, threads): job for job in jobs}
         for future in as_completed(futures):
             job = futures[future]
@@ -78,6 +81,14 @@ def run_parallel(
                 failed.append(f"{_label(job)}: {type(e).__name__}: {e}")
     if failed:
         raise RuntimeError("runs failed:\n" + "\n".join(failed))
+
+
+def _die_with_parent() -> None:
+    """A worker gets SIGTERM when the process that started it dies (Linux): a stopped study must not leave its
+    workers training on, unseen, in the run folders the next study run trains in (qkd's trainer stops at SIGTERM
+    with a checkpoint, so the cell resumes)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _in_worker(fn: Callable[..., Any], job: tuple, threads: int) -> Any:
